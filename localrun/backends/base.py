@@ -1,0 +1,76 @@
+"""The Backend protocol: small on purpose. Timing lives in generate.py, never here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from localrun.events import TokenStep
+from localrun.settings import SamplingParams
+
+# A drafter proposes the next tokens given everything so far (prompt + generated).
+Drafter = Callable[[Sequence[int]], Sequence[int]]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadReport:
+    """What load() did, shown by `localrun chat`, `/stats` and the UI."""
+
+    backend: str
+    device: str
+    model_path: str
+    n_ctx: int
+    n_threads: int | None = None
+    n_gpu_layers: int | None = None
+    attn: str | None = None
+    dtype: str | None = None
+    kv_cache: str | None = None
+    load_s: float = 0.0
+    warmup_s: float = 0.0
+    weights_bytes: int | None = None
+    details: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One line, e.g. 'llamacpp on cpu · ctx 8192 · 2 threads · loaded in 0.21 s'."""
+        parts = [f"{self.backend} on {self.device}", f"ctx {self.n_ctx}"]
+        if self.n_threads:
+            parts.append(f"{self.n_threads} threads")
+        if self.n_gpu_layers:
+            parts.append(f"{self.n_gpu_layers} GPU layers")
+        for label, value in (("attn", self.attn), ("dtype", self.dtype), ("kv", self.kv_cache)):
+            if value:
+                parts.append(f"{label} {value}")
+        parts.extend(f"{k} {v}" for k, v in self.details.items())
+        parts.append(f"loaded in {self.load_s:.2f} s")
+        if self.warmup_s:
+            parts.append(f"warm-up {self.warmup_s:.2f} s")
+        return " · ".join(parts)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A loaded model that turns prompt ids into a stream of token ids.
+
+    Capabilities are class flags. generate_tokens() may `return "length"` when the context is
+    full; a plain end (end-of-generation token) means finish reason "stop". Closing the
+    generator early (cancellation) must leave the model ready for the next request.
+    """
+
+    name: str
+    supports_draft: bool
+    report: LoadReport
+
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]: ...
+
+    def detokenize(self, ids: Sequence[int]) -> str: ...
+
+    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+        """The prompt text for a chat, from the model's own chat template."""
+        ...
+
+    def generate_tokens(
+        self, prompt_ids: Sequence[int], params: SamplingParams, drafter: Drafter | None = None
+    ) -> Iterator[TokenStep]: ...
+
+    def close(self) -> None: ...

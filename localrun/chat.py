@@ -1,0 +1,81 @@
+"""A conversation with a loaded model: history, system prompt, regenerate. CLI and UI share it."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+from localrun.backends.base import Backend
+from localrun.errors import UserError
+from localrun.events import GenerationEvent, GenerationSummary
+from localrun.generate import stream_generate
+from localrun.settings import SamplingParams
+
+
+class ChatSession:
+    """Keeps the messages; each reply streams GenerationEvents and is appended to the history.
+
+    A reply that is stopped part-way keeps its partial text, as other chat tools do; one that
+    produced nothing takes its user message back out. When the
+    conversation outgrows the context, the oldest turns are dropped (the system prompt stays).
+    """
+
+    def __init__(self, backend: Backend, *, system: str | None = None) -> None:
+        self.backend = backend
+        self.system = system
+        self.messages: list[dict[str, str]] = []
+        self.last: GenerationSummary | None = None
+
+    def clear(self) -> None:
+        self.messages.clear()
+        self.last = None
+
+    def send(
+        self, text: str, params: SamplingParams, *, cancel: threading.Event | None = None
+    ) -> Iterator[GenerationEvent]:
+        """Add a user message and stream the assistant's reply."""
+        if not text.strip():
+            raise UserError("The prompt is empty: type a message, or pass one with -p.")
+        self.messages.append({"role": "user", "content": text})
+        yield from self._reply(params, cancel)
+
+    def regenerate(self, params: SamplingParams, *, cancel: threading.Event | None = None) -> Iterator[GenerationEvent]:
+        """Drop the last reply and answer the last user message again."""
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            self.messages.pop()
+        if not self.messages:
+            raise UserError("There is nothing to regenerate yet: send a message first.")
+        yield from self._reply(params, cancel)
+
+    def prompt_ids(self, params: SamplingParams) -> list[int]:
+        """The rendered conversation as token ids, trimmed to leave room for the reply."""
+        n_ctx = self.backend.report.n_ctx
+        room = n_ctx - min(params.max_tokens, n_ctx // 2)
+        history = list(self.messages)
+        while True:
+            head = [{"role": "system", "content": self.system}] if self.system else []
+            ids = self.backend.tokenize(self.backend.render_chat(head + history))
+            if len(ids) <= room or len(history) <= 1:
+                break
+            history = history[2:] if len(history) > 2 else history[1:]
+        if len(ids) >= n_ctx:
+            raise UserError(
+                f"The message is {len(ids)} tokens, more than the context of {n_ctx}: shorten it or load with a larger --n-ctx."
+            )
+        return ids
+
+    def _reply(self, params: SamplingParams, cancel: threading.Event | None) -> Iterator[GenerationEvent]:
+        ids = self.prompt_ids(params)
+        parts: list[str] = []
+        try:
+            for event in stream_generate(self.backend, ids, params, cancel=cancel):
+                parts.append(event.text)
+                if event.summary is not None:
+                    self.last = event.summary
+                yield event
+        finally:
+            reply = "".join(parts)
+            if reply:
+                self.messages.append({"role": "assistant", "content": reply})
+            elif self.messages and self.messages[-1]["role"] == "user":
+                self.messages.pop()  # nothing came back: the turn did not happen

@@ -1,0 +1,85 @@
+"""The one streamed type: every consumer (CLI, UI, bench, server) reads GenerationEvent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenStep:
+    """One token out of a backend's generate_tokens().
+
+    prefill_tokens is set on the first step only: how many prompt tokens the backend actually
+    evaluated (fewer than the prompt when the KV-cache prefix was reused). drafted is set on the
+    step that closes a speculative round: how many draft tokens were proposed in that round.
+    """
+
+    token_id: int
+    from_draft: bool = False
+    prefill_tokens: int | None = None
+    drafted: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationSummary:
+    """The full figures of one finished request (what `/stats` prints)."""
+
+    finish_reason: str
+    prompt_tokens: int
+    prefill_tokens: int
+    generated_tokens: int
+    ttft_s: float | None
+    prompt_tps: float | None
+    decode_tps: float | None
+    total_s: float
+    peak_ram_bytes: int
+    peak_vram_bytes: int | None
+    backend: str = ""
+    device: str = ""
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    accept_counts: tuple[int, ...] = ()
+    error: str | None = None
+    text: str = ""
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens served from the KV cache instead of being evaluated."""
+        return self.prompt_tokens - self.prefill_tokens
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationEvent:
+    """A piece of streamed output plus the cumulative figures so far.
+
+    text is the new text since the previous event (may be empty when a token is held back for
+    UTF-8 or stop-string reasons). finish_reason and summary are set on the last event only.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    from_draft: tuple[bool, ...]
+    prompt_tokens: int
+    generated_tokens: int
+    ttft_s: float | None
+    prompt_tps: float | None
+    decode_tps: float | None
+    elapsed_s: float
+    ram_bytes: int
+    peak_ram_bytes: int
+    vram_bytes: int | None
+    peak_vram_bytes: int | None
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    finish_reason: str | None = None
+    summary: GenerationSummary | None = field(default=None, repr=False)
+
+    @property
+    def is_final(self) -> bool:
+        return self.finish_reason is not None

@@ -1,0 +1,62 @@
+"""Human-readable figures, shared by the terminal and the UI."""
+
+from __future__ import annotations
+
+from localrun.events import GenerationEvent, GenerationSummary
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}" if unit == "GB" else f"{n / scale:.0f} {unit}"
+    return f"{n} B"
+
+
+def fmt_rate(tps: float | None) -> str:
+    return "n/a" if tps is None else f"{tps:.0f} tok/s" if tps >= 10 else f"{tps:.1f} tok/s"
+
+
+def fmt_ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1000:.0f} ms"
+
+
+def stats_line(s: GenerationSummary | GenerationEvent) -> str:
+    """e.g. 'TTFT 42 ms · prompt 310 tok/s · gen 96 tok/s · 57 tok · RAM 310 MB · llamacpp/cpu'."""
+    parts = [
+        f"TTFT {fmt_ms(s.ttft_s)}",
+        f"prompt {fmt_rate(s.prompt_tps)}",
+        f"gen {fmt_rate(s.decode_tps)}",
+        f"{s.generated_tokens} tok",
+        f"RAM {fmt_bytes(s.peak_ram_bytes)}",
+    ]
+    if s.peak_vram_bytes is not None:
+        parts.append(f"VRAM {fmt_bytes(s.peak_vram_bytes)}")
+    if getattr(s, "draft_tokens", 0):
+        parts.append(f"draft accepted {s.accepted_tokens}/{s.draft_tokens}")
+    if isinstance(s, GenerationSummary) and s.backend:
+        parts.append(f"{s.backend}/{s.device}")
+    return " · ".join(parts)
+
+
+def summary_table(s: GenerationSummary) -> list[tuple[str, str]]:
+    """Every figure of a finished request, as (label, value) rows for /stats and the UI."""
+    rows = [
+        ("finish reason", s.finish_reason),
+        ("backend / device", f"{s.backend} / {s.device}"),
+        ("prompt tokens", f"{s.prompt_tokens} ({s.prefill_tokens} evaluated, {s.cached_tokens} from cache)"),
+        ("generated tokens", str(s.generated_tokens)),
+        ("time to first token", fmt_ms(s.ttft_s)),
+        ("prompt processing", fmt_rate(s.prompt_tps)),
+        ("generation", fmt_rate(s.decode_tps)),
+        ("total time", f"{s.total_s:.2f} s"),
+        ("peak RAM (process RSS)", fmt_bytes(s.peak_ram_bytes)),
+        ("peak VRAM", fmt_bytes(s.peak_vram_bytes)),
+    ]
+    if s.draft_tokens:
+        rate = s.acceptance_rate or 0.0
+        rows.append(("draft acceptance", f"{s.accepted_tokens}/{s.draft_tokens} ({rate:.0%})"))
+    if s.error:
+        rows.append(("error", s.error))
+    return rows

@@ -1,0 +1,228 @@
+"""stream_generate(): the one place that times, detokenises, matches stop strings and reads memory."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+from localrun.backends.base import Backend, Drafter
+from localrun.events import GenerationEvent, GenerationSummary, TokenStep
+from localrun.hardware import MemorySampler
+from localrun.settings import SamplingParams
+
+_REPLACEMENT = "\ufffd"
+_MAX_HELD_TOKENS = 4  # a UTF-8 character is at most 4 bytes, so at most 4 byte-tokens
+
+
+class IncrementalDetokenizer:
+    """Turns token ids into text deltas without ever printing half a UTF-8 character.
+
+    It decodes a small window of recent tokens twice (with and without the newest) and emits
+    the difference; while the window ends in U+FFFD, a character is still incomplete.
+    """
+
+    def __init__(self, detokenize: Callable[[Sequence[int]], str]) -> None:
+        self._detokenize = detokenize
+        self._ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def add(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        return self._emit(final=True) if self._read < len(self._ids) else ""
+
+    def _emit(self, *, final: bool) -> str:
+        prefix_text = self._detokenize(self._ids[self._prefix : self._read])
+        new_text = self._detokenize(self._ids[self._prefix :])
+        held = len(self._ids) - self._read
+        if not final and new_text.endswith(_REPLACEMENT) and held < _MAX_HELD_TOKENS:
+            return ""
+        if len(new_text) <= len(prefix_text) and not final:
+            return ""
+        delta = new_text[len(prefix_text) :]
+        self._prefix, self._read = self._read, len(self._ids)
+        return delta
+
+
+class StopMatcher:
+    """Finds stop strings across token boundaries by holding back text that could start one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = [s for s in stops if s]
+        self._pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to show, whether a stop string was hit)."""
+        if not self._stops:
+            return text, False
+        buf = self._pending + text
+        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            self._pending = ""
+            return buf[: min(hits)], True
+        hold = 0
+        for stop in self._stops:
+            for k in range(min(len(stop) - 1, len(buf)), hold, -1):
+                if buf.endswith(stop[:k]):
+                    hold = k
+                    break
+        self._pending = buf[len(buf) - hold :]
+        return buf[: len(buf) - hold], False
+
+    def flush(self) -> str:
+        text, self._pending = self._pending, ""
+        return text
+
+
+class _Stats:
+    """Cumulative counters for one request; turns them into events."""
+
+    def __init__(self, prompt_tokens: int, memory: MemorySampler) -> None:
+        self.t_start = time.perf_counter()
+        self.t_first: float | None = None
+        self.t_last = self.t_start
+        self.prompt_tokens = prompt_tokens
+        self.prefill_tokens = prompt_tokens
+        self.generated = 0
+        self.draft_tokens = 0
+        self.accepted = 0
+        self.round_accepted = 0
+        self.accept_counts: list[int] = []
+        self.memory = memory
+        self.text_parts: list[str] = []
+
+    def on_token(self, step: TokenStep) -> None:
+        self.t_last = time.perf_counter()
+        if self.t_first is None:
+            self.t_first = self.t_last
+            if step.prefill_tokens is not None:
+                self.prefill_tokens = step.prefill_tokens
+        self.generated += 1
+        if step.from_draft:
+            self.accepted += 1
+            self.round_accepted += 1
+        if step.drafted:
+            self.draft_tokens += step.drafted
+            while len(self.accept_counts) <= self.round_accepted:
+                self.accept_counts.append(0)
+            self.accept_counts[self.round_accepted] += 1
+            self.round_accepted = 0
+        self.memory.sample()
+
+    def rates(self) -> tuple[float | None, float | None, float | None]:
+        """(ttft_s, prompt_tps, decode_tps); decode counts from the first token on."""
+        if self.t_first is None:
+            return None, None, None
+        ttft = self.t_first - self.t_start
+        prompt_tps = self.prefill_tokens / ttft if ttft > 0 and self.prefill_tokens else None
+        span = self.t_last - self.t_first
+        decode_tps = (self.generated - 1) / span if self.generated > 1 and span > 0 else None
+        return ttft, prompt_tps, decode_tps
+
+    def event(self, text: str, ids: tuple[int, ...], drafts: tuple[bool, ...], **final) -> GenerationEvent:
+        ttft, prompt_tps, decode_tps = self.rates()
+        m = self.memory
+        return GenerationEvent(
+            text=text,
+            token_ids=ids,
+            from_draft=drafts,
+            prompt_tokens=self.prompt_tokens,
+            generated_tokens=self.generated,
+            ttft_s=ttft,
+            prompt_tps=prompt_tps,
+            decode_tps=decode_tps,
+            elapsed_s=time.perf_counter() - self.t_start,
+            ram_bytes=m.ram_bytes,
+            peak_ram_bytes=m.peak_ram_bytes,
+            vram_bytes=m.vram_bytes,
+            peak_vram_bytes=m.peak_vram_bytes,
+            draft_tokens=self.draft_tokens,
+            accepted_tokens=self.accepted,
+            **final,
+        )
+
+    def summary(self, finish_reason: str, backend: Backend, error: str | None) -> GenerationSummary:
+        ttft, prompt_tps, decode_tps = self.rates()
+        report = getattr(backend, "report", None)
+        return GenerationSummary(
+            finish_reason=finish_reason,
+            prompt_tokens=self.prompt_tokens,
+            prefill_tokens=self.prefill_tokens,
+            generated_tokens=self.generated,
+            ttft_s=ttft,
+            prompt_tps=prompt_tps,
+            decode_tps=decode_tps,
+            total_s=time.perf_counter() - self.t_start,
+            peak_ram_bytes=self.memory.peak_ram_bytes,
+            peak_vram_bytes=self.memory.peak_vram_bytes,
+            backend=getattr(report, "backend", ""),
+            device=getattr(report, "device", ""),
+            draft_tokens=self.draft_tokens,
+            accepted_tokens=self.accepted,
+            accept_counts=tuple(self.accept_counts),
+            error=error,
+            text="".join(self.text_parts),
+        )
+
+
+def stream_generate(
+    backend: Backend,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    *,
+    cancel: threading.Event | None = None,
+    drafter: Drafter | None = None,
+) -> Iterator[GenerationEvent]:
+    """Generate from prompt ids, yielding one GenerationEvent per token; the last has finish_reason.
+
+    TTFT is first token out minus the call. Stop early with `cancel.set()` (a final event with
+    finish reason "cancelled" follows) or by closing the iterator; both leave the model usable.
+    """
+    stats = _Stats(len(prompt_ids), MemorySampler())
+    detok = IncrementalDetokenizer(backend.detokenize)
+    stops = StopMatcher(params.stop)
+    steps = backend.generate_tokens(prompt_ids, params, drafter)
+    finish, error, stop_hit = None, None, False
+    try:
+        while finish is None:
+            if cancel is not None and cancel.is_set():
+                finish = "cancelled"
+                break
+            try:
+                step = next(steps)
+            except StopIteration as end:
+                finish = end.value or "stop"
+                break
+            stats.on_token(step)
+            text, hit = stops.feed(detok.add(step.token_id))
+            stats.text_parts.append(text)
+            if hit:
+                finish, stop_hit = "stop", True
+            elif stats.generated >= params.max_tokens:
+                finish = "length"
+            yield stats.event(text, (step.token_id,), (step.from_draft,))
+    except Exception as exc:  # a backend failure ends the stream with an error event, not a traceback
+        finish, error = "error", f"{type(exc).__name__}: {exc}"
+    finally:
+        steps.close()
+    tail = ""
+    if not stop_hit:  # text held back for UTF-8 or a possible stop string is released now
+        tail, stop_hit = stops.feed(detok.flush())
+        tail += "" if stop_hit else stops.flush()
+    stats.text_parts.append(tail)
+    stats.memory.sample(force=True)
+    summary = stats.summary(finish, backend, error)
+    yield stats.event(tail, (), (), finish_reason=finish, summary=summary)
+
+
+def generate(backend: Backend, prompt_ids: Sequence[int], params: SamplingParams, **kwargs) -> GenerationSummary:
+    """Run to the end and return the summary (its .text is the whole reply)."""
+    summary = None
+    for event in stream_generate(backend, prompt_ids, params, **kwargs):
+        summary = event.summary or summary
+    assert summary is not None
+    return summary
