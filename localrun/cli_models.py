@@ -1,0 +1,251 @@
+"""`localrun models list|info|rm|search|fit` and `localrun pull`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from localrun import catalog
+from localrun.errors import UserError
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+@dataclass(frozen=True, slots=True)
+class LocalModel:
+    """One model on disk, as `models list` shows it."""
+
+    name: str
+    format: str
+    quant: str
+    size_bytes: int
+    context_length: int | None
+    path: Path
+
+
+def _gguf_row(name: str, path: Path) -> LocalModel:
+    from localrun.gguf_info import inspect_gguf
+
+    try:
+        info = inspect_gguf(path)
+        return LocalModel(name, "gguf", info.quant_type, path.stat().st_size, info.context_length, path)
+    except UserError:
+        return LocalModel(name, "gguf", "corrupt", path.stat().st_size, None, path)
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _hf_row(name: str, snapshot: Path) -> LocalModel:
+    try:
+        config = json.loads((snapshot / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "?")
+    return LocalModel(name, "safetensors", dtype, _dir_size(snapshot), config.get("max_position_embeddings"), snapshot)
+
+
+def local_models() -> list[LocalModel]:
+    """The default model, every GGUF in the store, and catalog safetensors repos in the HF cache."""
+    rows = [_gguf_row(catalog.DEFAULT_MODEL_NAME, catalog.default_model_path())]
+    by_file = {(v.repo, v.filename): m.name for m in catalog.catalog() for v in m.variants}
+    store = catalog.models_dir()
+    for path in sorted(store.glob("*/*/*.gguf")) if store.is_dir() else []:
+        repo = f"{path.parent.parent.name}/{path.parent.name}"
+        rows.append(_gguf_row(by_file.get((repo, path.name), f"{repo}:{path.name}"), path))
+    cache = catalog.hf_cache_dir()
+    for folder in sorted(cache.glob("models--*")) if cache.is_dir() else []:
+        repo = folder.name.removeprefix("models--").replace("--", "/", 1)
+        snapshot = catalog.hf_snapshot(repo)
+        if snapshot is not None:
+            rows.append(_hf_row(by_file.get((repo, None), repo), snapshot))
+    return rows
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rows = local_models()
+    print(f"{'NAME':40} {'FORMAT':11} {'QUANT':9} {'SIZE':>10} {'CTX':>7}  PATH")
+    for r in rows:
+        ctx = str(r.context_length) if r.context_length else "?"
+        print(f"{r.name:40} {r.format:11} {r.quant:9} {_size(r.size_bytes):>10} {ctx:>7}  {r.path}")
+    if args.all:
+        print("\nCatalog (pull with `localrun pull NAME[:QUANT]`):")
+        for m in catalog.catalog():
+            quants = ", ".join(dict.fromkeys(v.quant for v in m.variants))
+            print(f"  {m.name:32} {m.parameter_count / 1e9:5.2f}B  ctx {m.context_length:>6}  {m.license:12} {quants}")
+    return 0
+
+
+def _gguf_path(spec: str) -> Path:
+    """A GGUF path for a name or path, or a UserError."""
+    resolved = catalog.resolve_model(spec)
+    if resolved.kind != "gguf" or resolved.path is None:
+        raise UserError(f"{spec} is a {resolved.kind} model: the fit estimate needs a GGUF file.")
+    return resolved.path
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    resolved = catalog.resolve_model(args.model)
+    if resolved.kind == "hf_dir" and resolved.path is not None:
+        print(f"path: {resolved.path}\nsize on disk: {_size(_dir_size(resolved.path))}")
+        print((resolved.path / "config.json").read_text().strip())
+        return 0
+    from localrun.gguf_info import inspect_gguf
+
+    info = inspect_gguf(resolved.path or args.model)
+    lines = [
+        ("path", str(info.path)),
+        ("file size", f"{_size(info.file_bytes)} ({info.file_bytes:,} bytes)"),
+        ("architecture", info.architecture),
+        ("name", info.name or "?"),
+        ("parameters", f"{info.parameter_count:,} ({info.parameter_count / 1e9:.2f}B)"),
+        ("file type", info.file_type or "?"),
+        ("context length", str(info.context_length)),
+        ("layers / heads / kv heads", f"{info.n_layers} / {info.n_heads} / {info.n_kv_heads}"),
+        ("embedding / head dim", f"{info.embedding_length} / {info.head_dim}"),
+        ("sliding window", f"{info.sliding_window} on {info.swa_layers} layers" if info.sliding_window else "none"),
+        (
+            "tokenizer",
+            f"{info.tokenizer_model} ({info.vocab_size} tokens, bos {info.bos_token_id}, eos {info.eos_token_id})",
+        ),
+        ("chat template", "present" if info.chat_template else "absent"),
+        ("tensor types", ", ".join(f"{k} x{v}" for k, v in info.quant_histogram.items())),
+    ]
+    for key, value in lines:
+        print(f"{key:26} {value}")
+    return 0
+
+
+def _store_roots() -> list[Path]:
+    return [catalog.models_dir().resolve(), catalog.hf_cache_dir().resolve()]
+
+
+def _removable(spec: str) -> list[Path]:
+    """The files or cache folders rm would delete for a name, never anything outside the store."""
+    matches = [r.path for r in local_models() if spec in (r.name, str(r.path))]
+    if not matches and Path(spec).exists():
+        matches = [Path(spec)]
+    if not matches:
+        raise UserError(f"No downloaded model {spec!r}: see `localrun models list`.{catalog.suggest(spec)}")
+    targets = []
+    for path in matches:
+        real = path.resolve()
+        if not any(real.is_relative_to(root) for root in _store_roots()):
+            raise UserError(f"{path} is outside the model store ({catalog.models_dir()}): delete it yourself.")
+        if real.is_relative_to(_store_roots()[1]):
+            targets.append(next(p for p in real.parents if p.name.startswith("models--")))
+        else:
+            targets.append(real)
+    return targets
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    targets = _removable(args.model)
+    for target in targets:
+        print(f"will delete {target}")
+    if not args.yes:
+        answer = input("Delete? [y/N] ").strip().lower()
+        if answer not in ("y", "yes"):
+            print("Nothing deleted.")
+            return 1
+    for target in targets:
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+            for extra in (
+                target.with_name(target.name + catalog.SIDECAR_SUFFIX),
+                target.with_name(target.name + ".part"),
+            ):
+                extra.unlink(missing_ok=True)
+        print(f"deleted {target}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from localrun import hub
+
+    results = hub.search(args.query, limit=args.limit)
+    if not results:
+        print(f"No GGUF or text-generation models match {args.query!r}.")
+    for m in results:
+        print(f"{m.repo}  [{m.kind}]  downloads {m.downloads:,}  likes {m.likes:,}")
+        for f in m.files[: args.files]:
+            print(f"    {f.name:60} {_size(f.size_bytes):>10}")
+        if len(m.files) > args.files:
+            print(f"    ... and {len(m.files) - args.files} more files")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from localrun import hub
+
+    path = hub.pull(args.model)
+    print(f"ready: {path}")
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from localrun import fit
+
+    draft = _gguf_path(args.draft) if args.draft else None
+    report = fit.fit_report(_gguf_path(args.model), n_ctx=args.ctx, kv_type=args.kv_type, draft=draft)
+    est = report.estimate
+    for label, value in (
+        ("weights", est.weights_bytes),
+        (f"KV cache ({est.n_ctx} ctx, {est.kv_type})", est.kv_cache_bytes),
+        ("compute buffers", est.compute_bytes),
+        ("other (vocab, output)", est.overhead_bytes),
+        ("draft model", est.draft_bytes),
+        ("total", est.total_bytes),
+    ):
+        print(f"{label:32} {_size(value):>10}")
+    print(f"{'free GPU memory (usable)':32} {_size(report.gpu_budget_bytes):>10}")
+    print(f"{'free RAM':32} {_size(report.ram_available_bytes):>10}")
+    print(f"verdict: {report.verdict}")
+    if report.max_ctx:
+        print(f"largest context that fits ({report.max_ctx_where}): {report.max_ctx}")
+    else:
+        print("no context size fits")
+    return 0 if report.verdict != "does not fit" else 1
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `models` (list/info/rm/search/fit) and `pull` to the localrun command group."""
+    models = subparsers.add_parser("models", help="list, inspect, remove, search and size models")
+    sub = models.add_subparsers(dest="models_command", metavar="SUBCOMMAND", required=True)
+    p = sub.add_parser("list", help="models on disk (the default model always shows)")
+    p.add_argument("--all", action="store_true", help="also list the whole catalog")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("info", help="GGUF metadata or a model directory's config")
+    p.add_argument("model", help="catalog name, hub repo or path")
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("rm", help="delete a downloaded model from the store")
+    p.add_argument("model")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(func=cmd_rm)
+    p = sub.add_parser("search", help="search the Hugging Face Hub for GGUF and text-generation models")
+    p.add_argument("query")
+    p.add_argument("--limit", type=int, default=10)
+    p.add_argument("--files", type=int, default=6, help="weight files shown per repo")
+    p.set_defaults(func=cmd_search)
+    p = sub.add_parser("fit", help="will it fit? memory estimate and verdict for this machine")
+    p.add_argument("model")
+    p.add_argument("--ctx", type=int, default=None, help="context size (default: the model's trained length)")
+    p.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"])
+    p.add_argument("--draft", default=None, help="draft model for speculative decoding")
+    p.set_defaults(func=cmd_fit)
+    pull = subparsers.add_parser("pull", help="download a model: catalog NAME[:QUANT] or REPO[:QUANT|FILE]")
+    pull.add_argument("model")
+    pull.set_defaults(func=cmd_pull)

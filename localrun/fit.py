@@ -1,0 +1,268 @@
+"""Will a GGUF model fit? Memory = weights + KV cache + compute buffers (+ a draft model), from the file's metadata.
+
+The numbers follow llama.cpp's own allocation rules (llama-context.cpp, llama-kv-cache-iswa.cpp): the context is
+padded to 256 cells, sliding-window layers keep only `n_swa + n_ubatch` cells, K and V are stored in the chosen
+cache type, and the compute buffer is sized for the worst-case ubatch. Flash attention is assumed off (the
+llama-cpp-python default), which is what makes the attention scores part of the compute buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from localrun.errors import UserError
+from localrun.gguf_info import GGUFInfo, inspect_gguf
+
+MiB = 1024 * 1024
+# Bytes per cached element for each KV cache type (q8_0: 34-byte blocks of 32, q4_0: 18-byte blocks of 32).
+KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+N_UBATCH = 512
+CTX_PAD = 256
+# Process memory llama.cpp adds besides its buffers (vocab tables, threads, graph metadata); calibrated on CPU
+# with bench/fit.py: about 21 MB for a 49k-token vocabulary.
+BASE_OVERHEAD_BYTES = 8 * MiB
+OVERHEAD_PER_VOCAB_TOKEN = 256
+# What a CUDA context and cuBLAS workspace take from a GPU before any model buffer.
+GPU_CONTEXT_BYTES = 400 * MiB
+GPU_HEADROOM_FRACTION = 0.05
+
+
+def _pad(value: int, multiple: int = CTX_PAD) -> int:
+    return -(-value // multiple) * multiple
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryEstimate:
+    """Bytes llama.cpp allocates for one model at one context size (draft model included when given)."""
+
+    n_ctx: int
+    kv_type: str
+    weights_bytes: int
+    kv_cache_bytes: int
+    compute_bytes: int
+    overhead_bytes: int
+    draft_bytes: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes + self.compute_bytes + self.overhead_bytes + self.draft_bytes
+
+
+def kv_cache_bytes(info: GGUFInfo, *, n_ctx: int, kv_type: str = "f16", n_ubatch: int = N_UBATCH) -> int:
+    """K and V for every layer: kv heads x head dim x cells x bytes; sliding-window layers hold fewer cells."""
+    if kv_type not in KV_TYPE_BYTES:
+        raise UserError(f"Unknown KV cache type {kv_type!r}: use one of {', '.join(KV_TYPE_BYTES)}.")
+    n_layers = info.n_layers or 0
+    heads = list(info.kv_heads_per_layer) or [info.n_kv_heads or info.n_heads or 0] * n_layers
+    k_dim = info.key_length or info.head_dim or 0
+    v_dim = info.value_length or info.head_dim or 0
+    full_cells = _pad(n_ctx)
+    swa_cells = _pad(min(full_cells, (info.sliding_window or 0) + n_ubatch))
+    swa_left = info.swa_layers
+    total = 0.0
+    # Which layers slide does not change the sum as long as the per-layer head counts are equal.
+    for il, n_kv in enumerate(heads[:n_layers]):
+        cells = swa_cells if il < swa_left else full_cells
+        total += n_kv * (k_dim + v_dim) * cells * KV_TYPE_BYTES[kv_type]
+    return int(total)
+
+
+def compute_buffer_bytes(info: GGUFInfo, *, n_ctx: int, n_ubatch: int = N_UBATCH) -> int:
+    """The worst-case graph llama.cpp reserves: all-token logits, or attention scores over the whole context."""
+    n_ub = min(n_ubatch, _pad(n_ctx))
+    cells = _pad(n_ctx)
+    embd = info.embedding_length or 0
+    activations = n_ub * (embd * 8 + (info.feed_forward_length or 0) * 4)
+    logits = (info.vocab_size or 0) * n_ub * 4
+    attention = (info.n_heads or 0) * cells * n_ub * 4 + cells * n_ub * 4  # scores + f32 mask
+    return max(logits + n_ub * embd * 8, attention + activations)
+
+
+def compute_resident_bytes(info: GGUFInfo, *, n_tokens: int, n_kv: int, n_ubatch: int = N_UBATCH) -> int:
+    """The part of the compute buffer a single-sequence CPU run touches (RSS counts touched pages only):
+    attention scores for one ubatch over the filled cells, plus activations and one row of logits.
+
+    The 1.5 factor covers the softmax copy of the scores, partly sharing pages with them (calibrated
+    with bench/fit.py on the default model)."""
+    t = min(n_tokens, n_ubatch)
+    cells = _pad(n_kv)
+    scores = (info.n_heads or 0) * cells * t * 4
+    mask = cells * t * 4
+    activations = t * ((info.embedding_length or 0) * 8 + (info.feed_forward_length or 0) * 4)
+    return int(1.5 * scores) + mask + activations + (info.vocab_size or 0) * 4
+
+
+def ram_resident_bytes(
+    model: GGUFInfo | str | Path, *, n_ctx: int, kv_type: str = "f16", n_tokens_used: int | None = None
+) -> int:
+    """Expected peak RSS growth on CPU (over a process that has imported llama_cpp) once n_tokens_used cells
+    are filled (None: the whole context). Lower than `estimate().total_bytes`: llama.cpp reserves logits for
+    a whole ubatch, which single-sequence generation never touches."""
+    info = model if isinstance(model, GGUFInfo) else inspect_gguf(model)
+    used = min(n_tokens_used or n_ctx, n_ctx)
+    return (
+        info.tensor_data_bytes
+        + kv_cache_bytes(info, n_ctx=n_ctx, kv_type=kv_type)
+        + overhead_bytes(info)
+        + compute_resident_bytes(info, n_tokens=used, n_kv=used)
+    )
+
+
+def overhead_bytes(info: GGUFInfo) -> int:
+    """Vocabulary tables and other allocations outside the named buffers, plus the logits output buffer."""
+    vocab = info.vocab_size or 0
+    return BASE_OVERHEAD_BYTES + vocab * OVERHEAD_PER_VOCAB_TOKEN + vocab * 4
+
+
+def estimate(
+    model: GGUFInfo | str | Path,
+    *,
+    n_ctx: int | None = None,
+    kv_type: str = "f16",
+    draft: GGUFInfo | str | Path | None = None,
+) -> MemoryEstimate:
+    """Memory for a model at a context size (None: the model's trained context) with an optional draft model."""
+    info = model if isinstance(model, GGUFInfo) else inspect_gguf(model)
+    ctx = n_ctx or info.context_length or 4096
+    if ctx <= 0:
+        raise UserError(f"The context size must be positive, not {ctx}.")
+    draft_total = 0
+    if draft is not None:
+        draft_info = draft if isinstance(draft, GGUFInfo) else inspect_gguf(draft)
+        draft_total = estimate(draft_info, n_ctx=ctx, kv_type=kv_type).total_bytes
+    return MemoryEstimate(
+        n_ctx=ctx,
+        kv_type=kv_type,
+        weights_bytes=info.tensor_data_bytes,
+        kv_cache_bytes=kv_cache_bytes(info, n_ctx=ctx, kv_type=kv_type),
+        compute_bytes=compute_buffer_bytes(info, n_ctx=ctx),
+        overhead_bytes=overhead_bytes(info),
+        draft_bytes=draft_total,
+    )
+
+
+def _gpus(devices: list[Any]) -> list[Any]:
+    return [d for d in devices if getattr(d, "kind", "cpu") in ("cuda", "metal")]
+
+
+def gpu_budget_bytes(devices: list[Any]) -> int:
+    """Free GPU memory we may plan with, after a context per device and a safety margin."""
+    budget = 0
+    for gpu in _gpus(devices):
+        budget += int(gpu.free_bytes * (1 - GPU_HEADROOM_FRACTION)) - GPU_CONTEXT_BYTES
+    return max(budget, 0)
+
+
+def _layer_costs(info: GGUFInfo, *, n_ctx: int, kv_type: str) -> list[int]:
+    """Bytes each repeating layer puts on the GPU: its weights plus its share of the KV cache."""
+    n_layers = info.n_layers or len(info.layer_tensor_bytes)
+    kv_per_layer = kv_cache_bytes(info, n_ctx=n_ctx, kv_type=kv_type) // max(n_layers, 1)
+    weights = list(info.layer_tensor_bytes) or [info.tensor_data_bytes // max(n_layers, 1)] * n_layers
+    return [w + kv_per_layer for w in weights]
+
+
+def choose_gpu_layers(gguf_path: str | Path | GGUFInfo, *, n_ctx: int, kv_type: str = "f16", devices: list[Any]) -> int:
+    """How many layers to offload (llama.cpp's n_gpu_layers): n_layers + 1 puts everything, output included,
+    on the GPU; 0 without a GPU or when not even one layer fits."""
+    if not _gpus(devices):
+        return 0
+    info = gguf_path if isinstance(gguf_path, GGUFInfo) else inspect_gguf(gguf_path)
+    available = gpu_budget_bytes(devices) - compute_buffer_bytes(info, n_ctx=n_ctx)
+    costs = _layer_costs(info, n_ctx=n_ctx, kv_type=kv_type)
+    used = layers = 0
+    # llama.cpp offloads the last layers first.
+    for cost in reversed(costs):
+        if used + cost > available:
+            return layers
+        used += cost
+        layers += 1
+    output = info.output_tensor_bytes or info.token_embd_bytes
+    return layers + 1 if used + output <= available else layers
+
+
+@dataclass(frozen=True, slots=True)
+class FitReport:
+    """The verdict for one model, context and cache type on this machine."""
+
+    estimate: MemoryEstimate
+    verdict: str
+    gpu_layers: int
+    n_layers: int
+    gpu_budget_bytes: int
+    ram_available_bytes: int
+    max_ctx: int | None
+    max_ctx_where: str
+
+
+def _ram_available(devices: list[Any]) -> int:
+    cpu = [d for d in devices if getattr(d, "kind", "") == "cpu"]
+    if cpu:
+        return int(cpu[0].free_bytes)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def _fits(info: GGUFInfo, ctx: int, kv_type: str, draft: GGUFInfo | None, limit: int) -> bool:
+    return estimate(info, n_ctx=ctx, kv_type=kv_type, draft=draft).total_bytes <= limit
+
+
+def _largest_ctx(info: GGUFInfo, kv_type: str, draft: GGUFInfo | None, limit: int) -> int | None:
+    """The largest context (a multiple of 256, up to the trained length) whose total fits in limit bytes."""
+    top = info.context_length or 4096
+    if not _fits(info, CTX_PAD, kv_type, draft, limit):
+        return None
+    lo, hi = 1, max(top // CTX_PAD, 1)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _fits(info, mid * CTX_PAD, kv_type, draft, limit):
+            lo = mid
+        else:
+            hi = mid - 1
+    return min(lo * CTX_PAD, top)
+
+
+def fit_report(
+    model: str | Path | GGUFInfo,
+    *,
+    n_ctx: int | None = None,
+    kv_type: str = "f16",
+    draft: str | Path | GGUFInfo | None = None,
+    devices: list[Any] | None = None,
+) -> FitReport:
+    """Fits on GPU / partial offload with N layers / CPU only / does not fit, and the largest context that fits."""
+    info = model if isinstance(model, GGUFInfo) else inspect_gguf(model)
+    draft_info = None if draft is None else (draft if isinstance(draft, GGUFInfo) else inspect_gguf(draft))
+    if devices is None:
+        from localrun.hardware import probe
+
+        devices = probe()
+    est = estimate(info, n_ctx=n_ctx, kv_type=kv_type, draft=draft_info)
+    budget, ram = gpu_budget_bytes(devices), _ram_available(devices)
+    n_layers = info.n_layers or 0
+    layers = choose_gpu_layers(info, n_ctx=est.n_ctx, kv_type=kv_type, devices=devices)
+    on_gpu = sum(_layer_costs(info, n_ctx=est.n_ctx, kv_type=kv_type)[n_layers - min(layers, n_layers) :])
+    if budget and est.total_bytes <= budget:
+        verdict, limit, where = "fits on GPU", budget, "GPU"
+    elif layers > 0 and est.total_bytes - on_gpu <= ram:
+        verdict, limit, where = (
+            f"partial offload with {min(layers, n_layers)} of {n_layers} layers on GPU",
+            budget + ram,
+            "GPU+RAM",
+        )
+    elif est.total_bytes <= ram:
+        verdict, limit, where = "CPU only", ram, "RAM"
+    else:
+        verdict, limit, where = "does not fit", budget + ram, "GPU+RAM" if budget else "RAM"
+    return FitReport(
+        estimate=est,
+        verdict=verdict,
+        gpu_layers=layers,
+        n_layers=n_layers,
+        gpu_budget_bytes=budget,
+        ram_available_bytes=ram,
+        max_ctx=_largest_ctx(info, kv_type, draft_info, limit),
+        max_ctx_where=where,
+    )
