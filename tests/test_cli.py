@@ -1,0 +1,105 @@
+"""`localrun chat` one-shot mode and its error cases, run as a user would (a subprocess)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+STATS = re.compile(r"TTFT \d+ ms · prompt [\d.]+ tok/s · gen [\d.]+ tok/s · \d+ tok · RAM \d+ MB · llamacpp/cpu")
+
+
+def _one_sentence_error(result, *, contains: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("localrun: ") and lines[0].endswith((".", "?"))
+    assert contains.lower() in lines[0].lower(), lines[0]
+
+
+def test_one_shot_answers_on_stdout_with_stats_on_stderr(cli):
+    result = cli("chat", "-p", "What is the capital of France?", "--temperature", "0", "--max-tokens", "24")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert STATS.search(result.stderr), result.stderr
+    assert "TTFT" not in result.stdout
+
+
+def test_pipe_mode_reads_stdin(cli):
+    result = cli("chat", "--max-tokens", "8", "--no-stats", input="Say hello.\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and result.stderr.strip() == ""
+
+
+@pytest.fixture
+def broken_files(tmp_path, default_gguf):
+    not_gguf = tmp_path / "notes.gguf"
+    not_gguf.write_text("these are my notes, not a model\n")
+    truncated = tmp_path / "truncated.gguf"
+    with open(default_gguf, "rb") as src, open(truncated, "wb") as dst:
+        dst.write(src.read(20_000_000))
+    corrupt = tmp_path / "corrupt.gguf"
+    shutil.copyfile(default_gguf, corrupt)
+    with open(corrupt, "r+b") as fh:  # a tensor count far beyond what the file holds
+        fh.seek(8)
+        fh.write((10**12).to_bytes(8, "little"))
+    header_only = tmp_path / "header.gguf"
+    with open(default_gguf, "rb") as src, open(header_only, "wb") as dst:
+        dst.write(src.read(6))
+    return {
+        "not_gguf": not_gguf,
+        "truncated": truncated,
+        "corrupt": corrupt,
+        "header_only": header_only,
+        "dir": tmp_path,
+    }
+
+
+@pytest.mark.parametrize(
+    ("case", "contains"),
+    [
+        ("missing", "no such file"),
+        ("dir", "directory"),
+        ("not_gguf", "not a gguf"),
+        ("truncated", "truncated"),
+        ("corrupt", "gguf"),
+        ("header_only", "gguf"),
+        ("unknown_name", "unknown model"),
+    ],
+)
+def test_bad_model_gives_one_sentence_and_exit_2(cli, broken_files, case, contains):
+    target = {"missing": str(broken_files["dir"] / "nope.gguf"), "unknown_name": "smollm-does-not-exist"}.get(case)
+    result = cli("chat", target or str(broken_files[case]), "-p", "hi")
+    _one_sentence_error(result, contains=contains)
+
+
+@pytest.mark.parametrize("how", ["flag", "pipe"])
+def test_empty_prompt(cli, how):
+    result = cli("chat", "-p", "  ") if how == "flag" else cli("chat", input="\n")
+    _one_sentence_error(result, contains="empty")
+
+
+def test_bad_setting_value(cli):
+    result = cli("chat", "-p", "hi", "--temperature", "-1")
+    _one_sentence_error(result, contains="temperature")
+
+
+def test_cli_imports_no_heavy_library_until_needed():
+    code = (
+        "import sys; from localrun.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'llama_cpp', 'transformers', 'gradio') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_devices_without_a_gpu(cli):
+    result = cli("devices")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("cpu:0 ")
+    assert "physical cores" in result.stdout
+    assert "No GPU found" in result.stderr
