@@ -31,6 +31,25 @@ class ResolvedModel:
     path: Path | None
     kind: str
     hub_id: str | None = None
+    recommended: Recommended | None = None
+
+
+class Recommended(BaseModel):
+    """Per-model defaults (like an Ollama Modelfile's SYSTEM and PARAMETER lines); user flags win."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    system: str | None = Field(default=None, description="System prompt used when the user gives none.")
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    source: str = Field(default="", description="Where these values come from (model card, our measurements).")
+
+    def sampling(self) -> dict[str, float | int]:
+        """The sampling fields that are set, for SamplingParams(**...)."""
+        return self.model_dump(exclude_none=True, exclude={"system", "source"})
 
 
 class Variant(BaseModel):
@@ -61,6 +80,7 @@ class CatalogModel(BaseModel):
     parameter_count: int = Field(gt=0, description="Nominal count from the model card (exact for the default).")
     context_length: int = Field(gt=0)
     variants: tuple[Variant, ...] = Field(min_length=1)
+    recommended: Recommended | None = None
     family: str = ""
 
     def variant(self, quant: str | None = None) -> Variant:
@@ -242,9 +262,8 @@ def _resolve_catalog(spec: str) -> ResolvedModel | None:
         path = variant_local_path(variant)
         if path is None:
             continue
-        if variant.format == "gguf":
-            return ResolvedModel(model.name, path, "gguf", variant.repo)
-        return ResolvedModel(model.name, path, "hf_dir", variant.repo)
+        kind = "gguf" if variant.format == "gguf" else "hf_dir"
+        return ResolvedModel(model.name, path, kind, variant.repo, recommended=model.recommended)
     raise UserError(f"{spec} is not downloaded yet: run `localrun pull {spec}` first.")
 
 
@@ -265,10 +284,24 @@ def _resolve_hub_id(spec: str) -> ResolvedModel | None:
     return None
 
 
+def _recommended_for_file(path: Path) -> Recommended | None:
+    """A catalog file opened by its path gets the same defaults as when opened by name."""
+    if not path.is_file():
+        return None
+    for model in catalog():
+        for variant in model.variants:
+            local = variant_local_path(variant) if variant.format == "gguf" else None
+            if local is not None and local.resolve() == path.resolve():
+                return model.recommended
+    return None
+
+
 def resolve_model(spec: str | None) -> ResolvedModel:
     """Turn what the user typed (a path, a catalog name, a pulled hub repo, or nothing) into a loadable model."""
     if spec is None or spec == "" or spec == DEFAULT_MODEL_NAME:
-        return ResolvedModel(DEFAULT_MODEL_NAME, default_model_path(), "gguf")
+        return ResolvedModel(
+            DEFAULT_MODEL_NAME, default_model_path(), "gguf", recommended=find_model(DEFAULT_MODEL_NAME).recommended
+        )
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():
@@ -277,7 +310,7 @@ def resolve_model(spec: str | None) -> ResolvedModel:
             f"{spec} is a directory, not a model file: pass a .gguf file or a Hugging Face model directory with a config.json."
         )
     if path.exists() or spec.lower().endswith(".gguf"):
-        return ResolvedModel(path.name, path, "gguf")
+        return ResolvedModel(path.name, path, "gguf", recommended=_recommended_for_file(path))
     resolved = _resolve_catalog(spec) or _resolve_hub_id(spec)
     if resolved is not None:
         return resolved

@@ -8,6 +8,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 
+from localrun.catalog import ResolvedModel
 from localrun.errors import UserError
 from localrun.events import GenerationEvent
 from localrun.settings import LoadOptions, SamplingParams, add_flags, from_args
@@ -44,31 +45,44 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def load(model: str | None, options: LoadOptions):
+def load(model: ResolvedModel, options: LoadOptions):
     from localrun.backends import load_backend
 
     return load_backend(model, options)
 
 
+def system_prompt(args: argparse.Namespace, model: ResolvedModel) -> str | None:
+    """--system if given (even empty), else the catalog's recommendation for this model."""
+    if args.system is not None:
+        return args.system
+    return model.recommended.system if model.recommended else None
+
+
 def run(args: argparse.Namespace) -> int:
-    params = from_args(SamplingParams, args)
+    from localrun.catalog import resolve_model
+
+    model = resolve_model(args.model)
+    recommended = model.recommended.sampling() if model.recommended else {}
+    params = from_args(SamplingParams, args, **recommended)
     options = from_args(LoadOptions, args)
     one_shot = args.prompt is not None or not sys.stdin.isatty()
     if one_shot:
         prompt = args.prompt if args.prompt is not None else sys.stdin.read()
         if not prompt.strip():
             raise UserError("The prompt is empty: pass some text with -p, or on standard input.")
-        return _one_shot(args, prompt, params, options)
-    return Repl(args, params, options).loop()
+        return _one_shot(args, model, prompt, params, options)
+    return Repl(args, model, params, options).loop()
 
 
-def _one_shot(args: argparse.Namespace, prompt: str, params: SamplingParams, options: LoadOptions) -> int:
+def _one_shot(
+    args: argparse.Namespace, model: ResolvedModel, prompt: str, params: SamplingParams, options: LoadOptions
+) -> int:
     from localrun.chat import ChatSession
     from localrun.format import stats_line
 
-    backend = load(args.model, options)
+    backend = load(model, options)
     try:
-        session = ChatSession(backend, system=args.system)
+        session = ChatSession(backend, system=system_prompt(args, model))
         with _ctrl_c_cancels() as cancel:
             for event in session.send(prompt, params, cancel=cancel):
                 sys.stdout.write(event.text)
@@ -110,15 +124,17 @@ class _ctrl_c_cancels:
 class Repl:
     """The interactive loop: read a message or a /command, stream the reply, print stats."""
 
-    def __init__(self, args: argparse.Namespace, params: SamplingParams, options: LoadOptions) -> None:
+    def __init__(
+        self, args: argparse.Namespace, model: ResolvedModel, params: SamplingParams, options: LoadOptions
+    ) -> None:
         from localrun.chat import ChatSession
 
         self.args, self.params, self.options = args, params, options
-        self.backend = self._load(args.model)
-        self.session = ChatSession(self.backend, system=args.system)
+        self.backend = self._load(model)
+        self.session = ChatSession(self.backend, system=system_prompt(args, model))
 
-    def _load(self, model: str | None):
-        print(f"Loading {model or 'the default model (SmolLM2-135M-Instruct Q4_1)'}…", file=sys.stderr, flush=True)
+    def _load(self, model: ResolvedModel):
+        print(f"Loading {model.name} ({model.path})…", file=sys.stderr, flush=True)
         backend = load(model, self.options)
         print(f"Ready: {backend.report.describe()}. Type /help for commands.", file=sys.stderr, flush=True)
         return backend
@@ -229,11 +245,15 @@ class Repl:
         for label, value in summary_table(self.session.last):
             print(f"  {label:<24} {value}")
 
-    def _reload(self, model: str) -> None:
-        if not model:
+    def _reload(self, spec: str) -> None:
+        from localrun.catalog import resolve_model
+
+        if not spec:
             raise UserError("Usage: /load MODEL (a .gguf path, a model directory or a catalog name).")
+        model = resolve_model(spec)
         backend = self._load(model)  # load first: a failed load keeps the current model
         self.backend.close()
         self.backend = backend
         self.session.backend = backend
+        self.session.system = system_prompt(self.args, model)
         self.session.clear()
