@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from localrun.settings import LoadOptions, add_flags, from_args
@@ -48,22 +46,11 @@ def run_bench_cmd(args: argparse.Namespace) -> int:
         backend.close()
     text = json.dumps(result, indent=2)
     if args.output:
-        write_atomic(args.output, text + "\n")
+        from localrun.catalog import write_atomic
+
+        write_atomic(args.output, (text + "\n").encode())
     print(text if args.json else "\n".join(format_bench(result)))
     return 0
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside the target, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def run_devices(args: argparse.Namespace) -> int:
