@@ -81,8 +81,8 @@ class StopMatcher:
 class _Stats:
     """Cumulative counters for one request; turns them into events."""
 
-    def __init__(self, prompt_tokens: int, memory: MemorySampler) -> None:
-        self.t_start = time.perf_counter()
+    def __init__(self, prompt_tokens: int) -> None:
+        self.t_start = time.perf_counter()  # first, so TTFT includes all of our own set-up
         self.t_first: float | None = None
         self.t_last = self.t_start
         self.prompt_tokens = prompt_tokens
@@ -92,7 +92,7 @@ class _Stats:
         self.accepted = 0
         self.round_accepted = 0
         self.accept_counts: list[int] = []
-        self.memory = memory
+        self.memory = MemorySampler()
         self.text_parts: list[str] = []
 
     def on_token(self, step: TokenStep) -> None:
@@ -182,7 +182,7 @@ def stream_generate(
     TTFT is first token out minus the call. Stop early with `cancel.set()` (a final event with
     finish reason "cancelled" follows) or by closing the iterator; both leave the model usable.
     """
-    stats = _Stats(len(prompt_ids), MemorySampler())
+    stats = _Stats(len(prompt_ids))
     detok = IncrementalDetokenizer(backend.detokenize)
     stops = StopMatcher(params.stop)
     steps = backend.generate_tokens(prompt_ids, params, drafter)

@@ -166,6 +166,18 @@ class MemorySampler:
             self.peak_vram_bytes = max(self.peak_vram_bytes or 0, self.vram_bytes)
 
 
+@lru_cache(maxsize=1)
+def _nvml_handles() -> tuple:
+    """NVML handles of every GPU, probed once per process; empty without a driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return tuple(pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount()))
+    except Exception:  # no driver, no library: no VRAM figure
+        return ()
+
+
 def _vram_reader():
     """A callable returning this process's GPU bytes, or None when there is no CUDA GPU."""
     import sys
@@ -174,15 +186,11 @@ def _vram_reader():
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
         return lambda: int(max(torch.cuda.max_memory_allocated(), torch.cuda.memory_reserved()))
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        if pynvml.nvmlDeviceGetCount() == 0:
-            return None
-        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
-    except Exception:  # no driver, no library: no VRAM figure
+    handles = _nvml_handles()
+    if not handles:
         return None
+    import pynvml
+
     pid = os.getpid()
 
     def read() -> int:
