@@ -1,0 +1,163 @@
+"""End to end in headless Chromium: `localrun ui` as a subprocess, driven through Playwright.
+
+Loads the default model, watches a reply stream in, reads TTFT and tokens/s off the live panel, stops a
+reply, regenerates, then checks the Models and System tabs. Screenshots go to test-artifacts/; with
+LOCALRUN_README_SCREENSHOT=1 the chat screenshot also replaces ui/screenshot-chat.png.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_ui_api import run_ui
+
+from localrun.format import fmt_bytes
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+TIMEOUT_MS = 240_000  # two shared cores: loading and replies can be slow
+
+# Records every text the last chat message shows, so the test can see the reply arrive in pieces.
+RECORD_JS = """() => {
+  window.__replies = [];
+  const root = document.querySelector('#chatbot');
+  const grab = () => {
+    const msgs = root.querySelectorAll('[data-testid=bot]');
+    const text = msgs.length ? msgs[msgs.length - 1].innerText : '';
+    if (window.__replies[window.__replies.length - 1] !== text) window.__replies.push(text);
+  };
+  new MutationObserver(grab).observe(root, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium to run the browser tests")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with run_ui(tmp_path_factory.mktemp("ui-browser")) as url, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url)
+        page.wait_for_function("document.querySelector('#load-status')?.innerText.includes('No model loaded')")
+        yield page
+        browser.close()
+
+
+def status_is(page: Any, prefix: str) -> None:
+    page.wait_for_function(
+        "p => document.querySelector('#chat-status').innerText.trim().startsWith(p)", arg=prefix, timeout=TIMEOUT_MS
+    )
+
+
+def set_number(page: Any, elem_id: str, value: int) -> None:
+    box = page.locator(f"#{elem_id} input")
+    box.fill(str(value))
+    box.press("Tab")
+    page.wait_for_function(
+        "([sel, v]) => document.querySelector(sel).value === v", arg=[f"#{elem_id} input", str(value)]
+    )
+
+
+def value_of(page: Any, key: str) -> float:
+    return float(page.get_attribute(f"#m-{key}", "data-value"))
+
+
+def turn_finishes(page: Any) -> list[str]:
+    rows = page.locator("#turns-table .virtual-row").all_inner_texts()
+    return [re.split(r"\s+", r.strip())[-1] for r in rows if r.strip()]
+
+
+def shot(page: Any, name: str) -> Path:
+    path = ARTIFACTS / f"ui-{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def test_chat_streams_with_live_metrics(page: Any) -> None:
+    page.click("#load-btn")
+    page.wait_for_function("document.querySelector('#load-status').innerText.includes('Loaded smollm2')")
+    page.click("#sampling-options button")  # open the accordion
+    assert "recommended settings" in page.inner_text("#recommended-note")
+    assert page.input_value("#system-prompt textarea")  # the default model's recommended system prompt
+    set_number(page, "set-max_tokens", 48)
+    page.check("#set-ignore_eos input")
+    page.evaluate(RECORD_JS)
+    page.fill("#chat-input textarea", "Hello! What can you do?")
+    page.click("#send-btn")
+    status_is(page, "Done")
+    replies = [r.replace("▍", "").strip() for r in page.evaluate("window.__replies")]
+    partial = [r for r in dict.fromkeys(replies) if r and r != "…" and "TTFT" not in r]
+    assert len(partial) >= 2, replies  # the reply arrived in more than one update
+
+    assert 0 < value_of(page, "ttft") < 120
+    assert re.fullmatch(r"\d+ ms", page.inner_text("#m-ttft"))
+    assert 0 < value_of(page, "decode-tps") < 10_000
+    assert re.fullmatch(r"[\d.]+ tok/s", page.inner_text("#m-decode-tps"))
+    assert value_of(page, "tokens") == 48
+    assert "TTFT" in page.locator("#chatbot [data-testid=bot]").last.inner_text()  # stats line under the reply
+    assert turn_finishes(page) == ["length"]
+    path = shot(page, "chat")
+    if os.environ.get("LOCALRUN_README_SCREENSHOT") == "1":
+        page.locator("#tab-chat").screenshot(path=str(ROOT / "ui" / "screenshot-chat.png"))
+    assert path.stat().st_size > 10_000
+
+
+def test_stop_mid_reply_then_regenerate(page: Any) -> None:
+    set_number(page, "set-max_tokens", 4000)
+    page.evaluate(RECORD_JS)
+    page.fill("#chat-input textarea", "Tell me a very long story.")
+    page.click("#send-btn")
+    page.wait_for_function(
+        "() => window.__replies.some(t => t.replace('▍', '').trim().length > 3 && !t.includes('TTFT'))"
+    )
+    page.click("#stop-btn")
+    status_is(page, "Done (cancelled)")
+    assert turn_finishes(page) == ["length", "cancelled"]
+    assert value_of(page, "tokens") < 4000
+
+    set_number(page, "set-max_tokens", 16)
+    page.click("#regen-btn")
+    status_is(page, "Done (length)")
+    assert turn_finishes(page) == ["length", "cancelled", "length"]
+    assert value_of(page, "tokens") == 16
+    # The stopped reply was replaced, not kept beside the new one.
+    assert page.locator("#chatbot [data-testid=user]").count() == 2
+    assert page.locator("#chatbot [data-testid=bot]").count() == 2
+    shot(page, "chat-regenerated")
+
+
+def test_models_tab_shows_fit_and_info(page: Any) -> None:
+    page.click("#tab-models-button")
+    row = page.locator("#catalog-table .virtual-row", has_text="smollm2-135m-instruct").first
+    row.wait_for()
+    assert re.search(r"CPU only|fits on GPU|partial offload", row.inner_text()), row.inner_text()
+    page.click("#info-btn")
+    page.wait_for_function("document.querySelector('#model-info').innerText.includes('architecture')")
+    info = page.inner_text("#model-info")
+    assert "llama" in info and "Q4_1" in info and "fit verdict" in info
+    shot(page, "models")
+
+
+def test_system_tab_shows_this_machine(page: Any) -> None:
+    import psutil
+
+    from localrun.hardware import probe_cpu
+
+    page.click("#tab-system-button")
+    page.wait_for_function("document.querySelector('#system-table').innerText.includes('RAM total')")
+    text = page.inner_text("#system-table")
+    assert probe_cpu().name in text
+    assert fmt_bytes(psutil.virtual_memory().total) in text
+    assert "llama.cpp" in text
+    shot(page, "system")

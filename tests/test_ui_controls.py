@@ -1,0 +1,71 @@
+"""UI controls from the settings models, backend-specific visibility, and the live-metrics rendering."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from localrun.errors import UserError
+from localrun.events import GenerationEvent, GenerationSummary
+from localrun.settings import LoadOptions, SamplingParams
+from ui.controls import LOAD_FIELDS, SAMPLING_FIELDS, applies_to, load_options, sampling_params, visible_fields
+from ui.metrics import LiveSeries, metrics_html, reply_footer, turn_row
+from ui.tabs.chat import LOAD_ROWS, SAMPLING_ROWS
+
+
+def test_every_field_has_a_place_and_a_description() -> None:
+    assert sorted(sum(LOAD_ROWS, ())) == sorted(LOAD_FIELDS)
+    assert sorted(sum(SAMPLING_ROWS, ())) == sorted(SAMPLING_FIELDS)
+    assert all(LoadOptions.model_fields[n].description for n in LOAD_FIELDS)
+    assert all(SamplingParams.model_fields[n].description for n in SAMPLING_FIELDS)
+
+
+def test_options_for_another_backend_are_hidden() -> None:
+    assert applies_to("kv_type") == "llamacpp" and applies_to("static_cache") == "hf" and applies_to("n_ctx") is None
+    gguf = visible_fields("auto", "gguf")
+    assert gguf["n_gpu_layers"] and gguf["kv_type"] and not gguf["quant"] and not gguf["attn"]
+    hf = visible_fields("hf", "gguf")
+    assert hf["quant"] and hf["static_cache"] and not hf["kv_type"] and hf["n_ctx"]
+    assert all(visible_fields("auto", None).values())  # unknown model: show everything
+
+
+def test_form_values_become_settings() -> None:
+    options = load_options({"backend": "llamacpp", "n_ctx": "2048", "n_gpu_layers": "", "kv_type": "f16"})
+    assert options.n_ctx == 2048 and options.n_gpu_layers is None and options.backend == "llamacpp"
+    assert load_options({"n_gpu_layers": "0"}).n_gpu_layers == 0  # 0 means CPU, not "auto"
+    params = sampling_params({"max_tokens": 16.0, "seed": "7", "stop": "###\nEND", "temperature": 0.2})
+    assert params.max_tokens == 16 and params.seed == 7 and params.stop == ("###", "END")
+    with pytest.raises(UserError, match="whole number"):
+        load_options({"n_ctx": "lots"})
+    with pytest.raises(UserError, match="n_ctx"):
+        load_options({"n_ctx": "8"})
+
+
+def _event(**final) -> GenerationEvent:
+    return GenerationEvent(
+        text="x", token_ids=(1,), from_draft=(False,), prompt_tokens=12, generated_tokens=5, ttft_s=0.042,
+        prompt_tps=300.0, decode_tps=95.5, elapsed_s=0.1, ram_bytes=300_000_000, peak_ram_bytes=310_000_000,
+        vram_bytes=None, peak_vram_bytes=None, **final,
+    )  # fmt: skip
+
+
+def test_metrics_panel_carries_labels_and_raw_values() -> None:
+    html = metrics_html(_event(), state="generating")
+    assert re.search(r'id="m-ttft" data-value="0.042">42 ms<', html)
+    assert re.search(r'id="m-decode-tps" data-value="95.5">96 tok/s<', html)
+    assert 'id="m-ram" data-value="300000000">300 MB<' in html and "peak 310 MB" in html
+    assert "no GPU" in html
+    assert "data-value" not in metrics_html(None)
+
+
+def test_series_and_turn_rows() -> None:
+    series = LiveSeries()
+    series.add(_event())
+    assert set(series.rate_frame()["series"]) == {"average"} and list(series.memory_frame()["MB"]) == [300.0]
+    summary = GenerationSummary(
+        finish_reason="cancelled", prompt_tokens=12, prefill_tokens=12, generated_tokens=5, ttft_s=0.042,
+        prompt_tps=300.0, decode_tps=95.5, total_s=0.2, peak_ram_bytes=310_000_000, peak_vram_bytes=None,
+    )  # fmt: skip
+    assert turn_row(3, "m", summary) == [3, "m", 42.0, 300.0, 95.5, 5, 310.0, None, "cancelled"]
+    assert reply_footer(summary).endswith("· cancelled") and "TTFT 42 ms" in reply_footer(summary)

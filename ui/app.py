@@ -1,0 +1,71 @@
+"""The Gradio app: one tab per module in TABS; adding a tab means adding a module and a line here."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from ui.worker import WorkerClient
+
+# Each module exposes TITLE, KEY (used in elem_ids: tab-KEY, tab-KEY-button) and build(ctx).
+TABS = ("ui.tabs.chat", "ui.tabs.models", "ui.tabs.system")
+
+
+@dataclass
+class AppContext:
+    """What tabs share: the model worker, the model to preselect, the Blocks being built (for load
+    events), and components other tabs may use."""
+
+    worker: WorkerClient
+    default_model: str | None = None
+    demo: Any = None
+    components: dict[str, Any] = field(default_factory=dict)
+
+
+def build_app(ctx: AppContext) -> Any:
+    """The gr.Blocks app with every tab in TABS."""
+    import gradio as gr
+
+    with gr.Blocks(title="localrun", analytics_enabled=False) as demo:
+        ctx.demo = demo
+        gr.Markdown("## localrun · run LLMs locally and see how fast they run and how much memory they take")
+        with gr.Tabs(elem_id="tabs"):
+            for name in TABS:
+                module = importlib.import_module(name)
+                with gr.Tab(module.TITLE, id=module.KEY, elem_id=f"tab-{module.KEY}") as tab:
+                    ctx.components[f"tab_{module.KEY}"] = tab
+                    module.build(ctx)
+    return demo
+
+
+def launch(
+    ctx: AppContext,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    share: bool = False,
+    auth: tuple[str, str] | None = None,
+    open_browser: bool = False,
+) -> None:
+    """Build the app and serve it until interrupted; the worker process stops with it."""
+    from ui.metrics import CSS
+
+    demo = build_app(ctx)
+    # Several tabs may wait on the one worker at once; the worker queues them itself.
+    demo.queue(default_concurrency_limit=8)
+    try:
+        demo.launch(
+            server_name=host,
+            server_port=port,
+            share=share,
+            auth=auth,
+            inbrowser=open_browser,
+            show_error=True,
+            css=CSS,
+            footer_links=["api", "settings"],
+            run_history=False,  # never record prompts in the browser
+            ssr_mode=False,
+        )
+    finally:
+        ctx.worker.close()

@@ -1,0 +1,86 @@
+"""`localrun ui`: serve the web UI. Registered through the "localrun.commands" entry point; importing
+this module must stay cheap (no gradio) so `localrun --help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import socket
+import sys
+
+from localrun.errors import UserError
+
+DEFAULT_PORT = 7860
+_PORT_TRIES = 100
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "ui",
+        help="serve the web UI (chat with live metrics, models, system)",
+        description="Serve the localrun web UI. It listens on 127.0.0.1 only, unless --host or --share say otherwise.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=None, help=f"port (default {DEFAULT_PORT}, or the next free one)")
+    p.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
+    p.add_argument("--auth", metavar="USER:PASSWORD", default=None, help="require this login")
+    p.add_argument("--model", default=None, help="model to preselect in the Chat tab (default: the default model)")
+    p.add_argument("--open", action="store_true", help="open the UI in a browser")
+    p.set_defaults(func=run)
+
+
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    """'user:password' -> ('user', 'password')."""
+    if value is None:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise UserError("--auth takes USER:PASSWORD, e.g. --auth alice:s3cret.")
+    return user, password
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        # As the server will: connections in TIME_WAIT from a previous run must not count as "in use".
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_port(host: str, port: int | None) -> int:
+    """The asked-for port if it is free (else a UserError), or the first free one from 7860 up."""
+    if port is not None:
+        if not 1 <= port <= 65535:
+            raise UserError(f"--port {port} is not a port number: use 1-65535.")
+        if not _port_free(host, port):
+            raise UserError(f"Port {port} on {host} is in use: pick another with --port, or leave it out.")
+        return port
+    for candidate in range(DEFAULT_PORT, DEFAULT_PORT + _PORT_TRIES):
+        if _port_free(host, candidate):
+            return candidate
+    raise UserError(f"No free port between {DEFAULT_PORT} and {DEFAULT_PORT + _PORT_TRIES - 1}: pass one with --port.")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def run(args: argparse.Namespace) -> int:
+    auth = parse_auth(args.auth)
+    port = pick_port(args.host, args.port)
+    if (args.share or not _is_loopback(args.host)) and auth is None:
+        print("localrun: warning: the UI is reachable from other machines without a login; add --auth USER:PASSWORD.",
+              file=sys.stderr)  # fmt: skip
+    from ui.app import AppContext, launch
+    from ui.worker import WorkerClient
+
+    print(f"localrun UI on http://{args.host}:{port}", file=sys.stderr)
+    ctx = AppContext(worker=WorkerClient(), default_model=args.model)
+    launch(ctx, host=args.host, port=port, share=args.share, auth=auth, open_browser=args.open)
+    return 0

@@ -1,0 +1,145 @@
+"""Live telemetry for the chat: the metrics panel, the chart data, and the per-reply table."""
+
+from __future__ import annotations
+
+import html
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from localrun.events import GenerationEvent, GenerationSummary
+from localrun.format import fmt_bytes, fmt_ms, fmt_rate, stats_line
+
+TURN_HEADERS = [
+    "#",
+    "model",
+    "TTFT (ms)",
+    "prompt tok/s",
+    "gen tok/s",
+    "tokens",
+    "peak RAM (MB)",
+    "peak VRAM (MB)",
+    "finish",
+]
+_RATE_WINDOW_S = 0.5
+# Fixed series colours: the chart's legend is set from these, not from whichever series came first.
+RATE_COLORS = {"now": "#f97316", "average": "#2563eb"}
+MEMORY_COLORS = {"RAM": "#16a34a", "VRAM": "#9333ea"}
+_MB = 1e6
+
+
+def _card(key: str, label: str, value: str, raw: float | int | None, note: str = "") -> str:
+    data = "" if raw is None else f' data-value="{raw}"'
+    sub = f'<div class="lr-note">{html.escape(note)}</div>' if note else ""
+    return (
+        f'<div class="lr-card"><div class="lr-label">{label}</div>'
+        f'<div class="lr-value" id="m-{key}"{data}>{html.escape(value)}</div>{sub}</div>'
+    )
+
+
+def metrics_html(event: GenerationEvent | None, *, state: str = "idle") -> str:
+    """The live panel: TTFT, prompt and generation tok/s, tokens, RAM and VRAM now and at peak.
+
+    Each value carries data-value with the raw number (seconds, tok/s, bytes) for tests and scripts.
+    """
+    if event is None:
+        cards = [_card(k, label, "–", None) for k, label in _LABELS]
+        return _wrap(cards, state)
+    vram_note = f"peak {fmt_bytes(event.peak_vram_bytes)}" if event.vram_bytes is not None else "no GPU"
+    cards = [
+        _card("ttft", "TTFT", fmt_ms(event.ttft_s), event.ttft_s),
+        _card("prompt-tps", "Prompt", fmt_rate(event.prompt_tps), event.prompt_tps, f"{event.prompt_tokens} tokens"),
+        _card("decode-tps", "Generation", fmt_rate(event.decode_tps), event.decode_tps),
+        _card("tokens", "Tokens", str(event.generated_tokens), event.generated_tokens, f"{event.elapsed_s:.1f} s"),
+        _card("ram", "RAM", fmt_bytes(event.ram_bytes), event.ram_bytes, f"peak {fmt_bytes(event.peak_ram_bytes)}"),
+        _card("vram", "VRAM", fmt_bytes(event.vram_bytes), event.vram_bytes, vram_note),
+    ]
+    return _wrap(cards, state)
+
+
+_LABELS = (
+    ("ttft", "TTFT"),
+    ("prompt-tps", "Prompt"),
+    ("decode-tps", "Generation"),
+    ("tokens", "Tokens"),
+    ("ram", "RAM"),
+    ("vram", "VRAM"),
+)
+
+
+def _wrap(cards: list[str], state: str) -> str:
+    return (
+        f'<div class="lr-metrics" data-state="{html.escape(state)}">{"".join(cards)}'
+        f'<div class="lr-state" id="m-state">{html.escape(state)}</div></div>'
+    )
+
+
+@dataclass
+class LiveSeries:
+    """Points for the live chart, one per UI update: tok/s (now and average) and memory over the reply."""
+
+    points: list[dict[str, Any]] = field(default_factory=list)
+    _recent: deque = field(default_factory=deque)
+
+    def add(self, event: GenerationEvent) -> None:
+        t = round(event.elapsed_s, 3)
+        self._recent.append((event.elapsed_s, event.generated_tokens))
+        while len(self._recent) > 2 and event.elapsed_s - self._recent[0][0] > _RATE_WINDOW_S:
+            self._recent.popleft()
+        (t0, n0), (t1, n1) = self._recent[0], self._recent[-1]
+        now = (n1 - n0) / (t1 - t0) if t1 > t0 and n1 > n0 else None
+        if now is not None:
+            self.points.append({"time (s)": t, "tok/s": now, "series": "now"})
+        if event.decode_tps is not None:
+            self.points.append({"time (s)": t, "tok/s": event.decode_tps, "series": "average"})
+        self.points.append({"time (s)": t, "MB": event.ram_bytes / _MB, "series": "RAM"})
+        if event.vram_bytes is not None:
+            self.points.append({"time (s)": t, "MB": event.vram_bytes / _MB, "series": "VRAM"})
+
+    def rate_frame(self) -> Any:
+        import pandas as pd
+
+        rows = [p for p in self.points if "tok/s" in p]
+        return pd.DataFrame(rows or [{"time (s)": 0.0, "tok/s": 0.0, "series": s} for s in RATE_COLORS])
+
+    def memory_frame(self) -> Any:
+        import pandas as pd
+
+        rows = [p for p in self.points if "MB" in p]
+        return pd.DataFrame(rows or [{"time (s)": 0.0, "MB": 0.0, "series": "RAM"}])  # VRAM only with a GPU
+
+
+def _num(value: float | None, digits: int = 1) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def turn_row(index: int, model: str, s: GenerationSummary) -> list[Any]:
+    """One row of the per-reply table, numbers kept numeric so the table sorts."""
+    return [
+        index,
+        model,
+        _num(None if s.ttft_s is None else s.ttft_s * 1000, 0),
+        _num(s.prompt_tps),
+        _num(s.decode_tps),
+        s.generated_tokens,
+        _num(s.peak_ram_bytes / _MB, 0),
+        _num(None if s.peak_vram_bytes is None else s.peak_vram_bytes / _MB, 0),
+        s.finish_reason,
+    ]
+
+
+def reply_footer(s: GenerationSummary) -> str:
+    """The small stats line shown under an assistant message."""
+    note = "" if s.finish_reason in ("stop", "length") else f" · {s.finish_reason}"
+    return stats_line(s) + note
+
+
+CSS = """
+.lr-metrics {display:flex; flex-wrap:wrap; gap:8px; align-items:stretch}
+.lr-card {flex:1 1 90px; border:1px solid var(--border-color-primary); border-radius:8px; padding:6px 10px}
+.lr-label {font-size:0.75em; opacity:0.7; text-transform:uppercase; letter-spacing:0.04em}
+.lr-value {font-size:1.25em; font-weight:600; font-variant-numeric:tabular-nums}
+.lr-note {font-size:0.75em; opacity:0.7}
+.lr-state {flex-basis:100%; font-size:0.8em; opacity:0.7}
+.lr-stats {font-size:0.8em; opacity:0.75}
+"""

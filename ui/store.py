@@ -1,0 +1,271 @@
+"""Model-store helpers for the UI (no Gradio here): catalog rows with fit verdicts, local models, info,
+delete, and downloads that report their progress."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from localrun import catalog
+from localrun.errors import UserError
+from localrun.format import fmt_bytes
+
+CATALOG_HEADERS = [
+    "name",
+    "family",
+    "params (B)",
+    "quant",
+    "size",
+    "context",
+    "license",
+    "on disk",
+    "fit on this machine",
+]
+LOCAL_HEADERS = ["name", "format", "quant", "size", "context", "path"]
+SEARCH_HEADERS = ["repo", "kind", "downloads", "likes", "weight files"]
+# Approximate bits per weight, for a rough fit verdict on a catalog model that is not downloaded yet.
+_BITS_PER_WEIGHT = {"q4_0": 4.5, "q4_1": 5.0, "q4_k_s": 4.6, "q4_k_m": 4.85, "q5_k_m": 5.7, "q8_0": 8.5}
+_FIT_CTX = 8192  # the loader's default context cap, so the verdict matches what Load does
+
+
+def local_rows() -> list[Any]:
+    """Models on disk (the default model first), as cli `models list` finds them."""
+    from localrun.cli_models import local_models
+
+    return local_models()
+
+
+def model_choices() -> list[tuple[str, str]]:
+    """(label, value) pairs for the chat's model picker: every model on disk; value is what Load resolves."""
+    choices = []
+    for row in local_rows():
+        value = row.name if row.name == catalog.DEFAULT_MODEL_NAME or row.format != "gguf" else str(row.path)
+        note = " (default)" if row.name == catalog.DEFAULT_MODEL_NAME else ""
+        choices.append((f"{row.name}{note} · {row.quant} · {fmt_bytes(row.size_bytes)}", value))
+    return choices
+
+
+def model_kind(spec: str | None) -> str | None:
+    """ "gguf", "hf_dir" or "hub_id" for what the picker holds, or None when it does not resolve."""
+    try:
+        return catalog.resolve_model(spec).kind
+    except UserError:
+        return None
+
+
+def recommended(spec: str | None) -> Any | None:
+    """The catalog's recommended system prompt and sampling for what the picker holds, or None."""
+    try:
+        return catalog.resolve_model(spec).recommended
+    except UserError:
+        return None
+
+
+def _rough_verdict(model: Any, variant: Any, devices: list[Any]) -> str:
+    from localrun.fit import gpu_budget_bytes
+
+    bits = _BITS_PER_WEIGHT.get(variant.quant.lower(), 16.0)
+    size = variant.size_bytes or int(model.parameter_count * bits / 8)
+    need = int(size * 1.15)  # weights plus a modest KV cache and buffers
+    ram = next((d.free_bytes for d in devices if d.kind == "cpu"), 0)
+    if gpu_budget_bytes(devices) >= need:
+        verdict = "likely fits on GPU"
+    elif ram >= need:
+        verdict = "likely CPU only"
+    else:
+        verdict = "likely does not fit"
+    return f"{verdict} (rough, from its size; download for the exact estimate)"
+
+
+def fit_verdict(path: Path, *, n_ctx: int | None, kv_type: str, devices: list[Any]) -> str:
+    """The exact verdict for a local GGUF, e.g. 'CPU only · up to 8192 ctx'."""
+    from localrun.fit import fit_report
+    from localrun.gguf_info import inspect_gguf
+
+    info = inspect_gguf(path)
+    ctx = n_ctx or min(info.context_length or _FIT_CTX, _FIT_CTX)
+    report = fit_report(info, n_ctx=ctx, kv_type=kv_type, devices=devices)
+    limit = f" · up to {report.max_ctx} ctx" if report.max_ctx else ""
+    return f"{report.verdict} at {ctx} ctx ({fmt_bytes(report.estimate.total_bytes)}){limit}"
+
+
+def catalog_rows(*, n_ctx: int | None = None, kv_type: str = "f16") -> list[list[Any]]:
+    """Every catalog model with its default variant, whether it is on disk, and its fit verdict here."""
+    from localrun.hardware import probe
+
+    devices = probe()
+    rows = []
+    for model in catalog.catalog():
+        variant = model.variant()
+        local = catalog.variant_local_path(variant)
+        if local is not None and variant.format == "gguf":
+            try:
+                verdict = fit_verdict(local, n_ctx=n_ctx, kv_type=kv_type, devices=devices)
+            except UserError as exc:
+                verdict = str(exc)
+        else:
+            verdict = _rough_verdict(model, variant, devices)
+        size = variant.size_bytes or (local.stat().st_size if local is not None and local.is_file() else None)
+        rows.append(
+            [
+                model.name,
+                model.family,
+                round(model.parameter_count / 1e9, 2),
+                variant.quant,
+                fmt_bytes(size) if size else "?",
+                model.context_length,
+                model.license,
+                "yes" if local is not None else "no",
+                verdict,
+            ]
+        )
+    return rows
+
+
+def local_table() -> list[list[Any]]:
+    return [
+        [r.name, r.format, r.quant, fmt_bytes(r.size_bytes), r.context_length or "?", str(r.path)] for r in local_rows()
+    ]
+
+
+def model_info(spec: str, *, n_ctx: int | None = None, kv_type: str = "f16") -> list[list[str]]:
+    """(field, value) rows: GGUF metadata and the memory estimate, a model directory's config, or catalog facts."""
+    if not spec:
+        raise UserError("Pick a model first: a catalog name, a local model, or a path.")
+    try:
+        resolved = catalog.resolve_model(spec)
+    except UserError:
+        model = catalog.find_model(catalog.split_quant(spec)[0])  # in the catalog but not downloaded
+        rows = [["name", model.name], ["description", model.description], ["license", model.license]]
+        rows += [["parameters", f"{model.parameter_count:,}"], ["context length", str(model.context_length)]]
+        rows += [[f"variant {v.quant}", f"{v.format} · {v.repo}/{v.filename or ''}"] for v in model.variants]
+        return rows + [["on disk", "no: download it below"]]
+    if resolved.kind != "gguf" or resolved.path is None:
+        path = resolved.path
+        return [["name", resolved.name], ["kind", resolved.kind], ["path", str(path)]]
+    return _gguf_info_rows(resolved.path, n_ctx=n_ctx, kv_type=kv_type)
+
+
+def _gguf_info_rows(path: Path, *, n_ctx: int | None, kv_type: str) -> list[list[str]]:
+    from localrun.fit import fit_report
+    from localrun.gguf_info import inspect_gguf
+
+    info = inspect_gguf(path)
+    ctx = n_ctx or min(info.context_length or _FIT_CTX, _FIT_CTX)
+    report = fit_report(info, n_ctx=ctx, kv_type=kv_type)
+    est = report.estimate
+    return [
+        ["path", str(info.path)],
+        ["file size", fmt_bytes(info.file_bytes)],
+        ["architecture", info.architecture],
+        ["name", info.name or "?"],
+        ["parameters", f"{info.parameter_count:,} ({info.parameter_count / 1e9:.2f}B)"],
+        ["quant type", info.quant_type],
+        ["context length (trained)", str(info.context_length)],
+        ["layers / heads / kv heads", f"{info.n_layers} / {info.n_heads} / {info.n_kv_heads}"],
+        ["vocabulary", f"{info.vocab_size} tokens ({info.tokenizer_model})"],
+        ["chat template", "present" if info.chat_template else "absent"],
+        ["fit verdict", report.verdict],
+        [f"memory at {est.n_ctx} ctx ({est.kv_type} KV)", fmt_bytes(est.total_bytes)],
+        ["  weights / KV cache", f"{fmt_bytes(est.weights_bytes)} / {fmt_bytes(est.kv_cache_bytes)}"],
+        ["  compute / other", f"{fmt_bytes(est.compute_bytes)} / {fmt_bytes(est.overhead_bytes)}"],
+        ["free RAM / usable GPU", f"{fmt_bytes(report.ram_available_bytes)} / {fmt_bytes(report.gpu_budget_bytes)}"],
+        [f"largest context that fits ({report.max_ctx_where})", str(report.max_ctx or "none")],
+    ]
+
+
+def delete_model(spec: str) -> list[Path]:
+    """Delete a downloaded model (file and sidecars, or its HF-cache folder); never anything outside the store."""
+    import shutil
+
+    from localrun.cli_models import _removable  # the store-boundary check `localrun models rm` uses
+
+    targets = _removable(spec)
+    for target in targets:
+        if target.is_dir():
+            shutil.rmtree(target)
+            continue
+        target.unlink()
+        for extra in (target.with_name(target.name + catalog.SIDECAR_SUFFIX), target.with_name(target.name + ".part")):
+            extra.unlink(missing_ok=True)
+    return targets
+
+
+def search_rows(query: str) -> tuple[list[list[Any]], list[str]]:
+    """Hub search results as table rows, and the pull specs (REPO:FILE, or REPO for safetensors) they offer."""
+    from localrun import hub
+
+    if not query.strip():
+        raise UserError("Type something to search for, e.g. 'qwen2.5 gguf'.")
+    rows, specs = [], []
+    for m in hub.search(query.strip(), limit=10):
+        files = ", ".join(f"{f.name} ({fmt_bytes(f.size_bytes)})" for f in m.files[:4])
+        more = f" and {len(m.files) - 4} more" if len(m.files) > 4 else ""
+        rows.append([m.repo, m.kind, m.downloads, m.likes, files + more])
+        ggufs = [f for f in m.files if f.name.endswith(".gguf")]
+        specs += [f"{m.repo}:{f.name}" for f in ggufs] if ggufs else [m.repo]
+    return rows, specs
+
+
+@dataclass
+class Download:
+    """A pull running in a background thread; progress is read from its .part file."""
+
+    spec: str
+    part: Path | None = None
+    size_bytes: int | None = None
+    result: Path | None = None
+    error: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def fraction(self) -> float | None:
+        if self.part is None or not self.size_bytes:
+            return None
+        have = self.part.stat().st_size if self.part.exists() else (self.size_bytes if self.result else 0)
+        return min(have / self.size_bytes, 1.0)
+
+
+def start_download(spec: str) -> Download:
+    """Resolve what to fetch (fails fast with a UserError), then pull it in a background thread."""
+    from localrun import hub
+
+    if not spec.strip():
+        raise UserError("Type what to download: a catalog name, REPO, or REPO:FILE from the search.")
+    target = hub.resolve_target(spec.strip())
+    task = Download(spec.strip())
+    if target.filename is not None:
+        dest = catalog.store_path(target.repo, target.filename)
+        task.part, task.size_bytes = dest.with_name(dest.name + ".part"), target.size_bytes
+
+    def run() -> None:
+        try:
+            task.result = hub.pull(task.spec)
+        except UserError as exc:
+            task.error = str(exc)
+        except Exception as exc:  # shown in the UI rather than lost in a thread
+            task.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            task.done.set()
+
+    threading.Thread(target=run, name=f"pull {spec}", daemon=True).start()
+    return task
+
+
+def follow(task: Download, *, interval_s: float = 0.5) -> Iterator[str]:
+    """Progress lines until the download ends; the last line says where the model is, or what went wrong."""
+    while not task.done.wait(interval_s):
+        frac = task.fraction()
+        took = time.monotonic() - task.started
+        if frac is None:
+            yield f"Downloading {task.spec}… {took:.0f} s"
+        else:
+            yield f"Downloading {task.spec}: {frac:.0%} of {fmt_bytes(task.size_bytes)} ({took:.0f} s)"
+    if task.error:
+        yield f"Download failed: {task.error}"
+    else:
+        yield f"Downloaded {task.spec}: {task.result}"

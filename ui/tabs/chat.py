@@ -1,0 +1,366 @@
+"""The Chat tab: pick and load a model, chat with streaming, and watch TTFT, tokens/s and memory live.
+
+No `from __future__ import annotations` here: Gradio finds the gr.Request parameter of the handlers
+by evaluating their annotations, and gradio is imported inside build() only.
+"""
+
+import html
+import time
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+from localrun import catalog
+from localrun.errors import UserError
+from localrun.events import GenerationEvent
+from localrun.format import stats_line
+from localrun.settings import LoadOptions, SamplingParams
+from ui import store
+from ui.controls import RECOMMENDABLE, load_options, make_control, recommended_values, sampling_params, visible_fields
+from ui.metrics import MEMORY_COLORS, RATE_COLORS, TURN_HEADERS, LiveSeries, metrics_html, reply_footer, turn_row
+from ui.worker import Failed, Loaded, Progress
+
+TITLE = "Chat"
+KEY = "chat"
+_UI_INTERVAL_S = 0.1  # ~10 updates/s: smooth to the eye, light on the browser and a 2-core CPU
+_PLOT_INTERVAL_S = 0.3  # the charts redraw less often than the text
+_CURSOR = " ▍"
+# Related settings share a row: common load options, then llama.cpp's, then transformers'.
+LOAD_ROWS = (
+    ("backend", "device", "n_ctx", "n_threads"),
+    ("n_gpu_layers", "kv_type", "flash_attn"),
+    ("dtype", "attn", "quant", "static_cache", "compile"),
+)
+SAMPLING_ROWS = (
+    ("temperature", "top_p", "min_p", "repeat_penalty"),
+    ("max_tokens", "top_k", "seed", "stop", "ignore_eos"),
+)
+
+
+def build(ctx: Any) -> None:
+    """Lay out the tab and wire its events."""
+    c = _layout(ctx)
+    ctx.components["model_picker"] = c.picker
+    _wire(ctx, c)
+
+
+def _layout(ctx: Any) -> SimpleNamespace:
+    import gradio as gr
+
+    c = SimpleNamespace()
+    with gr.Row():
+        c.picker = gr.Dropdown(
+            choices=store.model_choices(),
+            value=ctx.default_model or catalog.DEFAULT_MODEL_NAME,
+            allow_custom_value=True,
+            label="Model",
+            info="A model on disk, a catalog name, or the path of a .gguf file or model directory.",
+            elem_id="model-picker",
+            scale=5,
+        )
+        c.refresh = gr.Button("↻", elem_id="model-refresh", scale=0, min_width=50, size="sm")
+        c.load = gr.Button("Load", variant="primary", elem_id="load-btn", scale=1)
+    # Filled by the page's load event, so "Connecting…" going away also says the page is live.
+    c.load_status = gr.Markdown("Connecting…", elem_id="load-status")
+    with gr.Accordion("Load options", open=False, elem_id="load-options"):
+        c.load_controls = _rows(LoadOptions, LOAD_ROWS)
+    with gr.Accordion("Sampling and system prompt", open=False, elem_id="sampling-options"):
+        system, values = recommended_values(store.recommended(c.picker.value))
+        c.recommended_note = gr.Markdown(_recommended_note(c.picker.value), elem_id="recommended-note")
+        c.sampling = _rows(SamplingParams, SAMPLING_ROWS, values)
+        c.system = gr.Textbox(system, label="System prompt", lines=2, elem_id="system-prompt")
+    with gr.Row():
+        with gr.Column(scale=3):
+            _layout_chat(c)
+        with gr.Column(scale=2):
+            _layout_metrics(c)
+    c.history = gr.State([])
+    c.turns = gr.State([])
+    return c
+
+
+def _rows(model: type, rows: tuple[tuple[str, ...], ...], values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Controls for a settings model, laid out in rows of related fields, starting at values where given."""
+    import gradio as gr
+
+    values = values or {}
+    controls = {}
+    for names in rows:
+        with gr.Row():
+            controls.update({name: make_control(model, name, value=values.get(name)) for name in names})
+    return controls
+
+
+def _recommended_note(spec: str | None) -> str:
+    rec = store.recommended(spec)
+    if rec is None:
+        return "No recommended settings for this model: the defaults apply."
+    shown = ", ".join(f"{k} {v}" for k, v in rec.sampling().items())
+    system = " and a system prompt" if rec.system else ""
+    return f"The catalog's recommended settings for this model are filled in: {shown}{system}."
+
+
+def apply_recommended(spec: str | None) -> tuple[Any, ...]:
+    """(note, system prompt, *sampling values) for the picked model, for the picker's change event."""
+    system, values = recommended_values(store.recommended(spec))
+    return (_recommended_note(spec), system, *(values[name] for name in RECOMMENDABLE))
+
+
+def _layout_chat(c: SimpleNamespace) -> None:
+    import gradio as gr
+
+    c.chatbot = gr.Chatbot(
+        elem_id="chatbot",
+        label="Chat",
+        height=480,
+        buttons=["copy"],
+        feedback_options=None,
+        placeholder="Load a model (or just type: the picked model loads on the first message).",
+    )
+    c.message = gr.Textbox(
+        label="Message", placeholder="Type a message, Enter to send", lines=2, elem_id="chat-input", autofocus=True
+    )
+    with gr.Row():
+        c.send = gr.Button("Send", variant="primary", elem_id="send-btn")
+        c.stop = gr.Button("Stop", variant="stop", elem_id="stop-btn")
+        c.regen = gr.Button("Regenerate", elem_id="regen-btn")
+        c.clear = gr.Button("Clear", elem_id="clear-btn")
+    c.status = gr.Markdown("", elem_id="chat-status")
+
+
+def _layout_metrics(c: SimpleNamespace) -> None:
+    import gradio as gr
+
+    empty = LiveSeries()
+    c.metrics = gr.HTML(metrics_html(None), elem_id="live-metrics", label="Live metrics")
+    c.rate_plot = gr.LinePlot(
+        empty.rate_frame(), x="time (s)", y="tok/s", color="series", title="Generation tokens/s", height=190,
+        color_map=RATE_COLORS, y_lim=[0, None], elem_id="rate-plot",
+    )  # fmt: skip
+    c.mem_plot = gr.LinePlot(
+        empty.memory_frame(), x="time (s)", y="MB", color="series", title="Model process memory (MB)", height=190,
+        color_map=MEMORY_COLORS, elem_id="mem-plot",
+    )  # fmt: skip
+    c.turns_table = gr.Dataframe(
+        _turns_frame([]), label="Every reply's figures (compare turns)", interactive=False, elem_id="turns-table"
+    )
+
+
+def _owner(request: Any) -> str:
+    return getattr(request, "session_hash", None) or ""
+
+
+def _wire(ctx: Any, c: SimpleNamespace) -> None:
+    import gradio as gr
+
+    settings = {**c.load_controls, **c.sampling}
+    outputs = [c.chatbot, c.history, c.turns, c.metrics, c.rate_plot, c.mem_plot, c.turns_table, c.status, c.message]
+
+    def on_send(message: str, history: list, turns: list, picker: str, system: str, request: gr.Request, **values):
+        yield from send_reply(ctx, message, history, turns, picker, system, values, owner=_owner(request))
+
+    def on_regenerate(history: list, turns: list, picker: str, system: str, request: gr.Request, **values):
+        yield from regenerate_reply(ctx, history, turns, picker, system, values, owner=_owner(request))
+
+    def on_stop(request: gr.Request) -> str:
+        return "Stopping…" if ctx.worker.cancel(_owner(request)) else "Nothing is running."
+
+    def on_load(picker: str, request: gr.Request, **values):
+        yield from load_model(ctx, picker, values, owner=_owner(request))
+
+    common = {"outputs": outputs, "inputs_kwargs": settings, "show_progress": "hidden"}
+    chat_inputs = [c.message, c.history, c.turns, c.picker, c.system]
+    c.send.click(on_send, inputs=chat_inputs, api_name="chat", **common)
+    c.message.submit(on_send, inputs=chat_inputs, api_visibility="undocumented", **common)
+    c.regen.click(on_regenerate, inputs=chat_inputs[1:], api_name="regenerate", **common)
+    c.stop.click(on_stop, outputs=[c.status], api_name="stop", concurrency_limit=None, show_progress="hidden")
+
+    def on_clear(request: gr.Request) -> tuple:
+        return clear_chat(ctx, _owner(request))
+
+    c.clear.click(on_clear, outputs=outputs[:-1], api_name="clear")
+    c.load.click(
+        on_load, inputs=[c.picker], inputs_kwargs=c.load_controls, outputs=[c.load_status, c.load],
+        api_name="load_model", concurrency_limit=None,
+    )  # fmt: skip
+    c.refresh.click(lambda: gr.Dropdown(choices=store.model_choices()), outputs=[c.picker], api_name="model_choices")
+    # A new page sees the models on disk now and the model the shared worker has loaded.
+    ctx.demo.load(
+        lambda: (gr.Dropdown(choices=store.model_choices()), _loaded_text(ctx.worker.loaded)),
+        outputs=[c.picker, c.load_status], api_visibility="private",
+    )  # fmt: skip
+    recommendable = [c.sampling[name] for name in RECOMMENDABLE]
+    c.picker.change(
+        apply_recommended, inputs=[c.picker], outputs=[c.recommended_note, c.system, *recommendable],
+        api_visibility="private",
+    )  # fmt: skip
+    names = list(c.load_controls)
+    for trigger in (c.picker.change, c.load_controls["backend"].change, ctx.demo.load):
+        trigger(
+            lambda picker, backend: _visibility(picker, backend, names),
+            inputs=[c.picker, c.load_controls["backend"]], outputs=list(c.load_controls.values()),
+            api_visibility="private",
+        )  # fmt: skip
+
+
+def _visibility(picker: str, backend: str, names: list[str]) -> list[Any]:
+    """Show only the load options that apply to the backend the load will use."""
+    import gradio as gr
+
+    shown = visible_fields(backend, store.model_kind(picker or None))
+    return [gr.update(visible=shown[name]) for name in names]
+
+
+# ---- handlers (plain generators, so they read without Gradio) -----------------------------------
+
+
+def _loaded_text(loaded: Loaded | None) -> str:
+    if loaded is None:
+        return "No model loaded yet: press **Load**, or just send a message."
+    return f"**Loaded {html.escape(loaded.name)}** · {loaded.report.describe()}"
+
+
+def load_model(ctx: Any, spec: str, values: dict[str, Any], *, owner: str) -> Iterator[tuple[str, Any]]:
+    """Yield (status, load button) while the worker loads; the button is disabled meanwhile."""
+    import gradio as gr
+
+    busy, ready = gr.Button(interactive=False), gr.Button(interactive=True)
+    try:
+        options = load_options(values)
+        for update in ctx.worker.load(spec or None, options, owner=owner):
+            if isinstance(update, Progress):
+                yield f"⏳ {update.text}…", busy
+            elif isinstance(update, Loaded):
+                yield _loaded_text(update), ready
+            elif isinstance(update, Failed):
+                gr.Warning(update.message)
+                yield f"⚠️ Could not load {spec or 'the default model'}: {update.message}", ready
+    except UserError as exc:
+        yield f"⚠️ {exc}", ready
+
+
+def send_reply(
+    ctx: Any, message: str, history: list, turns: list, spec: str, system: str, values: dict, *, owner: str
+) -> Iterator[tuple]:
+    """Add the user's message and stream the reply (loading the picked model first if none is loaded)."""
+    if not (message or "").strip():
+        yield _status_only("Type a message first.")
+        return
+    try:
+        params, options = sampling_params(values), load_options(values)
+    except UserError as exc:
+        yield _status_only(f"⚠️ {exc}")
+        return
+    history = [*history, {"role": "user", "content": message}]
+    yield from _stream(ctx, history, turns, spec, options, params, system, owner)
+
+
+def regenerate_reply(
+    ctx: Any, history: list, turns: list, spec: str, system: str, values: dict, *, owner: str
+) -> Iterator[tuple]:
+    """Answer the last user message again; the earlier reply's figures stay in the table."""
+    history = list(history)
+    while history and history[-1]["role"] == "assistant":
+        history.pop()
+    if not history:
+        yield _status_only("There is nothing to regenerate yet: send a message first.")
+        return
+    try:
+        params, options = sampling_params(values), load_options(values)
+    except UserError as exc:
+        yield _status_only(f"⚠️ {exc}")
+        return
+    yield from _stream(ctx, history, turns, spec, options, params, system, owner)
+
+
+def clear_chat(ctx: Any, owner: str) -> tuple:
+    ctx.worker.cancel(owner)
+    empty = LiveSeries()
+    return [], [], [], metrics_html(None), empty.rate_frame(), empty.memory_frame(), _turns_frame([]), ""
+
+
+def _status_only(status: str) -> tuple:
+    import gradio as gr
+
+    return (*(gr.skip() for _ in range(7)), status, gr.skip())
+
+
+def _turns_frame(turns: list) -> Any:
+    import pandas as pd
+
+    return pd.DataFrame(turns, columns=TURN_HEADERS)
+
+
+def _display(history: list) -> list[dict[str, str]]:
+    """Chatbot messages: each reply with its stats line underneath."""
+    shown = []
+    for m in history:
+        content = m["content"]
+        if m.get("stats"):
+            content = f'{content}\n\n<span class="lr-stats">{html.escape(m["stats"])}</span>'
+        shown.append({"role": m["role"], "content": content})
+    return shown
+
+
+def _stream(ctx, history, turns, spec, options, params, system, owner) -> Iterator[tuple]:
+    """Relay the worker's updates to the UI, at most every _UI_INTERVAL_S, then finish the turn."""
+    import gradio as gr
+
+    skip = gr.skip
+    series, parts, event, failed, model = LiveSeries(), [], None, None, None
+    shown = _display(history) + [{"role": "assistant", "content": "…"}]
+    last_ui = last_plot = 0.0
+    yield shown, skip(), skip(), metrics_html(None, state="waiting"), skip(), skip(), skip(), "Waiting…", ""
+    fallback = (spec or None, options)
+    for update in ctx.worker.chat(history, params=params, system=system, owner=owner, fallback=fallback):
+        if isinstance(update, Failed):
+            failed = update
+            continue
+        if isinstance(update, Progress | Loaded):
+            model = update.name if isinstance(update, Loaded) else model
+            text = f"Loaded {update.name}" if isinstance(update, Loaded) else update.text
+            yield (*(skip() for _ in range(7)), f"⏳ {text}…", skip())
+            continue
+        event = update
+        parts.append(event.text)
+        now = time.monotonic()
+        if not event.is_final and now - last_ui < _UI_INTERVAL_S:
+            continue
+        last_ui = now
+        series.add(event)
+        plots = event.is_final or now - last_plot >= _PLOT_INTERVAL_S
+        last_plot = now if plots else last_plot
+        shown[-1] = {"role": "assistant", "content": "".join(parts) + _CURSOR}
+        rate, mem = (series.rate_frame(), series.memory_frame()) if plots else (skip(), skip())
+        yield shown, skip(), skip(), metrics_html(event, state="generating"), rate, mem, skip(), "Generating…", skip()
+    model = model or (ctx.worker.loaded.name if ctx.worker.loaded else "?")
+    yield _finish(history, turns, parts, event, failed, series, model)
+
+
+def _finish(history, turns, parts, event: GenerationEvent | None, failed: Failed | None, series, model: str) -> tuple:
+    """The final update: the reply with its stats line, its row in the table, and the outcome."""
+    import gradio as gr
+
+    summary = event.summary if event is not None else None
+    text = summary.text if summary is not None else "".join(parts)
+    history, turns = list(history), list(turns)
+    if summary is not None:
+        turns.append(turn_row(len(turns) + 1, model, summary))
+    if text:
+        footer = reply_footer(summary) if summary is not None else "interrupted: the model process stopped"
+        history.append({"role": "assistant", "content": text, "stats": footer})
+    if failed is not None:
+        gr.Warning(failed.message)
+        status = f"⚠️ {failed.message}"
+    elif summary is not None and summary.error:
+        status = f"⚠️ Generation failed: {summary.error}"
+    elif summary is not None:
+        status = f"Done ({summary.finish_reason}): {stats_line(summary)}"
+    else:
+        status = "⚠️ The reply ended without a result."
+    state = summary.finish_reason if summary is not None else "error"
+    metrics = metrics_html(event, state=state) if event is not None else metrics_html(None, state="error")
+    return (
+        _display(history), history, turns, metrics, series.rate_frame(), series.memory_frame(),
+        _turns_frame(turns), status, gr.skip(),
+    )  # fmt: skip

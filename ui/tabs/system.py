@@ -1,0 +1,105 @@
+"""The System tab: devices, memory, what llama.cpp was built with, versions, and the model process."""
+
+import platform
+import sys
+from importlib import metadata
+from typing import Any
+
+from localrun import __version__
+from localrun.format import fmt_bytes
+
+TITLE = "System"
+KEY = "system"
+HEADERS = ["section", "item", "value"]
+_PACKAGES = ("gradio", "llama-cpp-python", "torch", "transformers", "bitsandbytes", "huggingface-hub", "pydantic")
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)  # never imports the package: torch alone takes seconds
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def device_rows() -> list[list[str]]:
+    from localrun.hardware import probe
+
+    rows = []
+    for d in probe():
+        label = f"{d.kind.upper()} {d.index}"
+        rows.append(["devices", label, d.name])
+        rows.append(["devices", f"{label} memory", f"{fmt_bytes(d.total_bytes)} total, {fmt_bytes(d.free_bytes)} free"])
+        if d.physical_cores:
+            rows.append(["devices", f"{label} cores", f"{d.physical_cores} physical, {d.logical_cores} logical"])
+        if d.driver:
+            rows.append(["devices", f"{label} driver", f"{d.driver} (compute capability {d.compute_capability})"])
+    return rows
+
+
+def memory_rows() -> list[list[str]]:
+    import psutil
+
+    mem, swap = psutil.virtual_memory(), psutil.swap_memory()
+    return [
+        ["memory", "RAM total", fmt_bytes(mem.total)],
+        ["memory", "RAM available", f"{fmt_bytes(mem.available)} ({100 - mem.percent:.0f}% free)"],
+        ["memory", "swap", f"{fmt_bytes(swap.total)} total, {fmt_bytes(swap.used)} used"],
+    ]
+
+
+def llama_rows() -> list[list[str]]:
+    from localrun.hardware import llama_cpp_build
+
+    try:
+        build = llama_cpp_build()
+    except ImportError:
+        return [["llama.cpp", "build", "llama-cpp-python is not installed"]]
+    kinds = [k for k in ("cuda", "metal") if build.get(k)] or ["CPU only"]
+    return [
+        ["llama.cpp", "built with", ", ".join(k.upper() if k != "CPU only" else k for k in kinds)],
+        ["llama.cpp", "GPU offload", "yes" if build.get("gpu_offload") else "no"],
+        ["llama.cpp", "system info", str(build.get("system_info", "")).strip()],
+    ]
+
+
+def version_rows() -> list[list[str]]:
+    rows = [
+        ["versions", "localrun", __version__],
+        ["versions", "python", sys.version.split()[0]],
+        ["versions", "platform", platform.platform()],
+    ]
+    return rows + [["versions", p, _version(p)] for p in _PACKAGES]
+
+
+def worker_rows(ctx: Any) -> list[list[str]]:
+    s = ctx.worker.status()
+    rows = [
+        ["model process", "pid", str(s["pid"] or "not running")],
+        ["model process", "state", ("busy" if s["busy"] else "idle") if s["alive"] else "stopped"],
+        ["model process", "model", s["load_report"] and f"{s['model']} · {s['load_report']}" or "none loaded"],
+        ["model process", "queued requests", str(s["queued"])],
+        ["model process", "crashes", str(s["crashes"])],
+    ]
+    if s["last_crash"]:
+        rows.append(["model process", "last crash", s["last_crash"]])
+    return rows
+
+
+def system_table(ctx: Any) -> Any:
+    import pandas as pd
+
+    rows = device_rows() + memory_rows() + llama_rows() + version_rows() + worker_rows(ctx)
+    return pd.DataFrame(rows, columns=HEADERS)
+
+
+def build(ctx: Any) -> None:
+    import gradio as gr
+
+    refresh = gr.Button("Refresh", elem_id="system-refresh")
+    table = gr.Dataframe(system_table(ctx), interactive=False, wrap=True, max_height=900, elem_id="system-table")
+    status = gr.JSON(ctx.worker.status(), label="Model process (raw)", elem_id="worker-status")
+    refresh.click(lambda: system_table(ctx), outputs=[table], api_name="system_info")
+    refresh.click(ctx.worker.status, outputs=[status], api_name="worker_status")
+    # Fresh figures for every page load and every visit to the tab.
+    for trigger in (ctx.demo.load, ctx.components["tab_system"].select):
+        trigger(lambda: (system_table(ctx), ctx.worker.status()), outputs=[table, status], api_visibility="private")
