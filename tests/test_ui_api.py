@@ -201,7 +201,10 @@ def test_chat_streams_with_live_metrics(client: Any) -> None:
     assert 0 < metric(metrics, "prompt-tps") < 1_000_000
     assert metric(metrics, "tokens") == 32
     assert metric(metrics, "ram") > 50e6  # the model process holds the weights
-    assert rate["data"] and memory["data"]
+    for plot, column in ((rate, "tok/s"), (memory, "MB")):
+        data = plot.get("value", plot)  # a chart update carries its data under "value"
+        assert data["data"] and column in data["columns"]
+        assert plot["y_lim"][0] == 0 and plot["y_lim"][1] >= max(r[1] for r in data["data"])
     assert rows(table)[-1][5] == 32 and rows(table)[-1][-1] == "length"
     assert "TTFT" in final and "tok/s" in final  # the stats line under the reply
 

@@ -107,8 +107,8 @@ def visible_fields(backend: str, model_kind: str | None) -> dict[str, bool]:
 
 
 def _info(model: Any, name: str) -> str:
-    text = model.model_fields[name].description or ""
-    return text.split(": ", 1)[1] if model is LoadOptions and applies_to(name) else text
+    # Kept whole: the "llama.cpp:" / "transformers:" prefix says which backend an option is for.
+    return model.model_fields[name].description or ""
 
 
 def make_control(model: type, name: str, *, value: Any = None) -> Any:

@@ -109,6 +109,17 @@ class LiveSeries:
         return pd.DataFrame(rows or [{"time (s)": 0.0, "MB": 0.0, "series": "RAM"}])  # VRAM only with a GPU
 
 
+def nice_top(value: float) -> float:
+    """A round axis maximum a little above value (1, 2 or 5 times a power of ten)."""
+    import math
+
+    if not value or value <= 0 or math.isnan(value):
+        return 1.0
+    target = value * 1.15
+    scale = 10 ** math.floor(math.log10(target))
+    return next(m * scale for m in (1, 2, 5, 10) if m * scale >= target)
+
+
 def _num(value: float | None, digits: int = 1) -> float | None:
     return None if value is None else round(value, digits)
 
@@ -136,9 +147,9 @@ def reply_footer(s: GenerationSummary) -> str:
 
 CSS = """
 .lr-metrics {display:flex; flex-wrap:wrap; gap:8px; align-items:stretch}
-.lr-card {flex:1 1 90px; border:1px solid var(--border-color-primary); border-radius:8px; padding:6px 10px}
+.lr-card {flex:1 1 100px; border:1px solid var(--border-color-primary); border-radius:8px; padding:6px 10px}
 .lr-label {font-size:0.75em; opacity:0.7; text-transform:uppercase; letter-spacing:0.04em}
-.lr-value {font-size:1.25em; font-weight:600; font-variant-numeric:tabular-nums}
+.lr-value {font-size:1.25em; font-weight:600; white-space:nowrap; font-variant-numeric:tabular-nums}
 .lr-note {font-size:0.75em; opacity:0.7}
 .lr-state {flex-basis:100%; font-size:0.8em; opacity:0.7}
 .lr-stats {font-size:0.8em; opacity:0.75}

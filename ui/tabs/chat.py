@@ -17,7 +17,16 @@ from localrun.format import stats_line
 from localrun.settings import LoadOptions, SamplingParams
 from ui import store
 from ui.controls import RECOMMENDABLE, load_options, make_control, recommended_values, sampling_params, visible_fields
-from ui.metrics import MEMORY_COLORS, RATE_COLORS, TURN_HEADERS, LiveSeries, metrics_html, reply_footer, turn_row
+from ui.metrics import (
+    MEMORY_COLORS,
+    RATE_COLORS,
+    TURN_HEADERS,
+    LiveSeries,
+    metrics_html,
+    nice_top,
+    reply_footer,
+    turn_row,
+)
 from ui.worker import Failed, Loaded, Progress
 
 TITLE = "Chat"
@@ -135,11 +144,11 @@ def _layout_metrics(c: SimpleNamespace) -> None:
     c.metrics = gr.HTML(metrics_html(None), elem_id="live-metrics", label="Live metrics")
     c.rate_plot = gr.LinePlot(
         empty.rate_frame(), x="time (s)", y="tok/s", color="series", title="Generation tokens/s", height=190,
-        color_map=RATE_COLORS, y_lim=[0, None], elem_id="rate-plot",
+        color_map=RATE_COLORS, y_lim=[0, 1], elem_id="rate-plot",
     )  # fmt: skip
     c.mem_plot = gr.LinePlot(
         empty.memory_frame(), x="time (s)", y="MB", color="series", title="Model process memory (MB)", height=190,
-        color_map=MEMORY_COLORS, elem_id="mem-plot",
+        color_map=MEMORY_COLORS, y_lim=[0, 1], elem_id="mem-plot",
     )  # fmt: skip
     c.turns_table = gr.Dataframe(
         _turns_frame([]), label="Every reply's figures (compare turns)", interactive=False, elem_id="turns-table"
@@ -165,9 +174,6 @@ def _wire(ctx: Any, c: SimpleNamespace) -> None:
     def on_stop(request: gr.Request) -> str:
         return "Stopping…" if ctx.worker.cancel(_owner(request)) else "Nothing is running."
 
-    def on_load(picker: str, request: gr.Request, **values):
-        yield from load_model(ctx, picker, values, owner=_owner(request))
-
     common = {"outputs": outputs, "inputs_kwargs": settings, "show_progress": "hidden"}
     chat_inputs = [c.message, c.history, c.turns, c.picker, c.system]
     c.send.click(on_send, inputs=chat_inputs, api_name="chat", **common)
@@ -179,11 +185,24 @@ def _wire(ctx: Any, c: SimpleNamespace) -> None:
         return clear_chat(ctx, _owner(request))
 
     c.clear.click(on_clear, outputs=outputs[:-1], api_name="clear")
+    _wire_model(ctx, c)
+
+
+def _wire_model(ctx: Any, c: SimpleNamespace) -> None:
+    """Load, the picker's choices, and what follows a model choice (recommended settings, visible options)."""
+    import gradio as gr
+
+    def on_load(picker: str, request: gr.Request, **values):
+        yield from load_model(ctx, picker, values, owner=_owner(request))
+
     c.load.click(
         on_load, inputs=[c.picker], inputs_kwargs=c.load_controls, outputs=[c.load_status, c.load],
         api_name="load_model", concurrency_limit=None,
     )  # fmt: skip
     c.refresh.click(lambda: gr.Dropdown(choices=store.model_choices()), outputs=[c.picker], api_name="model_choices")
+    ctx.components["tab_chat"].select(
+        lambda: gr.Dropdown(choices=store.model_choices()), outputs=[c.picker], api_visibility="private"
+    )  # a model downloaded in the Models tab shows up on the way back
     # A new page sees the models on disk now and the model the shared worker has loaded.
     ctx.demo.load(
         lambda: (gr.Dropdown(choices=store.model_choices()), _loaded_text(ctx.worker.loaded)),
@@ -276,7 +295,18 @@ def regenerate_reply(
 def clear_chat(ctx: Any, owner: str) -> tuple:
     ctx.worker.cancel(owner)
     empty = LiveSeries()
-    return [], [], [], metrics_html(None), empty.rate_frame(), empty.memory_frame(), _turns_frame([]), ""
+    return [], [], [], metrics_html(None), *_plots(empty), _turns_frame([]), ""
+
+
+def _plots(series: LiveSeries) -> tuple[Any, Any]:
+    """Both charts, their y axes from 0 so a 0.01 MB wiggle does not look like a leak."""
+    import gradio as gr
+
+    rate, memory = series.rate_frame(), series.memory_frame()
+    return (
+        gr.LinePlot(value=rate, y_lim=[0, nice_top(rate["tok/s"].max())]),
+        gr.LinePlot(value=memory, y_lim=[0, nice_top(memory["MB"].max())]),
+    )
 
 
 def _status_only(status: str) -> tuple:
@@ -302,7 +332,16 @@ def _display(history: list) -> list[dict[str, str]]:
     return shown
 
 
-def _stream(ctx, history, turns, spec, options, params, system, owner) -> Iterator[tuple]:
+def _stream(
+    ctx: Any,
+    history: list,
+    turns: list,
+    spec: str | None,
+    options: LoadOptions,
+    params: SamplingParams,
+    system: str | None,
+    owner: str,
+) -> Iterator[tuple]:
     """Relay the worker's updates to the UI, at most every _UI_INTERVAL_S, then finish the turn."""
     import gradio as gr
 
@@ -331,13 +370,21 @@ def _stream(ctx, history, turns, spec, options, params, system, owner) -> Iterat
         plots = event.is_final or now - last_plot >= _PLOT_INTERVAL_S
         last_plot = now if plots else last_plot
         shown[-1] = {"role": "assistant", "content": "".join(parts) + _CURSOR}
-        rate, mem = (series.rate_frame(), series.memory_frame()) if plots else (skip(), skip())
+        rate, mem = _plots(series) if plots else (skip(), skip())
         yield shown, skip(), skip(), metrics_html(event, state="generating"), rate, mem, skip(), "Generating…", skip()
     model = model or (ctx.worker.loaded.name if ctx.worker.loaded else "?")
     yield _finish(history, turns, parts, event, failed, series, model)
 
 
-def _finish(history, turns, parts, event: GenerationEvent | None, failed: Failed | None, series, model: str) -> tuple:
+def _finish(
+    history: list,
+    turns: list,
+    parts: list[str],
+    event: GenerationEvent | None,
+    failed: Failed | None,
+    series: LiveSeries,
+    model: str,
+) -> tuple:
     """The final update: the reply with its stats line, its row in the table, and the outcome."""
     import gradio as gr
 
@@ -361,6 +408,6 @@ def _finish(history, turns, parts, event: GenerationEvent | None, failed: Failed
     state = summary.finish_reason if summary is not None else "error"
     metrics = metrics_html(event, state=state) if event is not None else metrics_html(None, state="error")
     return (
-        _display(history), history, turns, metrics, series.rate_frame(), series.memory_frame(),
+        _display(history), history, turns, metrics, *_plots(series),
         _turns_frame(turns), status, gr.skip(),
     )  # fmt: skip
