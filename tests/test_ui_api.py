@@ -48,7 +48,7 @@ def localrun_command() -> list[str]:
 
 
 @contextmanager
-def run_ui(home: Path, *, hub_url: str = "http://127.0.0.1:9") -> Iterator[str]:
+def run_ui(home: Path, *, hub_url: str = "http://127.0.0.1:9", args: tuple[str, ...] = ()) -> Iterator[str]:
     """`localrun ui` on a free port with its own model store; yields the URL, stops it with Ctrl-C."""
     port = free_port()
     env = {
@@ -62,7 +62,7 @@ def run_ui(home: Path, *, hub_url: str = "http://127.0.0.1:9") -> Iterator[str]:
     env.pop("HF_TOKEN", None)
     log = (home / "ui.log").open("w")
     proc = subprocess.Popen(
-        [*localrun_command(), "ui", "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        [*localrun_command(), "ui", "--port", str(port), *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
     )
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -180,7 +180,7 @@ def test_every_endpoint_is_named(client: Any) -> None:
 def test_load_model_reports_progress_then_the_model(client: Any) -> None:
     job = client.submit(api_name="/load_model", **defaults(client, "/load_model", picker=DEFAULT_MODEL_NAME))
     job.result(timeout=180)
-    statuses = [o if isinstance(o, str) else o[0] for o in job.outputs()]
+    statuses = job.outputs()  # the status line (the Load button's state is not part of the API)
     assert any("⏳" in s for s in statuses), statuses
     assert "Loaded smollm2-135m-instruct" in statuses[-1] and "llamacpp on cpu" in statuses[-1]
     status = client.predict(api_name="/worker_status")
@@ -313,3 +313,15 @@ def test_system_view(client: Any) -> None:
     assert values[("llama.cpp", "built with")]
     assert values[("versions", "gradio")] != "not installed"
     assert values[("model process", "pid")].isdigit()
+
+
+def test_mistakes_show_one_sentence_and_keep_the_model(client: Any) -> None:
+    job = client.submit(api_name="/load_model", **defaults(client, "/load_model", picker="/no/such/model.gguf"))
+    job.result(timeout=120)
+    status = job.outputs()[-1]
+    assert status.startswith("⚠️ Could not load /no/such/model.gguf") and "\n" not in status.strip(), status
+    assert client.predict(api_name="/worker_status")["model"] == DEFAULT_MODEL_NAME
+    status = chat(client, "Hi", n_ctx="lots").result(timeout=60)[5]
+    assert status.startswith("⚠️") and "whole number" in status
+    status = chat(client, "   ").result(timeout=60)[5]
+    assert status == "Type a message first."

@@ -54,3 +54,30 @@ def test_register_adds_the_ui_command() -> None:
     sub = argparse.ArgumentParser().add_subparsers()
     register(sub)
     assert "ui" in sub.choices
+
+
+def _outside_address() -> str | None:
+    """An IPv4 address of this machine that is not loopback, if it has one."""
+    import psutil
+
+    for addresses in psutil.net_if_addrs().values():
+        for a in addresses:
+            if a.family == socket.AF_INET and not a.address.startswith("127."):
+                return a.address
+    return None
+
+
+def test_login_is_required_and_only_loopback_listens(tmp_path) -> None:
+    gradio_client = pytest.importorskip("gradio_client")
+    from test_ui_api import run_ui
+
+    with run_ui(tmp_path, args=("--auth", "alice:s3cret")) as url:
+        with pytest.raises(Exception):  # noqa: B017 - the client raises different errors across versions
+            gradio_client.Client(url, verbose=False)
+        client = gradio_client.Client(url, auth=("alice", "s3cret"), verbose=False)
+        assert client.predict(api_name="/worker_status")["crashes"] == 0
+        outside = _outside_address()
+        if outside is not None:
+            port = int(url.rstrip("/").rsplit(":", 1)[1])
+            with pytest.raises(OSError):
+                socket.create_connection((outside, port), timeout=3).close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -38,18 +39,27 @@ def test_a_second_load_while_loading_is_refused(worker: WorkerClient) -> None:
     assert again == [rest[-1]]
 
 
-def test_a_bad_model_is_a_user_error_and_the_worker_stays(worker: WorkerClient) -> None:
+def test_a_bad_model_is_a_user_error_and_the_model_stays(worker: WorkerClient, tmp_path: Path) -> None:
     updates = list(worker.load("/no/such/model.gguf", LoadOptions()))
     assert isinstance(updates[-1], Failed) and updates[-1].kind == "user"
-    assert worker.status()["alive"] and worker.loaded is None  # the old model was unloaded first
+    assert "/no/such/model.gguf" in updates[-1].message
+    assert worker.status()["alive"] and worker.loaded is not None  # the current model is kept
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + bytes(20))
+    updates = list(worker.load(str(corrupt), LoadOptions()))
+    assert isinstance(updates[-1], Failed) and updates[-1].kind == "user" and worker.loaded is not None
 
 
-def test_chat_loads_the_fallback_model_when_none_is_loaded(worker: WorkerClient) -> None:
-    params = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0)
-    updates = list(worker.chat(HELLO, params=params, owner="x", fallback=(None, LoadOptions())))
-    assert worker.loaded is not None and any(isinstance(u, Loaded) for u in updates)
-    final = events(updates)[-1]
-    assert final.finish_reason == "length" and final.generated_tokens == 4
+def test_chat_loads_the_fallback_model_when_none_is_loaded() -> None:
+    fresh = WorkerClient(start=False)
+    try:
+        params = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0)
+        updates = list(fresh.chat(HELLO, params=params, owner="x", fallback=(None, LoadOptions())))
+        assert fresh.loaded is not None and any(isinstance(u, Loaded) for u in updates)
+        final = events(updates)[-1]
+        assert final.finish_reason == "length" and final.generated_tokens == 4
+    finally:
+        fresh.close()
 
 
 def test_requests_queue_and_stop_only_reaches_its_owner(worker: WorkerClient) -> None:

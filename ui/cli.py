@@ -15,6 +15,7 @@ _PORT_TRIES = 100
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `localrun ui` to the command group (no gradio import here)."""
     p = subparsers.add_parser(
         "ui",
         help="serve the web UI (chat with live metrics, models, system)",
@@ -72,6 +73,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Serve the UI until Ctrl-C; user mistakes in the flags raise UserError before anything starts."""
     auth = parse_auth(args.auth)
     port = pick_port(args.host, args.port)
     if (args.share or not _is_loopback(args.host)) and auth is None:

@@ -82,6 +82,7 @@ class LiveSeries:
     _recent: deque = field(default_factory=deque)
 
     def add(self, event: GenerationEvent) -> None:
+        """Add a point for the figures of one UI update."""
         t = round(event.elapsed_s, 3)
         self._recent.append((event.elapsed_s, event.generated_tokens))
         while len(self._recent) > 2 and event.elapsed_s - self._recent[0][0] > _RATE_WINDOW_S:
@@ -97,12 +98,14 @@ class LiveSeries:
             self.points.append({"time (s)": t, "MB": event.vram_bytes / _MB, "series": "VRAM"})
 
     def rate_frame(self) -> Any:
+        """tok/s over time, series "now" (last 0.5 s) and "average" (since the first token)."""
         import pandas as pd
 
         rows = [p for p in self.points if "tok/s" in p]
         return pd.DataFrame(rows or [{"time (s)": 0.0, "tok/s": 0.0, "series": s} for s in RATE_COLORS])
 
     def memory_frame(self) -> Any:
+        """RAM (and VRAM with a GPU) of the model process over time, in MB."""
         import pandas as pd
 
         rows = [p for p in self.points if "MB" in p]

@@ -127,6 +127,7 @@ def catalog_rows(*, n_ctx: int | None = None, kv_type: str = "f16") -> list[list
 
 
 def local_table() -> list[list[Any]]:
+    """The models on disk as rows for the Models tab."""
     return [
         [r.name, r.format, r.quant, fmt_bytes(r.size_bytes), r.context_length or "?", str(r.path)] for r in local_rows()
     ]
@@ -224,6 +225,7 @@ class Download:
     done: threading.Event = field(default_factory=threading.Event)
 
     def fraction(self) -> float | None:
+        """How much of the file is here (0..1), or None when the size is unknown."""
         if self.part is None or not self.size_bytes:
             return None
         have = self.part.stat().st_size if self.part.exists() else (self.size_bytes if self.result else 0)

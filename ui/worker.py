@@ -87,6 +87,10 @@ def _child_load(conn: Any, rid: int, state: dict[str, Any], spec: str | None, op
     from localrun.catalog import resolve_model
 
     resolved = resolve_model(spec)  # a mistyped name fails here, with the current model still loaded
+    if resolved.kind == "gguf":
+        from localrun.gguf_info import inspect_gguf
+
+        inspect_gguf(resolved.path)  # so does a missing or corrupt file (a header read, no weights)
     if state["backend"] is not None:  # free the old model's memory before loading the next one
         conn.send((rid, "progress", "Unloading the previous model"))
         state["backend"].close()
@@ -222,6 +226,7 @@ class WorkerClient:
             }
 
     def close(self) -> None:
+        """Stop the dispatcher and the worker process."""
         self._jobs.put(None)
         self._thread.join(timeout=10)
 

@@ -293,6 +293,7 @@ def regenerate_reply(
 
 
 def clear_chat(ctx: Any, owner: str) -> tuple:
+    """Forget this session's chat (stopping its reply if one runs) and reset the panel and charts."""
     ctx.worker.cancel(owner)
     empty = LiveSeries()
     return [], [], [], metrics_html(None), *_plots(empty), _turns_frame([]), ""

@@ -43,6 +43,7 @@ def info_table(spec: str, n_ctx: str | None = None, kv_type: str = "f16") -> tup
 
 
 def hub_search(query: str) -> tuple[Any, Any, str]:
+    """Search the Hub: results, the download choices they offer, and a status line."""
     import gradio as gr
 
     try:
@@ -69,6 +70,7 @@ def download(spec: str) -> Iterator[tuple[str, Any]]:
 
 
 def delete(spec: str, confirm: bool) -> tuple[str, Any, Any]:
+    """Delete a downloaded model once confirmed: status, refreshed list, confirm box reset."""
     import gradio as gr
 
     if not spec:
@@ -88,6 +90,7 @@ def _local_names() -> list[str]:
 
 
 def build(ctx: Any) -> None:
+    """Lay out the tab and wire its events."""
     import gradio as gr
 
     gr.Markdown("### Catalog\nFit verdicts for this machine's free memory, at the context and KV-cache type below.")

@@ -22,6 +22,7 @@ def _version(package: str) -> str:
 
 
 def device_rows() -> list[list[str]]:
+    """The CPU and each GPU: name, memory, cores or driver."""
     from localrun.hardware import probe
 
     rows = []
@@ -37,6 +38,7 @@ def device_rows() -> list[list[str]]:
 
 
 def memory_rows() -> list[list[str]]:
+    """RAM and swap right now."""
     import psutil
 
     mem, swap = psutil.virtual_memory(), psutil.swap_memory()
@@ -48,6 +50,7 @@ def memory_rows() -> list[list[str]]:
 
 
 def llama_rows() -> list[list[str]]:
+    """What the installed llama.cpp was built with."""
     from localrun.hardware import llama_cpp_build
 
     try:
@@ -63,6 +66,7 @@ def llama_rows() -> list[list[str]]:
 
 
 def version_rows() -> list[list[str]]:
+    """Versions of localrun, Python, the platform and the main libraries."""
     rows = [
         ["versions", "localrun", __version__],
         ["versions", "python", sys.version.split()[0]],
@@ -72,6 +76,7 @@ def version_rows() -> list[list[str]]:
 
 
 def worker_rows(ctx: Any) -> list[list[str]]:
+    """The model process: pid, state, model, queue and crashes."""
     s = ctx.worker.status()
     rows = [
         ["model process", "pid", str(s["pid"] or "not running")],
@@ -86,6 +91,7 @@ def worker_rows(ctx: Any) -> list[list[str]]:
 
 
 def system_table(ctx: Any) -> Any:
+    """Every row of the System tab as one table."""
     import pandas as pd
 
     rows = device_rows() + memory_rows() + llama_rows() + version_rows() + worker_rows(ctx)
@@ -93,6 +99,7 @@ def system_table(ctx: Any) -> Any:
 
 
 def build(ctx: Any) -> None:
+    """Lay out the tab and wire its events."""
     import gradio as gr
 
     refresh = gr.Button("Refresh", elem_id="system-refresh")
