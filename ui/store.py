@@ -78,7 +78,7 @@ def _rough_verdict(model: Any, variant: Any, devices: list[Any]) -> str:
         verdict = "likely CPU only"
     else:
         verdict = "likely does not fit"
-    return f"{verdict} (rough, from its size; download for the exact estimate)"
+    return f"{verdict} (rough: from its size, not downloaded)"
 
 
 def fit_verdict(path: Path, *, n_ctx: int | None, kv_type: str, devices: list[Any]) -> str:
