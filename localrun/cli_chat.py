@@ -164,6 +164,8 @@ class Repl:
                         self._stream(lambda cancel, text=line: self.session.send(text, self.params, cancel=cancel))
                 except UserError as exc:
                     print(f"localrun: {exc}", file=sys.stderr)
+                except KeyboardInterrupt:  # Ctrl-C before the reply's own handler was in place
+                    print("\n[stopped]", file=sys.stderr)
         finally:
             self.backend.close()
 

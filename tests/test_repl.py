@@ -55,6 +55,7 @@ def test_set_clear_stats_and_bye(repl):
 
 def test_ctrl_c_stops_the_reply_and_keeps_the_session(repl):
     repl.sendline("Write a very long story about a dragon who learns to cook.")
+    repl.expect_exact("cook.\r\n")  # the terminal's echo of the line
     repl.expect(r"\w+ \w+ \w+")  # the reply has started streaming
     repl.sendintr()
     repl.expect_exact("[stopped]")

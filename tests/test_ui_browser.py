@@ -61,12 +61,20 @@ def status_is(page: Any, prefix: str) -> None:
 
 
 def set_number(page: Any, elem_id: str, value: int) -> None:
+    """Type a number; retry if a late UI update (e.g. the model's recommended settings) overwrote it."""
     box = page.locator(f"#{elem_id} input")
-    box.fill(str(value))
-    box.press("Tab")
-    page.wait_for_function(
-        "([sel, v]) => document.querySelector(sel).value === v", arg=[f"#{elem_id} input", str(value)]
-    )
+    check = "([sel, v]) => document.querySelector(sel).value === v"
+    for _ in range(5):
+        box.fill(str(value))
+        box.press("Tab")
+        try:
+            page.wait_for_function(check, arg=[f"#{elem_id} input", str(value)], timeout=5_000)
+            page.wait_for_timeout(500)
+            if box.input_value() == str(value):
+                return
+        except Exception:  # playwright's TimeoutError: try typing it again
+            continue
+    raise AssertionError(f"#{elem_id} would not keep the value {value}")
 
 
 def value_of(page: Any, key: str) -> float:
