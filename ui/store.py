@@ -34,7 +34,7 @@ _FIT_CTX = 8192  # the loader's default context cap, so the verdict matches what
 
 def local_rows() -> list[Any]:
     """Models on disk (the default model first), as cli `models list` finds them."""
-    from localrun.cli_models import local_models
+    from localrun.store import local_models
 
     return local_models()
 
@@ -181,19 +181,9 @@ def _gguf_info_rows(path: Path, *, n_ctx: int | None, kv_type: str) -> list[list
 
 def delete_model(spec: str) -> list[Path]:
     """Delete a downloaded model (file and sidecars, or its HF-cache folder); never anything outside the store."""
-    import shutil
+    from localrun.store import delete, removable
 
-    from localrun.cli_models import _removable  # the store-boundary check `localrun models rm` uses
-
-    targets = _removable(spec)
-    for target in targets:
-        if target.is_dir():
-            shutil.rmtree(target)
-            continue
-        target.unlink()
-        for extra in (target.with_name(target.name + catalog.SIDECAR_SUFFIX), target.with_name(target.name + ".part")):
-            extra.unlink(missing_ok=True)
-    return targets
+    return delete(removable(spec))
 
 
 def search_rows(query: str) -> tuple[list[list[Any]], list[str]]:
