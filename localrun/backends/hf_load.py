@@ -5,7 +5,9 @@ Imported only by hf.py, itself imported lazily by load_backend(), so torch stays
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import tempfile
 import warnings
@@ -143,6 +145,9 @@ def quant_config(quant: str, dtype: torch.dtype):
 
 def load_model(model: ResolvedModel, options: LoadOptions) -> Loaded:
     """Load weights and tokenizer from a GGUF (dequantized), a model directory, or a cached hub id."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stderr carries our own status and stats lines, which pipes rely on
     device = pick_device(options.device)
     dtype = pick_dtype(device, options.dtype)
     if options.quant != "none" and device == "mps":
@@ -217,15 +222,18 @@ def _load_gguf(path: Path, options: LoadOptions, *, device: str, dtype, attn: st
         raise UserError(f"{path} does not exist: check the path, or run `localrun models list`.")
     tokenizer = _tokenizer(path.parent, trust_remote_code=False, gguf_file=path.name)
     target = "cpu" if options.quant != "none" else device
-    model = _from_pretrained(
-        path.parent,
-        options,
-        device=target,
-        dtype=dtype,
-        attn=attn,
-        quantization=GgufConfig(dequantize=True),
-        gguf_file=path.name,
-    )
+    # transformers' GGUF loader draws a bare tqdm bar that its logging switch does not reach; stderr
+    # must stay clean for pipes (failures still arrive as exceptions).
+    with contextlib.redirect_stderr(io.StringIO()):
+        model = _from_pretrained(
+            path.parent,
+            options,
+            device=target,
+            dtype=dtype,
+            attn=attn,
+            quantization=GgufConfig(dequantize=True),
+            gguf_file=path.name,
+        )
     if options.quant != "none":
         model = _requantize(model, options, device=device, dtype=dtype, attn=attn)
     return Loaded(model, tokenizer, device, dtype, model.config._attn_implementation, "gguf (dequantized)")
