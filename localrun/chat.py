@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from localrun.backends.base import Backend
 from localrun.errors import UserError
@@ -15,9 +15,11 @@ from localrun.settings import SamplingParams
 class ChatSession:
     """Keeps the messages; each reply streams GenerationEvents and is appended to the history.
 
-    A reply that is stopped part-way keeps its partial text, as other chat tools do; one that
-    produced nothing takes its user message back out. When the
-    conversation outgrows the context, the oldest turns are dropped (the system prompt stays).
+    A reply that is stopped part-way keeps its partial text, as other chat tools do. A turn that
+    produced nothing (an error, or stopped before the first token) is undone: send() takes its
+    user message back out and regenerate() restores the previous reply, so roles keep alternating
+    (some templates refuse anything else). When the conversation outgrows the context, the oldest
+    turns are dropped (the system prompt stays).
     """
 
     def __init__(self, backend: Backend, *, system: str | None = None) -> None:
@@ -37,15 +39,14 @@ class ChatSession:
         if not text.strip():
             raise UserError("The prompt is empty: type a message, or pass one with -p.")
         self.messages.append({"role": "user", "content": text})
-        yield from self._reply(params, cancel)
+        yield from self._reply(params, cancel, undo=self.messages.pop)
 
     def regenerate(self, params: SamplingParams, *, cancel: threading.Event | None = None) -> Iterator[GenerationEvent]:
         """Drop the last reply and answer the last user message again."""
-        if self.messages and self.messages[-1]["role"] == "assistant":
-            self.messages.pop()
+        previous = self.messages.pop() if self.messages and self.messages[-1]["role"] == "assistant" else None
         if not self.messages:
             raise UserError("There is nothing to regenerate yet: send a message first.")
-        yield from self._reply(params, cancel)
+        yield from self._reply(params, cancel, undo=lambda: previous and self.messages.append(previous))
 
     def prompt_ids(self, params: SamplingParams) -> list[int]:
         """The rendered conversation as token ids, trimmed to leave room for the reply."""
@@ -64,10 +65,12 @@ class ChatSession:
             )
         return ids
 
-    def _reply(self, params: SamplingParams, cancel: threading.Event | None) -> Iterator[GenerationEvent]:
-        ids = self.prompt_ids(params)
+    def _reply(
+        self, params: SamplingParams, cancel: threading.Event | None, *, undo: Callable[[], object]
+    ) -> Iterator[GenerationEvent]:
         parts: list[str] = []
         try:
+            ids = self.prompt_ids(params)  # inside the try: a refused prompt is undone too
             for event in stream_generate(self.backend, ids, params, cancel=cancel):
                 parts.append(event.text)
                 if event.summary is not None:
@@ -77,5 +80,5 @@ class ChatSession:
             reply = "".join(parts)
             if reply:
                 self.messages.append({"role": "assistant", "content": reply})
-            elif self.messages and self.messages[-1]["role"] == "user":
-                self.messages.pop()  # nothing came back: the turn did not happen
+            else:
+                undo()  # nothing came back: the turn did not happen

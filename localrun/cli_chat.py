@@ -115,6 +115,7 @@ class _ctrl_c_cancels:
         if self.cancel.is_set():
             raise KeyboardInterrupt
         self.cancel.set()
+        print("\n[stopping: a long prompt finishes processing first; Ctrl-C again to interrupt it]", file=sys.stderr)
 
     def __exit__(self, *exc) -> None:
         if self._old is not None:
@@ -166,6 +167,8 @@ class Repl:
                     print(f"localrun: {exc}", file=sys.stderr)
                 except KeyboardInterrupt:  # Ctrl-C before the reply's own handler was in place
                     print("\n[stopped]", file=sys.stderr)
+                except Exception as exc:  # keep the session: /load keeps the old model when a new one fails
+                    print(f"localrun: {type(exc).__name__}: {exc}", file=sys.stderr)
         finally:
             self.backend.close()
 

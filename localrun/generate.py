@@ -7,12 +7,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 from localrun.backends.base import Backend, Drafter
+from localrun.errors import UserError
 from localrun.events import GenerationEvent, GenerationSummary, TokenStep
 from localrun.hardware import MemorySampler
 from localrun.settings import SamplingParams
 
 _REPLACEMENT = "\ufffd"
-_MAX_HELD_TOKENS = 4  # a UTF-8 character is at most 4 bytes, so at most 4 byte-tokens
+_MAX_HELD_TOKENS = 8  # a UTF-8 character is at most 4 byte-tokens; room for empty special tokens too
 
 
 class IncrementalDetokenizer:
@@ -205,6 +206,8 @@ def stream_generate(
             elif stats.generated >= params.max_tokens:
                 finish = "length"
             yield stats.event(text, (step.token_id,), (step.from_draft,))
+    except UserError as exc:  # the user's mistake (prompt too long, ...): its sentence as it is
+        finish, error = "error", str(exc)
     except Exception as exc:  # a backend failure ends the stream with an error event, not a traceback
         finish, error = "error", f"{type(exc).__name__}: {exc}"
     finally:
@@ -213,6 +216,7 @@ def stream_generate(
     if not stop_hit:  # text held back for UTF-8 or a possible stop string is released now
         tail, stop_hit = stops.feed(detok.flush())
         tail += "" if stop_hit else stops.flush()
+        finish = "stop" if stop_hit else finish
     stats.text_parts.append(tail)
     stats.memory.sample(force=True)
     summary = stats.summary(finish, backend, error)

@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from localrun.chat import ChatSession
+from localrun.errors import UserError
 from localrun.generate import IncrementalDetokenizer, StopMatcher, generate, stream_generate
 from localrun.settings import SamplingParams
 
@@ -109,3 +110,18 @@ def test_errors_end_the_stream_with_an_error_event(llama_backend):
     events = list(stream_generate(llama_backend, too_long, GREEDY))
     assert len(events) == 1 and events[0].finish_reason == "error"
     assert "context" in events[0].summary.error
+
+
+def test_a_turn_that_produces_nothing_is_undone(llama_backend):
+    session = ChatSession(llama_backend)
+    list(session.send("Name a colour.", GREEDY))
+    before = list(session.messages)
+    with pytest.raises(UserError):  # refused before generating: too long for the context
+        list(session.send("word " * (llama_backend.report.n_ctx + 10), GREEDY))
+    assert session.messages == before
+    cancel = threading.Event()
+    cancel.set()  # stopped before the first token: nothing comes back
+    list(session.regenerate(GREEDY, cancel=cancel))
+    assert session.messages == before  # the previous reply is restored
+    list(session.send("And another?", GREEDY, cancel=cancel))
+    assert session.messages == before

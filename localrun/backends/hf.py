@@ -11,7 +11,7 @@ import copy
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -59,8 +59,8 @@ class _Cancelled:
 class _GenerateRun:
     """One model.generate() call on a worker thread; its tokens, errors and end come through a queue."""
 
-    def __init__(self, model, kwargs: dict, *, seed: int | None) -> None:
-        self._model, self._kwargs, self._seed = model, kwargs, seed
+    def __init__(self, model, kwargs: dict, *, seed: int | None, release: Callable[[], None]) -> None:
+        self._model, self._kwargs, self._seed, self._release = model, kwargs, seed, release
         self._queue: queue.Queue = queue.Queue()
         self.cancel = threading.Event()
         self.thread = threading.Thread(target=self._run, name="localrun-hf-generate", daemon=True)
@@ -80,6 +80,7 @@ class _GenerateRun:
         except BaseException as exc:  # handed to the reader, which re-raises it in the caller's thread
             self._queue.put(exc)
         finally:
+            self._release()  # the thread owns the model lock: free only once generate() has returned
             self._queue.put(_DONE)
 
     def tokens(self) -> Iterator[int]:
@@ -245,7 +246,12 @@ class HFBackend:
             from localrun.chat_template import render_chat
 
             return render_chat(None, messages)
-        return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        except TemplateError as exc:  # e.g. "System role not supported": the user can change the messages
+            raise UserError(f"The model's chat template refused the conversation: {exc}.") from None
 
     def generate_tokens(
         self, prompt_ids: Sequence[int], params: SamplingParams, drafter: Drafter | None = None
@@ -264,7 +270,10 @@ class HFBackend:
         try:
             max_new = min(params.max_tokens, budget)
             run = _GenerateRun(
-                self.model, self.generate_kwargs(prompt_ids, params, max_new_tokens=max_new), seed=params.seed
+                self.model,
+                self.generate_kwargs(prompt_ids, params, max_new_tokens=max_new),
+                seed=params.seed,
+                release=self._busy.release,
             )
             for i, token in enumerate(run.tokens()):
                 if not params.ignore_eos and token in self._eos_ids:
@@ -275,7 +284,8 @@ class HFBackend:
         finally:
             if run is not None:
                 run.stop()
-            self._busy.release()
+            if run is None or run.thread.ident is None:  # no thread took the lock over
+                self._busy.release()
 
     def close(self) -> None:
         """Drop the model; on a GPU also hand the cached blocks back to the driver."""

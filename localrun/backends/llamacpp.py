@@ -99,7 +99,10 @@ class LlamaCppBackend:
 
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
         bos = self._token_text(self._llm.token_bos())
-        add_bos = bool(self.info.add_bos_token) and not (bos and text.startswith(bos))
+        wants_bos = self.info.add_bos_token
+        if wants_bos is None:  # older GGUFs leave it out: llama.cpp's default for the vocab type decides
+            wants_bos = self._llm._model.add_bos_token()
+        add_bos = bool(wants_bos) and not (bos and text.startswith(bos))
         return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
 
     def detokenize(self, ids: Sequence[int]) -> str:

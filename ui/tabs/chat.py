@@ -176,15 +176,18 @@ def _wire(ctx: Any, c: SimpleNamespace) -> None:
 
     common = {"outputs": outputs, "inputs_kwargs": settings, "show_progress": "hidden"}
     chat_inputs = [c.message, c.history, c.turns, c.picker, c.system]
-    c.send.click(on_send, inputs=chat_inputs, api_name="chat", **common)
-    c.message.submit(on_send, inputs=chat_inputs, api_visibility="undocumented", **common)
-    c.regen.click(on_regenerate, inputs=chat_inputs[1:], api_name="regenerate", **common)
+    replies = [
+        c.send.click(on_send, inputs=chat_inputs, api_name="chat", **common),
+        c.message.submit(on_send, inputs=chat_inputs, api_visibility="undocumented", **common),
+        c.regen.click(on_regenerate, inputs=chat_inputs[1:], api_name="regenerate", **common),
+    ]
     c.stop.click(on_stop, outputs=[c.status], api_name="stop", concurrency_limit=None, show_progress="hidden")
 
     def on_clear(request: gr.Request) -> tuple:
         return clear_chat(ctx, _owner(request))
 
-    c.clear.click(on_clear, outputs=outputs[:-1], api_name="clear")
+    # cancels: a reply still streaming would otherwise write the old conversation back after Clear
+    c.clear.click(on_clear, outputs=outputs[:-1], api_name="clear", cancels=replies)
     _wire_model(ctx, c)
 
 
@@ -394,9 +397,14 @@ def _finish(
     history, turns = list(history), list(turns)
     if summary is not None:
         turns.append(turn_row(len(turns) + 1, model, summary))
+    unanswered = gr.skip()
     if text:
         footer = reply_footer(summary) if summary is not None else "interrupted: the model process stopped"
         history.append({"role": "assistant", "content": text, "stats": footer})
+    elif history and history[-1]["role"] == "user":
+        # Nothing came back: undo the turn (templates that need alternating roles would refuse the
+        # next message) and hand the text back to the message box to send again.
+        unanswered = history.pop()["content"]
     if failed is not None:
         gr.Warning(failed.message)
         status = f"⚠️ {failed.message}"
@@ -410,5 +418,5 @@ def _finish(
     metrics = metrics_html(event, state=state) if event is not None else metrics_html(None, state="error")
     return (
         _display(history), history, turns, metrics, *_plots(series),
-        _turns_frame(turns), status, gr.skip(),
+        _turns_frame(turns), status, unanswered,
     )  # fmt: skip
