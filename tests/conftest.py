@@ -47,6 +47,14 @@ def run_localrun(
     )
 
 
+def cached_build(tmp_path_factory: pytest.TempPathFactory, name: str, build) -> Path:  # type: ignore[no-untyped-def]
+    """A session-wide build product shared by test modules by name (same base temp dir, built once)."""
+    path = tmp_path_factory.getbasetemp() / name
+    if not path.exists():
+        build(path)
+    return path
+
+
 @pytest.fixture
 def cli():
     return run_localrun

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import cached_build
 
 from localrun.catalog import default_model_path
 from localrun.errors import UserError
@@ -20,18 +21,11 @@ SLOW_TYPES = {"IQ4_NL", "IQ4_XS", "IQ3_M", "IQ3_S"}  # ~40 s each on SmolLM2 wit
 FLOATS = {"F32", "F16", "BF16"}  # tested by test_to_gguf
 
 
-def _cached(tmp_path_factory: pytest.TempPathFactory, name: str, build) -> Path:  # type: ignore[no-untyped-def]
-    path = tmp_path_factory.getbasetemp() / name
-    if not path.exists():
-        build(path)
-    return path
-
-
 @pytest.fixture(scope="session")
 def smollm2_f16(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M dequantised to HF safetensors, then converted by our converter to F16 (shared by name)."""
-    hf = _cached(tmp_path_factory, "smollm2-hf", lambda p: gguf_to_hf_dir(default_model_path(), p))
-    return _cached(tmp_path_factory, "smollm2-F16.gguf", lambda p: convert_hf_to_gguf(hf, p, out_type="F16"))
+    hf = cached_build(tmp_path_factory, "smollm2-hf", lambda p: gguf_to_hf_dir(default_model_path(), p))
+    return cached_build(tmp_path_factory, "smollm2-F16.gguf", lambda p: convert_hf_to_gguf(hf, p, out_type="F16"))
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +42,7 @@ def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
         restore_pre_tokenizer(tok, "smollm")
         build_tiny_model("mistral", tok, path, hidden=256, tied=True)
 
-    return _cached(tmp_path_factory, "tiny256-hf", build)
+    return cached_build(tmp_path_factory, "tiny256-hf", build)
 
 
 def _run(src: Path | str | None, targets: list[str], out_dir: Path, **kw) -> tuple[dict[str, QuantResult], list]:  # type: ignore[no-untyped-def]

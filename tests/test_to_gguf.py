@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cached_build
 
 from localrun.catalog import default_model_path
 from localrun.errors import UserError
@@ -24,14 +25,6 @@ TEXT = (
 EXTRA_TEXTS = ["", " ", "\n", "  leading", "trailing   ", "1", "12", "123", "1234", "a.b.c", "ÀÉÎÕÜ", "🙂" * 3]
 
 
-def _cached(tmp_path_factory: pytest.TempPathFactory, name: str, build) -> Path:  # type: ignore[no-untyped-def]
-    """A session-wide build product shared by the test modules (same base temp dir, built once)."""
-    path = tmp_path_factory.getbasetemp() / name
-    if not path.exists():
-        build(path)
-    return path
-
-
 @pytest.fixture(scope="session")
 def smol_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2's real tokenizer: vocab and merges from the default GGUF, its Digits+ByteLevel pre-tokenizer."""
@@ -43,17 +36,19 @@ def smol_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(path)
         restore_pre_tokenizer(path, "smollm")
 
-    return _cached(tmp_path_factory, "smol-tokenizer", build)
+    return cached_build(tmp_path_factory, "smol-tokenizer", build)
 
 
 @pytest.fixture(scope="session")
 def smollm2_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _cached(tmp_path_factory, "smollm2-hf", lambda p: gguf_to_hf_dir(default_model_path(), p))
+    return cached_build(tmp_path_factory, "smollm2-hf", lambda p: gguf_to_hf_dir(default_model_path(), p))
 
 
 @pytest.fixture(scope="session")
 def smollm2_f16(tmp_path_factory: pytest.TempPathFactory, smollm2_hf: Path) -> Path:
-    return _cached(tmp_path_factory, "smollm2-F16.gguf", lambda p: convert_hf_to_gguf(smollm2_hf, p, out_type="F16"))
+    return cached_build(
+        tmp_path_factory, "smollm2-F16.gguf", lambda p: convert_hf_to_gguf(smollm2_hf, p, out_type="F16")
+    )
 
 
 def _tokenizer_variant(src: Path, dest: Path, pre: str) -> None:

@@ -268,11 +268,11 @@ def send_reply(
     if not (message or "").strip():
         yield _status_only("Type a message first.")
         return
-    try:
-        params, options = sampling_params(values), load_options(values)
-    except UserError as exc:
-        yield _status_only(f"⚠️ {exc}")
+    settings = _settings(values)
+    if isinstance(settings, str):
+        yield _status_only(settings)
         return
+    params, options = settings
     history = [*history, {"role": "user", "content": message}]
     yield from _stream(ctx, history, turns, spec, options, params, system, owner)
 
@@ -287,12 +287,20 @@ def regenerate_reply(
     if not history:
         yield _status_only("There is nothing to regenerate yet: send a message first.")
         return
-    try:
-        params, options = sampling_params(values), load_options(values)
-    except UserError as exc:
-        yield _status_only(f"⚠️ {exc}")
+    settings = _settings(values)
+    if isinstance(settings, str):
+        yield _status_only(settings)
         return
+    params, options = settings
     yield from _stream(ctx, history, turns, spec, options, params, system, owner)
+
+
+def _settings(values: dict) -> tuple[SamplingParams, LoadOptions] | str:
+    """The form's sampling and load settings, or the sentence saying which value is wrong."""
+    try:
+        return sampling_params(values), load_options(values)
+    except UserError as exc:
+        return f"⚠️ {exc}"
 
 
 def clear_chat(ctx: Any, owner: str) -> tuple:
