@@ -268,13 +268,8 @@ def send_reply(
     if not (message or "").strip():
         yield _status_only("Type a message first.")
         return
-    settings = _settings(values)
-    if isinstance(settings, str):
-        yield _status_only(settings)
-        return
-    params, options = settings
     history = [*history, {"role": "user", "content": message}]
-    yield from _stream(ctx, history, turns, spec, options, params, system, owner)
+    yield from _reply(ctx, history, turns, spec, system, values, owner)
 
 
 def regenerate_reply(
@@ -287,20 +282,17 @@ def regenerate_reply(
     if not history:
         yield _status_only("There is nothing to regenerate yet: send a message first.")
         return
-    settings = _settings(values)
-    if isinstance(settings, str):
-        yield _status_only(settings)
-        return
-    params, options = settings
-    yield from _stream(ctx, history, turns, spec, options, params, system, owner)
+    yield from _reply(ctx, history, turns, spec, system, values, owner)
 
 
-def _settings(values: dict) -> tuple[SamplingParams, LoadOptions] | str:
-    """The form's sampling and load settings, or the sentence saying which value is wrong."""
+def _reply(ctx: Any, history: list, turns: list, spec: str, system: str, values: dict, owner: str) -> Iterator[tuple]:
+    """Read the form's settings (a wrong value is one sentence in the status line), then stream."""
     try:
-        return sampling_params(values), load_options(values)
+        params, options = sampling_params(values), load_options(values)
     except UserError as exc:
-        return f"⚠️ {exc}"
+        yield _status_only(f"⚠️ {exc}")
+        return
+    yield from _stream(ctx, history, turns, spec, options, params, system, owner)
 
 
 def clear_chat(ctx: Any, owner: str) -> tuple:
