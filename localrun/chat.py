@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from localrun.backends.base import Backend
 from localrun.errors import UserError
 from localrun.events import GenerationEvent, GenerationSummary
-from localrun.generate import stream_generate
+from localrun.generate import check_prompt_fits, stream_generate
 from localrun.settings import SamplingParams
 
 
@@ -79,10 +79,7 @@ class ChatSession:
             if len(ids) <= room or len(history) <= 1:
                 break
             history = history[2:] if len(history) > 2 else history[1:]
-        if len(ids) >= n_ctx:
-            raise UserError(
-                f"The message is {len(ids)} tokens, more than the context of {n_ctx}: shorten it or load with a larger --n-ctx."
-            )
+        check_prompt_fits(len(ids), n_ctx)
         return ids
 
 

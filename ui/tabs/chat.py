@@ -17,9 +17,9 @@ from localrun.errors import UserError
 from localrun.events import GenerationEvent
 from localrun.format import stats_line
 from localrun.requests import ChatRequest, Failed, Loaded, LoadRequest, Progress
-from localrun.settings import LoadOptions, SamplingParams
+from localrun.settings import LoadOptions, SamplingParams, recommendable
 from ui import store
-from ui.controls import RECOMMENDABLE, load_options, make_control, recommended_values, sampling_params, visible_fields
+from ui.controls import load_options, make_control, recommended_values, rows, sampling_params, visible_fields
 from ui.metrics import (
     MEMORY_COLORS,
     RATE_COLORS,
@@ -36,16 +36,10 @@ KEY = "chat"
 _UI_INTERVAL_S = 0.1  # ~10 updates/s: smooth to the eye, light on the browser and a 2-core CPU
 _PLOT_INTERVAL_S = 0.3  # the charts redraw less often than the text
 _CURSOR = " ▍"
-# Related settings share a row: common load options, then llama.cpp's, then transformers'.
-LOAD_ROWS = (
-    ("backend", "device", "n_ctx", "n_threads"),
-    ("n_gpu_layers", "kv_type", "flash_attn"),
-    ("dtype", "attn", "quant", "static_cache", "compile"),
-)
-SAMPLING_ROWS = (
-    ("temperature", "top_p", "min_p", "repeat_penalty"),
-    ("max_tokens", "top_k", "seed", "stop", "ignore_eos"),
-)
+# Related settings share a row (their Meta group): common load options, then llama.cpp's, then transformers'.
+LOAD_ROWS = rows(LoadOptions)
+SAMPLING_ROWS = rows(SamplingParams)
+RECOMMENDABLE = recommendable(SamplingParams)
 
 
 def build(ctx: Any) -> None:
