@@ -77,8 +77,10 @@ def run(args: argparse.Namespace) -> int:
     auth = parse_auth(args.auth)
     port = pick_port(args.host, args.port)
     if (args.share or not _is_loopback(args.host)) and auth is None:
-        print("localrun: warning: the UI is reachable from other machines without a login; add --auth USER:PASSWORD.",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "localrun: warning: the UI is reachable from other machines without a login; add --auth USER:PASSWORD.",
+            file=sys.stderr,
+        )
     from localrun.worker import WorkerClient
     from ui.app import AppContext, launch
 

@@ -139,13 +139,27 @@ def _layout_metrics(c: SimpleNamespace) -> None:
     empty = LiveSeries()
     c.metrics = gr.HTML(metrics_html(None), elem_id="live-metrics", label="Live metrics")
     c.rate_plot = gr.LinePlot(
-        empty.rate_frame(), x="time (s)", y="tok/s", color="series", title="Generation tokens/s", height=190,
-        color_map=RATE_COLORS, y_lim=[0, 1], elem_id="rate-plot",
-    )  # fmt: skip
+        empty.rate_frame(),
+        x="time (s)",
+        y="tok/s",
+        color="series",
+        title="Generation tokens/s",
+        height=190,
+        color_map=RATE_COLORS,
+        y_lim=[0, 1],
+        elem_id="rate-plot",
+    )
     c.mem_plot = gr.LinePlot(
-        empty.memory_frame(), x="time (s)", y="MB", color="series", title="Model process memory (MB)", height=190,
-        color_map=MEMORY_COLORS, y_lim=[0, 1], elem_id="mem-plot",
-    )  # fmt: skip
+        empty.memory_frame(),
+        x="time (s)",
+        y="MB",
+        color="series",
+        title="Model process memory (MB)",
+        height=190,
+        color_map=MEMORY_COLORS,
+        y_lim=[0, 1],
+        elem_id="mem-plot",
+    )
     c.turns_table = gr.Dataframe(
         _turns_frame([]), label="Every reply's figures (compare turns)", interactive=False, elem_id="turns-table"
     )
@@ -195,9 +209,13 @@ def _wire_model(ctx: Any, c: SimpleNamespace) -> None:
         yield from load_model(ctx, picker, values, owner=_owner(request))
 
     c.load.click(
-        on_load, inputs=[c.picker], inputs_kwargs=c.load_controls, outputs=[c.load_status, c.load],
-        api_name="load_model", concurrency_limit=None,
-    )  # fmt: skip
+        on_load,
+        inputs=[c.picker],
+        inputs_kwargs=c.load_controls,
+        outputs=[c.load_status, c.load],
+        api_name="load_model",
+        concurrency_limit=None,
+    )
     c.refresh.click(lambda: gr.Dropdown(choices=store.model_choices()), outputs=[c.picker], api_name="model_choices")
     ctx.components["tab_chat"].select(
         lambda: gr.Dropdown(choices=store.model_choices()), outputs=[c.picker], api_visibility="private"
@@ -205,20 +223,24 @@ def _wire_model(ctx: Any, c: SimpleNamespace) -> None:
     # A new page sees the models on disk now and the model the shared worker has loaded.
     ctx.demo.load(
         lambda: (gr.Dropdown(choices=store.model_choices()), _loaded_text(ctx.worker.loaded)),
-        outputs=[c.picker, c.load_status], api_visibility="private",
-    )  # fmt: skip
+        outputs=[c.picker, c.load_status],
+        api_visibility="private",
+    )
     recommendable = [c.sampling[name] for name in RECOMMENDABLE]
     c.picker.change(
-        apply_recommended, inputs=[c.picker], outputs=[c.recommended_note, c.system, *recommendable],
+        apply_recommended,
+        inputs=[c.picker],
+        outputs=[c.recommended_note, c.system, *recommendable],
         api_visibility="private",
-    )  # fmt: skip
+    )
     names = list(c.load_controls)
     for trigger in (c.picker.change, c.load_controls["backend"].change, ctx.demo.load):
         trigger(
             lambda picker, backend: _visibility(picker, backend, names),
-            inputs=[c.picker, c.load_controls["backend"]], outputs=list(c.load_controls.values()),
+            inputs=[c.picker, c.load_controls["backend"]],
+            outputs=list(c.load_controls.values()),
             api_visibility="private",
-        )  # fmt: skip
+        )
 
 
 def _visibility(picker: str, backend: str, names: list[str]) -> list[Any]:
@@ -293,7 +315,15 @@ def regenerate_reply(
 
 
 def _reply(
-    ctx: Any, asked: list, before: list, message: str | None, turns: list, spec: str, system: str, values: dict, owner: str
+    ctx: Any,
+    asked: list,
+    before: list,
+    message: str | None,
+    turns: list,
+    spec: str,
+    system: str,
+    values: dict,
+    owner: str,
 ) -> Iterator[tuple]:
     """Build the request from the form (a wrong value is one sentence in the status line), then stream."""
     try:
@@ -416,6 +446,12 @@ def _finish(
     state = summary.finish_reason if summary is not None else "error"
     metrics = metrics_html(event, state=state) if event is not None else metrics_html(None, state="error")
     return (
-        _display(history), history, turns, metrics, *_plots(series),
-        _turns_frame(turns), status, unanswered,
-    )  # fmt: skip
+        _display(history),
+        history,
+        turns,
+        metrics,
+        *_plots(series),
+        _turns_frame(turns),
+        status,
+        unanswered,
+    )
