@@ -2,11 +2,11 @@
 downloads with progress, and the models on disk with delete."""
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, get_args
 
 from localrun import catalog
 from localrun.errors import UserError
-from localrun.settings import DEFAULT_CTX_CAP
+from localrun.settings import DEFAULT_CTX_CAP, KvType
 from ui import store
 from ui.controls import parse_int
 
@@ -103,7 +103,7 @@ def build(ctx: Any) -> None:
             placeholder="auto",
             elem_id="fit-ctx",
         )
-        kv_type = gr.Dropdown(["f16", "q8_0", "q4_0"], value="f16", label="KV-cache type", elem_id="fit-kv")
+        kv_type = gr.Dropdown(list(get_args(KvType)), value="f16", label="KV-cache type", elem_id="fit-kv")
         refresh = gr.Button("Refresh", elem_id="catalog-refresh", scale=0)
     table = gr.Dataframe(catalog_table(), label="Catalog", interactive=False, wrap=True, elem_id="catalog-table")
     refresh.click(catalog_table, inputs=[n_ctx, kv_type], outputs=[table], api_name="catalog")
