@@ -49,7 +49,6 @@ class ChatRequest:
         object.__setattr__(self, "system", self.system or None)
 
 
-
 # ---- replies ----------------------------------------------------------------------------------------
 
 
