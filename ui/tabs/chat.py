@@ -15,6 +15,7 @@ from localrun.errors import UserError
 from localrun.events import GenerationEvent
 from localrun.format import stats_line
 from localrun.settings import LoadOptions, SamplingParams
+from localrun.store import allowed_spec
 from ui import store
 from ui.controls import RECOMMENDABLE, load_options, make_control, recommended_values, sampling_params, visible_fields
 from ui.metrics import (
@@ -248,6 +249,7 @@ def load_model(ctx: Any, spec: str, values: dict[str, Any], *, owner: str) -> It
 
     busy, ready = gr.Button(interactive=False), gr.Button(interactive=True)
     try:
+        allowed_spec(spec, loopback=ctx.loopback)
         options = load_options(values)
         for update in ctx.worker.load(spec or None, options, owner=owner):
             if isinstance(update, Progress):
@@ -288,6 +290,7 @@ def regenerate_reply(
 def _reply(ctx: Any, history: list, turns: list, spec: str, system: str, values: dict, owner: str) -> Iterator[tuple]:
     """Read the form's settings (a wrong value is one sentence in the status line), then stream."""
     try:
+        allowed_spec(spec, loopback=ctx.loopback)
         params, options = sampling_params(values), load_options(values)
     except UserError as exc:
         yield _status_only(f"⚠️ {exc}")
