@@ -29,8 +29,8 @@ class SamplingParams(BaseModel):
     top_k: int = Field(40, ge=0, description="Keep only the k most likely tokens (0 = off).")
     min_p: float = Field(0.05, ge=0.0, le=1.0, description="Drop tokens less likely than min_p times the top token.")
     repeat_penalty: float = Field(1.0, gt=0.0, le=5.0, description="Penalty for repeating recent tokens (1 = off).")
-    max_tokens: int = Field(512, ge=1, description="Most tokens to generate in one reply.")
-    seed: int | None = Field(None, description="Random seed; unset means a fresh one each request.")
+    max_tokens: int = Field(512, ge=1, le=1 << 20, description="Most tokens to generate in one reply.")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Random seed; unset means a fresh one each request.")
     stop: tuple[str, ...] = Field((), description="Stop strings: generation ends before any of them.")
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token (for benchmarks).")
 
@@ -51,7 +51,7 @@ class LoadOptions(BaseModel):
         "auto", description="Where to run: cuda, mps (Metal), cpu; auto picks the best available."
     )
     n_ctx: int | None = Field(
-        None, ge=16, description="Context length in tokens (default: the model's, capped at 8192)."
+        None, ge=16, le=1 << 24, description="Context length in tokens (default: the model's, capped at 8192)."
     )
     n_threads: int | None = Field(None, ge=1, description="CPU threads (default: physical cores).")
     n_gpu_layers: int | None = Field(

@@ -56,6 +56,16 @@ def test_chat_and_info_exit_2(corpus: dict[str, Path], name: str, capsys: pytest
         _one_sentence(captured.err)
 
 
+@pytest.mark.parametrize("name", ["nan-context-length", "real-huge-block-count", "five-dimensions"])
+def test_hf_backend_inspects_a_gguf_first(
+    corpus: dict[str, Path], name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["chat", str(corpus[name]), "--backend", "hf", "-p", "hi"]) == 2
+    err = capsys.readouterr().err
+    _one_sentence(err)
+    assert "is truncated or corrupt" in err
+
+
 def test_processes_exit_2_without_traceback(corpus: dict[str, Path]) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for name in ("nan-context-length", "nested-arrays-3", "block-name-x", "real-huge-block-count"):

@@ -29,6 +29,10 @@ def load_backend(model: str | ResolvedModel | None, options: LoadOptions | None 
         from localrun.backends.llamacpp import LlamaCppBackend
 
         return LlamaCppBackend(resolved.path, options)
+    if resolved.kind == "gguf" and resolved.path is not None:
+        from localrun.gguf_info import inspect_gguf
+
+        inspect_gguf(resolved.path)  # transformers reads GGUF headers too: refuse corrupt ones first, as llama.cpp does
     from localrun.backends.hf import HFBackend
 
     return HFBackend(resolved, options)
