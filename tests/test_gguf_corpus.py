@@ -104,3 +104,17 @@ def test_rm_and_ui_helpers_survive_a_corrupt_store(store_with_corpus: Path, caps
     assert main(["models", "rm", "corpus/bad:nan-context-length.gguf", "-y"]) == 0
     assert not (store_with_corpus / "corpus" / "bad" / "nan-context-length.gguf").exists()
     assert "deleted" in capsys.readouterr().out
+
+
+def test_ui_starts_with_a_corrupt_store(tmp_path: Path) -> None:
+    gradio_client = pytest.importorskip("gradio_client")
+    from test_ui_api import rows, run_ui
+
+    gguf_corpus.write_corpus(tmp_path / "home" / "models" / "corpus" / "bad")
+    with run_ui(tmp_path) as url:
+        client = gradio_client.Client(url, verbose=False)
+        local, _ = client.predict(api_name="/local_models")
+        quants = {row[0]: row[2] for row in rows(local)}
+        assert all(quants[f"corpus/bad:{name}.gguf"] == "corrupt" for name in CASES)
+        status, _, _ = client.predict(spec="corpus/bad:block-name-x.gguf", confirm=True, api_name="/delete_model")
+        assert status.startswith("Deleted"), status
