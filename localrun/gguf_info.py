@@ -177,6 +177,8 @@ def _validate_fields(raw: dict[str, Any], arch: str) -> None:
     for key in _TEXT_KEYS:
         if key in raw and not isinstance(raw[key], str):
             raise CorruptHeader(f"metadata key {key} should be text but holds {_short(raw[key])}")
+    if not (arch.isprintable() and len(arch) <= 64):
+        raise CorruptHeader(f"general.architecture {_short(arch)} is not an architecture name")
     checks = [(f"{arch}.{name}", name in _PER_LAYER_KEYS) for name in _COUNT_KEYS]
     for key, per_layer in checks + [(k, False) for k in _GLOBAL_COUNT_KEYS]:
         value = raw.get(key)

@@ -101,6 +101,7 @@ def _crafted() -> dict[str, bytes]:
             tiny_kvs(**{"llama.attention.head_count": (ARR, (F32, [4.0, nan]))}), tiny_tensors()
         ),
         "number-architecture": build(tiny_kvs(**{"general.architecture": (U32, 7)}), tiny_tensors()),
+        "multi-line-architecture": build(tiny_kvs(**{"general.architecture": (STR, "llama\nok")}), tiny_tensors()),
         "bool-stored-as-7": build(tiny_kvs(**{"tokenizer.ggml.add_bos_token": (BOOL, 7)}), tiny_tensors()),
         # tensor names that do not parse
         "block-name-x": build(tiny_kvs(), tiny_tensors(("blk.x.weight", (64,), T_F32, None))),

@@ -118,3 +118,32 @@ def test_ui_starts_with_a_corrupt_store(tmp_path: Path) -> None:
         assert all(quants[f"corpus/bad:{name}.gguf"] == "corrupt" for name in CASES)
         status, _, _ = client.predict(spec="corpus/bad:block-name-x.gguf", confirm=True, api_name="/delete_model")
         assert status.startswith("Deleted"), status
+
+
+def test_random_damage_gives_an_answer_or_one_sentence(tmp_path: Path) -> None:
+    # Seeded bit flips, overwrites and cuts of a small valid file: inspect_gguf is total.
+    import random
+
+    rng = random.Random(10)
+    tokens = (gguf_corpus.ARR, (gguf_corpus.STR, [f"t{i}" for i in range(100)]))
+    nested = (gguf_corpus.ARR, (gguf_corpus.ARR, [(gguf_corpus.U32, [1, 2])]))
+    base = gguf_corpus.build(
+        gguf_corpus.tiny_kvs(**{"tokenizer.ggml.tokens": tokens, "x.nested": nested}), gguf_corpus.tiny_tensors()
+    )
+    outcomes = {"accepted": 0, "refused": 0}
+    path = tmp_path / "damaged.gguf"
+    for _ in range(300):
+        data = bytearray(base)
+        if rng.random() < 0.7:
+            for _ in range(rng.randint(1, 4)):
+                data[rng.randrange(4, len(data))] ^= 1 << rng.randrange(8)
+        else:
+            data = data[: rng.randrange(4, len(data))]
+        path.write_bytes(bytes(data))
+        try:
+            inspect_gguf(path)
+            outcomes["accepted"] += 1
+        except UserError as exc:
+            _one_sentence(str(exc))
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 50 and outcomes["accepted"] > 0, outcomes
