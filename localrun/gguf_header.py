@@ -57,6 +57,10 @@ class Truncated(CorruptHeader):
 class UnsupportedVersion(CorruptHeader):
     """A GGUF version this parser does not read."""
 
+    def __init__(self, version: int) -> None:
+        super().__init__(f"version {version}")
+        self.version = version
+
 
 @dataclass(frozen=True, slots=True)
 class TensorEntry:
@@ -277,7 +281,7 @@ def _parse(buf: Any, size: int) -> Header:
     if version & 0xFFFF == 0:  # written on a big-endian machine
         endian, version = ">", struct.unpack_from(">I", buf, 4)[0]
     if version not in (2, 3):
-        raise UnsupportedVersion(f"version {version}")
+        raise UnsupportedVersion(version)
     cur = _Cursor(buf, size, endian)
     cur.pos = 8
     tensor_count = cur.scalar(10, "the tensor count")

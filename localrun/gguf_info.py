@@ -72,6 +72,10 @@ def _open_header(path: Path) -> Any:
     except Truncated as exc:
         raise UserError(f"{path} is truncated: {exc}; download it again.") from None
     except UnsupportedVersion as exc:
+        if exc.version < 2:
+            raise UserError(
+                f"{path} uses GGUF version {exc.version}, which llama.cpp no longer reads; convert the model again."
+            ) from None
         raise UserError(f"{path} uses a GGUF version this reader cannot handle ({exc}); update localrun.") from None
     except CorruptHeader as exc:
         raise UserError(f"{path} is truncated or corrupt: {exc}; download it again.") from None

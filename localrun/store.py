@@ -97,11 +97,11 @@ def _same_file(spec: str, path: Path) -> bool:
         return False
 
 
-def _match(spec: str) -> list[_Entry]:
-    """Listed entries named spec, or whose path is spec."""
+def _match(spec: str, *, by_path: bool) -> list[_Entry]:
+    """Listed entries named spec, or (by_path) whose path is spec."""
     entries = _entries()
     by_name = [e for e in entries if spec == e.name]
-    return by_name or [e for e in entries if _same_file(spec, e.path)]
+    return by_name or ([e for e in entries if _same_file(spec, e.path)] if by_path else [])
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -109,11 +109,12 @@ def _inside(path: Path, root: Path) -> bool:
     return real != base and real.is_relative_to(base)
 
 
-def removable(spec: str) -> list[Path]:
-    """What rm would delete for a name or path that `models list` shows; never a folder of the store or anything else."""
-    matches = _match(spec)
+def removable(spec: str, *, by_path: bool = True) -> list[Path]:
+    """What rm would delete for a name (or, by_path, a path) that `models list` shows; never a folder of the
+    store or anything else. The UI passes by_path=False: a browser names models, it does not send paths."""
+    matches = _match(spec, by_path=by_path)
     if not matches:
-        if Path(spec).expanduser().exists():
+        if by_path and Path(spec).expanduser().exists():
             raise UserError(
                 f"{spec} is not a model that `localrun models list` shows: rm deletes only those, "
                 "never folders of the store, the cache or files outside it."

@@ -219,3 +219,15 @@ def test_ui_tables_show_store_relative_paths(filled: Path, tmp_path: Path) -> No
     assert status.startswith("⚠️") and "opens only those" in status
     frame, status = info_table(f"{REPO}:tiny-Q8_0.gguf", loopback=False)
     assert status.startswith("Info for") and dict(frame.values.tolist())["architecture"] == "llama"
+
+
+def test_ui_delete_takes_names_not_paths(filled: Path) -> None:
+    from ui import store as ui_store
+
+    stored = filled / "test-org" / "tiny-GGUF" / "tiny-Q8_0.gguf"
+    for spec in (str(stored), str(filled), str(filled / "test-org")):
+        with pytest.raises(UserError, match="No downloaded model"):
+            ui_store.delete_model(spec)
+    assert stored.is_file()
+    assert ui_store.delete_model(f"{REPO}:tiny-Q8_0.gguf") == [stored]
+    assert not stored.exists()

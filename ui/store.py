@@ -186,7 +186,7 @@ def delete_model(spec: str) -> list[Path]:
     """Delete a downloaded model (file and sidecars, or its HF-cache folder); never anything outside the store."""
     from localrun.store import delete, removable
 
-    return delete(removable(spec))
+    return delete(removable(spec, by_path=False))
 
 
 def search_rows(query: str) -> tuple[list[list[Any]], list[str]]:
