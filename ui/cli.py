@@ -88,8 +88,8 @@ def run(args: argparse.Namespace) -> int:
     auth = login(args)
     require_auth(args.host, share=args.share, credentials=auth)
     port = pick_port(args.host, args.port)
+    from localrun.worker import WorkerClient
     from ui.app import AppContext, launch
-    from ui.worker import WorkerClient
 
     print(f"localrun UI on http://{args.host}:{port}", file=sys.stderr)
     loopback = is_loopback(args.host) and not args.share
