@@ -33,6 +33,9 @@ class SamplingParams(BaseModel):
     seed: int | None = Field(None, description="Random seed; unset means a fresh one each request.")
     stop: tuple[str, ...] = Field((), description="Stop strings: generation ends before any of them.")
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token (for benchmarks).")
+    grammar: str | None = Field(
+        None, description="llama.cpp: a GBNF grammar the reply must follow (e.g. JSON from a schema)."
+    )
 
     def replace(self, **changes: Any) -> SamplingParams:
         """A copy with some fields changed, validated (raises UserError on a bad value)."""
@@ -57,8 +60,10 @@ class LoadOptions(BaseModel):
     n_gpu_layers: int | None = Field(
         None, ge=-1, description="llama.cpp: layers on the GPU (-1 = all; default: all when they fit, else 0)."
     )
-    flash_attn: bool = Field(False, description="llama.cpp: use flash attention.")
-    kv_type: KvType = Field("f16", description="llama.cpp: KV-cache type (q8_0/q4_0 need flash attention).")
+    flash_attn: Literal["auto", "on", "off"] = Field(
+        "auto", description="llama.cpp: flash attention (auto: on wherever the device supports it, as in llama.cpp)."
+    )
+    kv_type: KvType = Field("f16", description="llama.cpp: KV-cache type (q8_0/q4_0 need flash attention: not off).")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="transformers: weight dtype (auto: bf16/fp16 on GPU, fp32 on CPU)."
     )
@@ -70,6 +75,18 @@ class LoadOptions(BaseModel):
     quant: Literal["none", "nf4", "int8"] = Field("none", description="transformers: load quantized with bitsandbytes.")
     allow_pickle: bool = Field(False, description="transformers: allow .bin/.pt pickle weights (they can run code).")
     trust_remote_code: bool = Field(False, description="transformers: run the model repository's own Python code.")
+    draft: str | None = Field(
+        None,
+        description="Speculative decoding: a smaller model sharing the target's vocabulary (.gguf, directory or catalog name).",
+    )
+    draft_max: int = Field(16, ge=1, le=64, description="Speculative decoding: most tokens drafted per round.")
+    draft_mode: Literal["adaptive", "fixed"] = Field(
+        "adaptive",
+        description="Speculative decoding: adaptive grows and shrinks the draft length and pauses drafting when it does not pay; fixed always drafts draft_max.",
+    )
+    lookup: bool = Field(
+        False, description="Speculative decoding: draft by n-gram lookup in the prompt and the reply so far (no draft model)."
+    )
 
 
 def validated(model: type[BaseModel], values: dict[str, Any]) -> Any:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from localrun.backends.base import Backend, Drafter, LoadReport
+from localrun.backends.base import Backend, LoadReport
 from localrun.catalog import ResolvedModel, resolve_model
 from localrun.errors import UserError
 from localrun.settings import LoadOptions
 
-__all__ = ["Backend", "Drafter", "LoadReport", "load_backend", "pick_backend"]
+__all__ = ["Backend", "LoadReport", "load_backend", "pick_backend"]
 
 
 def pick_backend(model: ResolvedModel, options: LoadOptions) -> str:

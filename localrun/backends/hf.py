@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from localrun.backends.base import Drafter, LoadReport
+from localrun.backends.base import LoadReport
 from localrun.backends.hf_load import DTYPE_NAMES, load_model
 from localrun.catalog import ResolvedModel, resolve_model
 from localrun.errors import UserError
 from localrun.events import TokenStep
 from localrun.settings import LoadOptions, SamplingParams
+from localrun.speculative import Drafter
 
 DEFAULT_MAX_CTX = 8192
 _POLL_S = 0.1  # how often a waiting reader checks that the generate thread is still alive
