@@ -85,7 +85,8 @@ class LoadOptions(BaseModel):
         description="Speculative decoding: adaptive grows and shrinks the draft length and pauses drafting when it does not pay; fixed always drafts draft_max.",
     )
     lookup: bool = Field(
-        False, description="Speculative decoding: draft by n-gram lookup in the prompt and the reply so far (no draft model)."
+        False,
+        description="Speculative decoding: draft by n-gram lookup in the prompt and the reply so far (no draft model).",
     )
 
 

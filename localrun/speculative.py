@@ -76,9 +76,7 @@ def sample_from(p: np.ndarray, rng: np.random.Generator) -> int:
     return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(p) - 1))
 
 
-def accept_sampled(
-    target_row: Callable[[int], np.ndarray], draft: Draft, rng: np.random.Generator
-) -> tuple[int, int]:
+def accept_sampled(target_row: Callable[[int], np.ndarray], draft: Draft, rng: np.random.Generator) -> tuple[int, int]:
     """Speculative sampling over one verify batch. target_row(i) is the target's distribution at
     drafted position i (and at len(draft.tokens) after the last). Returns (n accepted, next token)."""
     for i, x in enumerate(draft.tokens):
@@ -134,7 +132,7 @@ class DraftSchedule:
         if self.plain_s is None or seconds <= 0:
             return
         gain = (accepted + 1) * self.plain_s / seconds
-        self.gain = gain if self.gain is None else 0.7 * self.gain + 0.3 * gain
+        self.gain = gain if self.gain is None else 0.5 * (self.gain + gain)
         if self.gain < 0.97:  # plain decoding is faster: pause, and probe again later
             self.pause, self.gain = self.backoff, None
             self.backoff = min(self.backoff * 2, 256)

@@ -52,7 +52,9 @@ def test_prefix_reuse_counts_exactly(llama_backend) -> None:
     cached = ids1 + b.tokenize(s1.text, special=False)[: s1.generated_tokens - 1]
     second = first + [{"role": "assistant", "content": s1.text}, {"role": "user", "content": "And of Italy?"}]
     ids2 = b.tokenize(b.render_chat(second))
-    common = next((i for i, (x, y) in enumerate(zip(cached, ids2, strict=False)) if x != y), min(len(cached), len(ids2)))
+    common = next(
+        (i for i, (x, y) in enumerate(zip(cached, ids2, strict=False)) if x != y), min(len(cached), len(ids2))
+    )
     s2 = generate(b, ids2, GREEDY)
     assert s2.prefill_tokens == len(ids2) - common
     assert 0 < s2.prefill_tokens < len(ids2)

@@ -316,8 +316,6 @@ class LlamaCppBackend:
         return Draft(tuple(tokens), np.stack(rows) if rows else None)
 
 
-
-
 def _with_detail(report: LoadReport, key: str, value: str) -> LoadReport:
     from dataclasses import replace
 
