@@ -357,3 +357,33 @@ def check_draft_vocab(target: LlamaCppBackend, draft_path: str | Path) -> None:
         check_compatible(target.vocab_summary(), vocab_summary_of(model), Path(draft_path).name)
     finally:
         model.close()
+
+
+def bare_bench(backend: LlamaCppBackend, prompt_ids: Sequence[int], n_gen: int) -> tuple[float, float]:
+    """The baseline: a bare llama-cpp-python Llama.generate() loop on the same file, context and
+    threads (flash attention on unless ours is off: Llama() cannot ask for auto, which is on on a
+    CPU), greedy, no EOS check. Returns (prompt-eval seconds, decode tokens/s)."""
+    import llama_cpp
+
+    report = backend.report
+    llm = llama_cpp.Llama(
+        report.model_path,
+        n_ctx=report.n_ctx,
+        n_threads=report.n_threads,
+        n_threads_batch=report.n_threads,
+        n_gpu_layers=report.n_gpu_layers or 0,
+        flash_attn=backend.options.flash_attn != "off",
+        verbose=False,
+    )
+    try:
+        t0 = time.perf_counter()
+        t_first = t_last = t0
+        for n, _token in enumerate(llm.generate(list(prompt_ids), temp=0.0), start=1):
+            t_last = time.perf_counter()
+            if n == 1:
+                t_first = t_last
+            if n >= n_gen:
+                break
+    finally:
+        llm.close()
+    return t_first - t0, (n_gen - 1) / (t_last - t_first)
