@@ -15,7 +15,11 @@ RESULTS = REPO / "bench" / "results"
 
 def llama_tool(name: str) -> Path:
     """A llama.cpp tool built by bench/llama_tools.sh ($LOCALRUN_LLAMA_TOOLS/bin, else the default prefix)."""
-    prefixes = [os.environ.get("LOCALRUN_LLAMA_TOOLS"), "/work/llama-tools", Path.home() / ".cache/localrun/llama-tools"]
+    prefixes = [
+        os.environ.get("LOCALRUN_LLAMA_TOOLS"),
+        "/work/llama-tools",
+        Path.home() / ".cache/localrun/llama-tools",
+    ]
     for prefix in filter(None, prefixes):
         path = Path(prefix) / "bin" / name
         if path.exists():

@@ -38,8 +38,17 @@ def main() -> None:
             if side == "ours":
                 r = json.loads(
                     localrun(
-                        "bench", model, "--json", "--reps", "1", "--n-prompt", str(a.depth), "--n-gen", str(a.n_gen),
-                        "--n-threads", str(threads),
+                        "bench",
+                        model,
+                        "--json",
+                        "--reps",
+                        "1",
+                        "--n-prompt",
+                        str(a.depth),
+                        "--n-gen",
+                        str(a.n_gen),
+                        "--n-threads",
+                        str(threads),
                     ).stdout
                 )
                 ours_tg.append(r["ours"]["median"]["decode_tps"])
@@ -50,7 +59,9 @@ def main() -> None:
                 pp = llama_bench(model, threads, "-p", str(a.depth), "-n", "0")
                 theirs_tg.append(tg["avg_ts"])
                 theirs_pp_s.append(a.depth / pp["avg_ts"])
-                settings["llama-bench"] = {k: tg.get(k) for k in ("n_threads", "n_batch", "n_ubatch", "flash_attn", "type_k", "build_commit")}
+                settings["llama-bench"] = {
+                    k: tg.get(k) for k in ("n_threads", "n_batch", "n_ubatch", "flash_attn", "type_k", "build_commit")
+                }
     result = {
         "model": model,
         "threads": threads,
@@ -67,8 +78,12 @@ def main() -> None:
     }
     path = write_result(a.name, result)
     r = result["ratios"]
-    print(f"decode: ours {median(ours_tg):.1f} tok/s, llama-bench {median(theirs_tg):.1f} tok/s, ratio {r['decode_ours_over_llama_bench']:.3f} (goal >= 0.95)")
-    print(f"TTFT {median(ours_ttft) * 1000:.1f} ms vs pp{a.depth} {median(theirs_pp_s) * 1000:.1f} ms, ratio {r['ttft_ours_over_llama_bench_pp']:.3f} (goal <= 1.05)")
+    print(
+        f"decode: ours {median(ours_tg):.1f} tok/s, llama-bench {median(theirs_tg):.1f} tok/s, ratio {r['decode_ours_over_llama_bench']:.3f} (goal >= 0.95)"
+    )
+    print(
+        f"TTFT {median(ours_ttft) * 1000:.1f} ms vs pp{a.depth} {median(theirs_pp_s) * 1000:.1f} ms, ratio {r['ttft_ours_over_llama_bench_pp']:.3f} (goal <= 1.05)"
+    )
     print(f"written to {path}")
 
 
