@@ -101,10 +101,10 @@ def chat_text(target: Path, prompt: str) -> str:
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from localrun.backends.llamacpp import LlamaCppBackend
+    from localrun.backends import load_backend
     from localrun.settings import LoadOptions
 
-    b = LlamaCppBackend(target, LoadOptions(n_ctx=256))
+    b = load_backend(target, LoadOptions(n_ctx=256))
     try:
         return b.render_chat([{"role": "user", "content": prompt}])
     finally:

@@ -33,10 +33,10 @@ COPY_PROMPT = "Repeat this list exactly: apples, pears, plums, cherries, grapes,
 @pytest.fixture(scope="module")
 def self_drafting(default_gguf):
     """The default model with itself as its draft (fixed length, so every round drafts)."""
-    from localrun.backends.llamacpp import LlamaCppBackend
+    from localrun.backends import load_backend
 
     opts = LoadOptions(n_ctx=512, draft=str(default_gguf), draft_max=4, draft_mode="fixed")
-    backend = LlamaCppBackend(default_gguf, opts)
+    backend = load_backend(default_gguf, opts)
     yield backend
     backend.close()
 
@@ -97,9 +97,9 @@ def test_sampled_self_draft_accepts_nearly_all(self_drafting) -> None:
 
 
 def test_prompt_lookup_is_plain_output(default_gguf) -> None:
-    from localrun.backends.llamacpp import LlamaCppBackend
+    from localrun.backends import load_backend
 
-    b = LlamaCppBackend(default_gguf, LoadOptions(n_ctx=512, lookup=True))
+    b = load_backend(default_gguf, LoadOptions(n_ctx=512, lookup=True))
     try:
         ids = _chat(b, COPY_PROMPT)
         params = SamplingParams(temperature=0.0, max_tokens=30)
@@ -194,10 +194,10 @@ def other_vocab_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_draft_with_another_vocabulary_is_refused(default_gguf, other_vocab_gguf, cli) -> None:
-    from localrun.backends.llamacpp import LlamaCppBackend
+    from localrun.backends import load_backend
 
     with pytest.raises(UserError, match="Token (192|384) is .* in the draft model swapped-vocab.gguf"):
-        LlamaCppBackend(default_gguf, LoadOptions(n_ctx=256, draft=str(other_vocab_gguf)))
+        load_backend(default_gguf, LoadOptions(n_ctx=256, draft=str(other_vocab_gguf)))
     result = cli("chat", str(default_gguf), "--draft", str(other_vocab_gguf), "-p", "Hi", "--n-ctx", "256")
     assert result.returncode == 2 and "share the target's tokenizer" in result.stderr
     assert "Traceback" not in result.stderr

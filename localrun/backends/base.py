@@ -4,13 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from localrun.events import TokenStep
 from localrun.settings import SamplingParams
 
 if TYPE_CHECKING:  # numpy stays out of `localrun --help`
     from localrun.speculative import Drafter
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedModel:
+    """A model the backends can load (what localrun.catalog.resolve_model returns): kind is "gguf", "hf_dir"
+    or "hub_id"; recommended is the catalog's Recommended settings for it, if any."""
+
+    name: str
+    path: Path | None
+    kind: str
+    hub_id: str | None = None
+    recommended: Any = None
 
 
 @dataclass(frozen=True, slots=True)

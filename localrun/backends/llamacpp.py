@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from localrun.backends.base import LoadReport
+from localrun.backends.base import LoadReport, ResolvedModel
 from localrun.backends.llama_ctx import LlamaRunner, SamplerChain, open_model
 from localrun.chat_template import render_chat
 from localrun.errors import UserError
 from localrun.events import TokenStep
 from localrun.hardware import llama_cpp_build, physical_cores
-from localrun.settings import LoadOptions, SamplingParams
+from localrun.settings import LoadOptions, SamplingParams, effective_n_ctx
 from localrun.speculative import (
     Draft,
     Drafter,
@@ -26,10 +26,10 @@ from localrun.speculative import (
     sample_ids,
 )
 
-# The context cap when --n-ctx is not given. Without flash attention llama.cpp stores V transposed,
-# one row of n_ctx values per channel, so at 8192 each decode step reads the used part of rows that
-# lie 16 KiB apart (cache-set aliasing); flash attention (auto, the default) stores V row-major.
-DEFAULT_MAX_CTX = 8192
+# Why a big context once cost ~20 % of decode speed: without flash attention llama.cpp stores V
+# transposed (one row of n_ctx values per channel), so at n_ctx 8192 a decode step reads the used
+# part of 576 rows per layer lying 16 KiB apart: a page per row (TLB misses) and 4 KiB-aliased cache
+# sets. Flash attention (auto, the default, on on CPUs) keeps V row-major; bench/ctx_cap.py measures.
 _KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # GGML_TYPE_* values
 
 
@@ -40,10 +40,11 @@ class LlamaCppBackend:
     name = "llamacpp"
     supports_draft = True
 
-    def __init__(self, path: str | Path, options: LoadOptions | None = None) -> None:
+    def __init__(self, model: ResolvedModel, options: LoadOptions | None = None) -> None:
         from localrun.gguf_info import inspect_gguf
 
         options = options or LoadOptions()
+        path = model.path
         self.info = inspect_gguf(path)  # catches corrupt files before llama.cpp can crash on them
         self.options = options
         self._model = None
@@ -73,7 +74,7 @@ class LlamaCppBackend:
             raise UserError(
                 f"This llama-cpp-python build has no {options.device} support: reinstall it with that backend, or use --device cpu."
             )
-        n_ctx = options.n_ctx or min(self.info.context_length or DEFAULT_MAX_CTX, DEFAULT_MAX_CTX)
+        n_ctx = effective_n_ctx(options.n_ctx, self.info.context_length)
         n_threads = options.n_threads or physical_cores()
         n_gpu_layers = self._gpu_layers(path, options, n_ctx)
         kv = _KV_TYPES[options.kv_type]
@@ -281,7 +282,7 @@ class LlamaCppBackend:
         draft_options = options.model_copy(
             update={"draft": None, "lookup": False, "n_ctx": self.report.n_ctx, "kv_type": "f16"}
         )
-        return LlamaCppBackend(model.path, draft_options)
+        return LlamaCppBackend(model, draft_options)
 
     def vocab_summary(self) -> VocabSummary:
         return vocab_summary_of(self._model)
