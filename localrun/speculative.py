@@ -101,7 +101,8 @@ def _point_mass(x: int, n: int) -> np.ndarray:
 
 
 class DraftSchedule:
-    """How many tokens to draft next. Fixed: always n_max. Adaptive (default): start at 4, grow
+    """How many tokens to draft next. Fixed: always n_max. Adaptive (default): time 4 plain steps,
+    then draft 4, grow
     while every drafted token is accepted, shrink to what was accepted when few are; and when the
     measured speed of rounds (tokens out per second) falls below plain decoding's, stop drafting for
     a while, then probe again, waiting twice as long after each failed probe."""
@@ -111,7 +112,8 @@ class DraftSchedule:
         self.k = n_max if mode == "fixed" else min(4, n_max)
         self.plain_s: float | None = None  # EMA of one plain decode step
         self.gain: float | None = None  # EMA of (round tokens x plain_s) / round seconds
-        self.pause = 0  # plain steps left before drafting again
+        # adaptive: a few plain steps first, so a round's cost can be compared with plain decoding's
+        self.pause = 0 if mode == "fixed" else 4  # plain steps left before drafting (again)
         self.backoff = 16
         self.lengths: list[int] = []
 

@@ -26,7 +26,7 @@ def test_plain_decode_equals_llama_generate(default_gguf) -> None:
 
     from localrun.backends import load_backend
 
-    backend = load_backend(default_gguf, LoadOptions(n_ctx=512, flash_attn="on"))
+    backend = load_backend(default_gguf, LoadOptions(n_threads=1, n_ctx=512, flash_attn="on"))
     llm = llama_cpp.Llama(str(default_gguf), n_ctx=512, n_batch=512, flash_attn=True, verbose=False)
     try:
         ids = _chat(backend, "Name three colours.")
@@ -101,8 +101,8 @@ def test_quantized_kv_needs_flash_attention(default_gguf) -> None:
     from localrun.backends import load_backend
 
     with pytest.raises(UserError, match="flash attention"):
-        load_backend(default_gguf, LoadOptions(n_ctx=256, kv_type="q8_0", flash_attn="off"))
-    backend = load_backend(default_gguf, LoadOptions(n_ctx=256, kv_type="q8_0"))  # auto turns it on
+        load_backend(default_gguf, LoadOptions(n_threads=1, n_ctx=256, kv_type="q8_0", flash_attn="off"))
+    backend = load_backend(default_gguf, LoadOptions(n_threads=1, n_ctx=256, kv_type="q8_0"))  # auto turns it on
     try:
         assert generate(backend, _chat(backend, "Hi"), GREEDY).generated_tokens > 0
     finally:
@@ -117,7 +117,7 @@ def test_ready_line_shows_flash_attention_and_context(llama_backend) -> None:
 def test_context_full_is_length(default_gguf) -> None:
     from localrun.backends import load_backend
 
-    backend = load_backend(default_gguf, LoadOptions(n_ctx=64))
+    backend = load_backend(default_gguf, LoadOptions(n_threads=1, n_ctx=64))
     try:
         ids = _chat(backend, "Count to one hundred.")
         s = generate(backend, ids, SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True))

@@ -35,7 +35,7 @@ def self_drafting(default_gguf):
     """The default model with itself as its draft (fixed length, so every round drafts)."""
     from localrun.backends import load_backend
 
-    opts = LoadOptions(n_ctx=512, draft=str(default_gguf), draft_max=4, draft_mode="fixed")
+    opts = LoadOptions(n_threads=1, n_ctx=512, draft=str(default_gguf), draft_max=4, draft_mode="fixed")
     backend = load_backend(default_gguf, opts)
     yield backend
     backend.close()
@@ -99,7 +99,7 @@ def test_sampled_self_draft_accepts_nearly_all(self_drafting) -> None:
 def test_prompt_lookup_is_plain_output(default_gguf) -> None:
     from localrun.backends import load_backend
 
-    b = load_backend(default_gguf, LoadOptions(n_ctx=512, lookup=True))
+    b = load_backend(default_gguf, LoadOptions(n_threads=1, n_ctx=512, lookup=True))
     try:
         ids = _chat(b, COPY_PROMPT)
         params = SamplingParams(temperature=0.0, max_tokens=30)
@@ -197,7 +197,7 @@ def test_draft_with_another_vocabulary_is_refused(default_gguf, other_vocab_gguf
     from localrun.backends import load_backend
 
     with pytest.raises(UserError, match="Token (192|384) is .* in the draft model swapped-vocab.gguf"):
-        load_backend(default_gguf, LoadOptions(n_ctx=256, draft=str(other_vocab_gguf)))
+        load_backend(default_gguf, LoadOptions(n_threads=1, n_ctx=256, draft=str(other_vocab_gguf)))
     result = cli("chat", str(default_gguf), "--draft", str(other_vocab_gguf), "-p", "Hi", "--n-ctx", "256")
     assert result.returncode == 2 and "share the target's tokenizer" in result.stderr
     assert "Traceback" not in result.stderr
@@ -205,7 +205,7 @@ def test_draft_with_another_vocabulary_is_refused(default_gguf, other_vocab_gguf
 
 def test_cli_chat_with_lookup_shows_acceptance(default_gguf, cli) -> None:
     args = ("chat", str(default_gguf), "--lookup", "-p", COPY_PROMPT, "--temperature", "0", "--max-tokens", "24")
-    result = cli(*args, "--n-ctx", "512")
+    result = cli(*args, "--n-ctx", "512", "--n-threads", "1")
     assert result.returncode == 0, result.stderr
     assert "draft accepted" in result.stderr and "apples" in result.stdout
 
@@ -220,8 +220,9 @@ def test_prompt_lookup_finds_the_continuation() -> None:
 
 def test_adaptive_schedule_grows_shrinks_and_pauses() -> None:
     s = DraftSchedule(n_max=16)
-    assert s.next_length() == 4
+    assert [s.next_length() for _ in range(4)] == [0, 0, 0, 0]  # plain steps, timed, come first
     s.observe_plain(0.010)
+    assert s.next_length() == 4
     s.observe_round(4, 4, 0.012)  # all accepted, 5 tokens in the time of 1.2: faster
     assert s.next_length() == 6
     s.observe_round(6, 1, 0.015)  # mostly rejected: shrink to what was accepted + 1
