@@ -113,6 +113,10 @@ class HFBackend:
 
     def __init__(self, model: ResolvedModel, options: LoadOptions | None = None) -> None:
         options = options or LoadOptions()
+        if options.draft or options.lookup:
+            raise UserError(
+                "Speculative decoding (--draft, --lookup) runs on the llama.cpp backend only for now: drop it, or use a GGUF."
+            )
         self.options = options
         self._busy = threading.Lock()
         t0 = time.perf_counter()
