@@ -121,6 +121,6 @@ def test_context_full_is_length(default_gguf) -> None:
     try:
         ids = _chat(backend, "Count to one hundred.")
         s = generate(backend, ids, SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True))
-        assert s.finish_reason == "length" and s.generated_tokens == 64 - len(ids)
+        assert s.finish_reason == "length" and s.generated_tokens == backend.report.n_ctx - len(ids)
     finally:
         backend.close()
