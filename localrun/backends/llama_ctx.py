@@ -2,8 +2,8 @@
 
 `LlamaRunner` owns a context and the bookkeeping of which tokens sit in its KV cache (sequence 0),
 and decodes with preallocated batches, asking for logits only where they are needed. `SamplerChain`
-is llama.cpp's own sampler chain, built once per request. We track
-the cache. No llama_cpp.Llama: its constructor cannot ask for flash attention "auto".
+is llama.cpp's own sampler chain, built once per request. No llama_cpp.Llama: its constructor
+cannot ask for flash attention "auto", and its generate() does per-token work we do not need.
 """
 
 from __future__ import annotations
