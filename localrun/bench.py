@@ -116,19 +116,32 @@ def format_bench(result: dict) -> Sequence[str]:
 
 
 def bare_llamacpp(backend: Any, prompt_ids: Sequence[int], n_gen: int) -> tuple[float, float]:
-    """The baseline: a bare llama-cpp-python generate() loop on the same Llama (same threads,
-    context and batch), greedy, no EOS check. Returns (prompt-eval seconds, decode tokens/s)."""
-    llm = backend.llama
-    llm.reset()
-    t0 = time.perf_counter()
-    t_first = t_last = t0
-    for n, _token in enumerate(llm.generate(list(prompt_ids), temp=0.0), start=1):
-        t_last = time.perf_counter()
-        if n == 1:
-            t_first = t_last
-        if n >= n_gen:
-            break
-    llm.reset()
+    """The baseline: a bare llama-cpp-python Llama.generate() loop on the same file, context and
+    threads (flash attention on unless ours is off: Llama() cannot ask for auto, which is on on a
+    CPU), greedy, no EOS check. Returns (prompt-eval seconds, decode tokens/s)."""
+    import llama_cpp
+
+    report = backend.report
+    llm = llama_cpp.Llama(
+        report.model_path,
+        n_ctx=report.n_ctx,
+        n_threads=report.n_threads,
+        n_threads_batch=report.n_threads,
+        n_gpu_layers=report.n_gpu_layers or 0,
+        flash_attn=backend.options.flash_attn != "off",
+        verbose=False,
+    )
+    try:
+        t0 = time.perf_counter()
+        t_first = t_last = t0
+        for n, _token in enumerate(llm.generate(list(prompt_ids), temp=0.0), start=1):
+            t_last = time.perf_counter()
+            if n == 1:
+                t_first = t_last
+            if n >= n_gen:
+                break
+    finally:
+        llm.close()
     return t_first - t0, (n_gen - 1) / (t_last - t_first)
 
 
@@ -181,3 +194,76 @@ BASELINES: dict[str, Callable[[Any, Sequence[int], int], tuple[float, float]]] =
     "llamacpp": bare_llamacpp,
     "hf": bare_hf,
 }
+
+
+SPEC_PROMPT = "Write a short story about a robot who learns to paint, in about three paragraphs."
+
+
+def run_spec_bench(backend: Backend, *, prompt: str = SPEC_PROMPT, n_gen: int = 256, reps: int = 3) -> dict:
+    """Speculative decoding against plain decoding on the same loaded target, interleaved (the order
+    alternates per repetition), greedy, EOS ignored: median decode tokens/s, speedup, acceptance."""
+    drafter = backend.drafter
+    if drafter is None:
+        raise ValueError("the backend has no drafter: load it with --draft or --lookup")
+    params = SamplingParams(temperature=0.0, max_tokens=n_gen, ignore_eos=True)
+    ids = backend.tokenize(backend.render_chat([{"role": "user", "content": prompt}]))
+    runs: dict[str, list] = {"plain": [], "draft": []}
+    for rep in range(-1, reps):
+        order = ("plain", "draft") if rep % 2 else ("draft", "plain")
+        for mode in order:
+            backend.drafter = drafter if mode == "draft" else None
+            try:
+                summary = generate(backend, ids, params)
+            finally:
+                backend.drafter = drafter
+            if summary.error:
+                raise RuntimeError(f"bench run failed: {summary.error}")
+            if rep >= 0:  # rep -1 is the warm-up
+                runs[mode].append(summary)
+    plain, draft = runs["plain"], runs["draft"]
+    med = statistics.median
+    plain_tps, draft_tps = med(s.decode_tps for s in plain), med(s.decode_tps for s in draft)
+    drafted = sum(s.draft_tokens for s in draft)
+    accepted = sum(s.accepted_tokens for s in draft)
+    rounds = sum(s.draft_rounds for s in draft)
+    report = backend.report
+    return {
+        "model": report.model_path,
+        "draft": report.details.get("draft"),
+        "backend": report.backend,
+        "device": report.device,
+        "n_threads": report.n_threads,
+        "n_ctx": report.n_ctx,
+        "prompt_tokens": len(ids),
+        "n_gen": n_gen,
+        "reps": reps,
+        "plain_decode_tps": plain_tps,
+        "draft_decode_tps": draft_tps,
+        "speedup": draft_tps / plain_tps,
+        "acceptance_rate": accepted / drafted if drafted else None,
+        "mean_accepted_length": accepted / rounds if rounds else None,
+        "draft_s": med(s.draft_s for s in draft),
+        "verify_s": med(s.verify_s for s in draft),
+        "same_text": all(s.text == plain[0].text for s in (*plain, *draft)),
+        "runs": {
+            "plain_decode_tps": [s.decode_tps for s in plain],
+            "draft_decode_tps": [s.decode_tps for s in draft],
+            "draft_lengths": [list(s.draft_lengths) for s in draft],
+        },
+        "machine": machine_info(),
+    }
+
+
+def format_spec_bench(r: dict) -> Sequence[str]:
+    acc = "n/a" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.0%}"
+    mean = "n/a" if r["mean_accepted_length"] is None else f"{r['mean_accepted_length']:.2f}"
+    return [
+        f"{r['backend']} on {r['device']} · {r['n_threads']} threads · draft {r['draft']} · "
+        f"prompt {r['prompt_tokens']} tok · gen {r['n_gen']} tok · greedy · median of {r['reps']}, interleaved",
+        f"{'plain decode':<22}{r['plain_decode_tps']:>10.1f} tok/s",
+        f"{'speculative decode':<22}{r['draft_decode_tps']:>10.1f} tok/s",
+        f"{'speedup':<22}{r['speedup']:>10.2f}x",
+        f"{'acceptance':<22}{acc:>10}   ({mean} accepted per round)",
+        f"{'drafting / verifying':<22}{r['draft_s']:>8.2f} s / {r['verify_s']:.2f} s per run",
+        f"{'same text as plain':<22}{'yes' if r['same_text'] else 'NO':>10}",
+    ]

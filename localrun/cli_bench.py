@@ -20,8 +20,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "model", nargs="?", help="a .gguf file, a model directory, or a catalog name (default: SmolLM2-135M-Instruct)"
     )
     p.add_argument("--n-prompt", type=int, default=512, help="prompt length in tokens (default 512)")
-    p.add_argument("--n-gen", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument(
+        "--n-gen", type=int, default=None, help="tokens to generate (default 128; 256 with --draft or --lookup)"
+    )
     p.add_argument("--reps", type=int, default=5, help="repetitions; medians are reported (default 5)")
+    p.add_argument(
+        "--prompt", default=None, help="with --draft or --lookup: the chat prompt to answer (default: a short story)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("-o", "--output", type=Path, help="also write the JSON result to this file")
     add_flags(p, LoadOptions)
@@ -37,11 +42,19 @@ def run_bench_cmd(args: argparse.Namespace) -> int:
     from localrun.bench import format_bench, run_bench
     from localrun.errors import UserError
 
-    if args.n_prompt < 8 or args.n_gen < 2 or args.reps < 1:
+    if args.n_prompt < 8 or (args.n_gen is not None and args.n_gen < 2) or args.reps < 1:
         raise UserError("--n-prompt must be at least 8, --n-gen at least 2 and --reps at least 1.")
-    backend = load_backend(args.model, from_args(LoadOptions, args))
+    options = from_args(LoadOptions, args)
+    speculative = bool(options.draft or options.lookup)
+    backend = load_backend(args.model, options)
     try:
-        result = run_bench(backend, n_prompt=args.n_prompt, n_gen=args.n_gen, reps=args.reps)
+        if speculative:
+            from localrun.bench import SPEC_PROMPT, format_spec_bench, run_spec_bench
+
+            n_gen = args.n_gen or 256
+            result = run_spec_bench(backend, prompt=args.prompt or SPEC_PROMPT, n_gen=n_gen, reps=args.reps)
+        else:
+            result = run_bench(backend, n_prompt=args.n_prompt, n_gen=args.n_gen or 128, reps=args.reps)
     finally:
         backend.close()
     text = json.dumps(result, indent=2)
@@ -49,7 +62,10 @@ def run_bench_cmd(args: argparse.Namespace) -> int:
         from localrun.catalog import write_atomic
 
         write_atomic(args.output, (text + "\n").encode())
-    print(text if args.json else "\n".join(format_bench(result)))
+    if args.json:
+        print(text)
+    else:
+        print("\n".join(format_spec_bench(result) if speculative else format_bench(result)))
     return 0
 
 

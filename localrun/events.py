@@ -11,7 +11,9 @@ class TokenStep:
 
     prefill_tokens is set on the first step only: how many prompt tokens the backend actually
     evaluated (fewer than the prompt when the KV-cache prefix was reused). drafted is set on the
-    step that closes a speculative round: how many draft tokens were proposed in that round.
+    step that opens a speculative round: how many draft tokens were proposed in that round. The
+    round's accepted drafts follow (from_draft=True) and the first step not from the draft, the
+    target's own token, closes it (a round with nothing accepted opens and closes on that step).
     """
 
     token_id: int
@@ -41,6 +43,9 @@ class GenerationSummary:
     accept_counts: tuple[int, ...] = ()
     error: str | None = None
     text: str = ""
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    draft_lengths: tuple[int, ...] = ()
 
     @property
     def cached_tokens(self) -> int:
@@ -50,6 +55,15 @@ class GenerationSummary:
     @property
     def acceptance_rate(self) -> float | None:
         return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
+
+    @property
+    def draft_rounds(self) -> int:
+        return sum(self.accept_counts)
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        """Drafted tokens accepted per speculative round."""
+        return self.accepted_tokens / self.draft_rounds if self.draft_rounds else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ def stats_line(s: GenerationSummary | GenerationEvent) -> str:
     if s.peak_vram_bytes is not None:
         parts.append(f"VRAM {fmt_bytes(s.peak_vram_bytes)}")
     if getattr(s, "draft_tokens", 0):
-        parts.append(f"draft accepted {s.accepted_tokens}/{s.draft_tokens}")
+        parts.append(f"draft accepted {s.accepted_tokens}/{s.draft_tokens} ({s.accepted_tokens / s.draft_tokens:.0%})")
     if isinstance(s, GenerationSummary) and s.backend:
         parts.append(f"{s.backend}/{s.device}")
     return " · ".join(parts)
@@ -57,6 +57,18 @@ def summary_table(s: GenerationSummary) -> list[tuple[str, str]]:
     if s.draft_tokens:
         rate = s.acceptance_rate or 0.0
         rows.append(("draft acceptance", f"{s.accepted_tokens}/{s.draft_tokens} ({rate:.0%})"))
+        rows.append(("speculative rounds", f"{s.draft_rounds}, {s.mean_accepted_length or 0:.2f} accepted per round"))
+        rows.append(("accepted per round", " ".join(f"{n}:{c}" for n, c in enumerate(s.accept_counts) if c)))
+        rows.append(("draft length over time", _lengths(s.draft_lengths)))
+        rows.append(("drafting / verifying", f"{s.draft_s:.2f} s / {s.verify_s:.2f} s"))
     if s.error:
         rows.append(("error", s.error))
     return rows
+
+
+def _lengths(lengths: tuple[int, ...], most: int = 24) -> str:
+    """Draft lengths per round; a long run shows its start and its end."""
+    if len(lengths) <= most:
+        return " ".join(map(str, lengths))
+    half = most // 2
+    return " ".join(map(str, lengths[:half])) + " … " + " ".join(map(str, lengths[-half:]))

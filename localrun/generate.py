@@ -6,11 +6,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from localrun.backends.base import Backend, Drafter
+from localrun.backends.base import Backend
 from localrun.errors import UserError
 from localrun.events import GenerationEvent, GenerationSummary, TokenStep
 from localrun.hardware import MemorySampler
 from localrun.settings import SamplingParams
+from localrun.speculative import Draft, Drafter, as_drafter
 
 _REPLACEMENT = "\ufffd"
 _MAX_HELD_TOKENS = 8  # a UTF-8 character is at most 4 byte-tokens; room for empty special tokens too
@@ -79,40 +80,76 @@ class StopMatcher:
         return text
 
 
+class _TimedDrafter:
+    """Wraps a drafter so its time is measured here, where all timing lives: the seconds spent
+    proposing, and each round's and each plain step's duration, which the drafter's adaptive draft
+    length is fed with (it cannot time itself: backends and drafters never read the clock)."""
+
+    def __init__(self, drafter: Drafter) -> None:
+        self.drafter = drafter
+        self.draft_s = 0.0
+
+    def propose(self, ids: Sequence[int], params: SamplingParams, rng) -> Draft:
+        t0 = time.perf_counter()
+        try:
+            return self.drafter.propose(ids, params, rng)
+        finally:
+            self.draft_s += time.perf_counter() - t0
+
+
 class _Stats:
     """Cumulative counters for one request; turns them into events."""
 
-    def __init__(self, prompt_tokens: int) -> None:
+    def __init__(self, prompt_tokens: int, drafter: _TimedDrafter | None = None) -> None:
         self.t_start = time.perf_counter()  # first, so TTFT includes all of our own set-up
         self.t_first: float | None = None
         self.t_last = self.t_start
+        self.t_mark = self.t_start  # when the last plain step or round ended
         self.prompt_tokens = prompt_tokens
         self.prefill_tokens = prompt_tokens
         self.generated = 0
         self.draft_tokens = 0
         self.accepted = 0
+        self.round_drafted = 0  # > 0 while a speculative round is open
         self.round_accepted = 0
         self.accept_counts: list[int] = []
+        self.draft_lengths: list[int] = []
+        self.round_s = 0.0
+        self.drafter = drafter
         self.memory = MemorySampler()
         self.text_parts: list[str] = []
 
     def on_token(self, step: TokenStep) -> None:
-        self.t_last = time.perf_counter()
-        if self.t_first is None:
-            self.t_first = self.t_last
+        now = self.t_last = time.perf_counter()
+        first = self.t_first is None
+        if first:
+            self.t_first = now
             if step.prefill_tokens is not None:
                 self.prefill_tokens = step.prefill_tokens
         self.generated += 1
+        if step.drafted:
+            self.round_drafted, self.round_accepted = step.drafted, 0
+            self.draft_tokens += step.drafted
+            self.draft_lengths.append(step.drafted)
+        self.memory.sample()
         if step.from_draft:
             self.accepted += 1
             self.round_accepted += 1
-        if step.drafted:
-            self.draft_tokens += step.drafted
-            while len(self.accept_counts) <= self.round_accepted:
-                self.accept_counts.append(0)
-            self.accept_counts[self.round_accepted] += 1
-            self.round_accepted = 0
-        self.memory.sample()
+            return
+        seconds, self.t_mark = now - self.t_mark, now
+        if self.round_drafted:
+            self._close_round(seconds)
+        elif self.drafter is not None and not first:
+            self.drafter.drafter.observe_plain(seconds)
+
+    def _close_round(self, seconds: float) -> None:
+        while len(self.accept_counts) <= self.round_accepted:
+            self.accept_counts.append(0)
+        self.accept_counts[self.round_accepted] += 1
+        self.round_s += seconds
+        if self.drafter is not None:
+            self.drafter.drafter.observe_round(self.round_drafted, self.round_accepted, seconds)
+        self.round_drafted = 0
 
     def rates(self) -> tuple[float | None, float | None, float | None]:
         """(ttft_s, prompt_tps, decode_tps); decode counts from the first token on."""
@@ -147,7 +184,10 @@ class _Stats:
         )
 
     def summary(self, finish_reason: str, backend: Backend, error: str | None) -> GenerationSummary:
+        if self.round_drafted:  # a round cut short by the token limit or a stop string
+            self._close_round(time.perf_counter() - self.t_mark)
         ttft, prompt_tps, decode_tps = self.rates()
+        draft_s = self.drafter.draft_s if self.drafter is not None else 0.0
         report = getattr(backend, "report", None)
         return GenerationSummary(
             finish_reason=finish_reason,
@@ -167,6 +207,9 @@ class _Stats:
             accept_counts=tuple(self.accept_counts),
             error=error,
             text="".join(self.text_parts),
+            draft_s=draft_s,
+            verify_s=max(self.round_s - draft_s, 0.0),
+            draft_lengths=tuple(self.draft_lengths),
         )
 
 
@@ -186,17 +229,20 @@ def stream_generate(
     params: SamplingParams,
     *,
     cancel: threading.Event | None = None,
-    drafter: Drafter | None = None,
+    drafter: Drafter | Callable[[Sequence[int]], Sequence[int]] | None = None,
 ) -> Iterator[GenerationEvent]:
     """Generate from prompt ids, yielding one GenerationEvent per token; the last has finish_reason.
 
     TTFT is first token out minus the call. Stop early with `cancel.set()` (a final event with
     finish reason "cancelled" follows) or by closing the iterator; both leave the model usable.
+    drafter defaults to the backend's own (loaded with --draft or --lookup); pass one to override.
     """
-    stats = _Stats(len(prompt_ids))
+    drafter = as_drafter(drafter if drafter is not None else getattr(backend, "drafter", None))
+    timed = _TimedDrafter(drafter) if drafter is not None else None
+    stats = _Stats(len(prompt_ids), timed)
     detok = IncrementalDetokenizer(backend.detokenize)
     stops = StopMatcher(params.stop)
-    steps = backend.generate_tokens(prompt_ids, params, drafter)
+    steps = backend.generate_tokens(prompt_ids, params, timed)
     finish, error, stop_hit = None, None, False
     try:
         check_prompt_fits(len(prompt_ids), backend.report.n_ctx)

@@ -88,6 +88,9 @@ class SamplingParams(BaseModel):
     ignore_eos: Annotated[bool, Meta("Ignore end-of-sequence", "output")] = Field(
         False, description="Keep generating past the end-of-sequence token (for benchmarks)."
     )
+    grammar: Annotated[str | None, Meta("Grammar (GBNF)", "output", backend="llamacpp", ui=False)] = Field(
+        None, description="llama.cpp: a GBNF grammar the reply must follow (e.g. JSON from a schema)."
+    )
 
     def replace(self, **changes: Any) -> Any:
         """A copy with some fields changed, validated (raises UserError on a bad value)."""
@@ -122,11 +125,11 @@ class LoadOptions(BaseModel):
     n_gpu_layers: Annotated[int | None, Meta("GPU layers", _LLAMA, _LLAMA)] = Field(
         None, ge=-1, description="llama.cpp: layers on the GPU (-1 = all; default: all when they fit, else 0)."
     )
-    flash_attn: Annotated[bool, Meta("Flash attention", _LLAMA, _LLAMA)] = Field(
-        False, description="llama.cpp: use flash attention."
+    flash_attn: Annotated[Literal["auto", "on", "off"], Meta("Flash attention", _LLAMA, _LLAMA)] = Field(
+        "auto", description="llama.cpp: flash attention (auto: on wherever the device supports it, as in llama.cpp)."
     )
     kv_type: Annotated[KvType, Meta("KV-cache type", _LLAMA, _LLAMA)] = Field(
-        "f16", description="llama.cpp: KV-cache type (q8_0/q4_0 need flash attention)."
+        "f16", description="llama.cpp: KV-cache type (q8_0/q4_0 need flash attention: not off)."
     )
     dtype: Annotated[Literal["auto", "float32", "float16", "bfloat16"], Meta("Weight dtype", _HF, _HF)] = Field(
         "auto", description="transformers: weight dtype (auto: bf16/fp16 on GPU, fp32 on CPU)."
@@ -154,6 +157,21 @@ class LoadOptions(BaseModel):
     )
     trust_remote_code: Annotated[bool, Meta("Trust remote code", _HF, _HF, ui=False)] = Field(
         False, description="transformers: run the model repository's own Python code."
+    )
+    draft: Annotated[str | None, Meta("Draft model", "draft", ui=False)] = Field(
+        None,
+        description="Speculative decoding: a smaller model sharing the target's vocabulary (.gguf, directory or catalog name).",
+    )
+    draft_max: Annotated[int, Meta("Most drafted tokens per round", "draft", ui=False)] = Field(
+        16, ge=1, le=64, description="Speculative decoding: most tokens drafted per round."
+    )
+    draft_mode: Annotated[Literal["adaptive", "fixed"], Meta("Draft length", "draft", ui=False)] = Field(
+        "adaptive",
+        description="Speculative decoding: adaptive grows and shrinks the draft length and pauses drafting when it does not pay; fixed always drafts draft_max.",
+    )
+    lookup: Annotated[bool, Meta("Prompt lookup drafting", "draft", ui=False)] = Field(
+        False,
+        description="Speculative decoding: draft by n-gram lookup in the prompt and the reply so far (no draft model).",
     )
 
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from localrun.backends.base import Backend, Drafter, LoadReport, ResolvedModel
+from localrun.backends.base import Backend, LoadReport, ResolvedModel
 from localrun.errors import UserError
 from localrun.settings import LoadOptions
 
-__all__ = ["Backend", "Drafter", "LoadReport", "ResolvedModel", "backend_for", "load_backend", "pick_backend"]
+__all__ = ["Backend", "LoadReport", "ResolvedModel", "backend_for", "load_backend", "pick_backend"]
 
 
 def backend_for(kind: str, backend: str = "auto") -> str:

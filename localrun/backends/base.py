@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from localrun.events import TokenStep
 from localrun.settings import SamplingParams
 
-# A drafter proposes the next tokens given everything so far (prompt + generated).
-Drafter = Callable[[Sequence[int]], Sequence[int]]
+if TYPE_CHECKING:  # numpy stays out of `localrun --help`
+    from localrun.speculative import Drafter
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +67,9 @@ class Backend(Protocol):
 
     Capabilities are class flags. generate_tokens() may `return "length"` when the context is
     full; a plain end (end-of-generation token) means finish reason "stop". Closing the
-    generator early (cancellation) must leave the model ready for the next request.
+    generator early (cancellation) must leave the model ready for the next request. A backend
+    with supports_draft verifies a drafter's proposals (speculative.Drafter: propose() and the
+    observe_* feedback) and marks accepted tokens from_draft.
     """
 
     name: str

@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from localrun.backends.base import Drafter, LoadReport, ResolvedModel
+from localrun.backends.base import LoadReport, ResolvedModel
 from localrun.backends.hf_load import DTYPE_NAMES, load_model
 from localrun.errors import UserError
 from localrun.events import TokenStep
 from localrun.settings import LoadOptions, SamplingParams, effective_n_ctx
+from localrun.speculative import Drafter
 
 _POLL_S = 0.1  # how often a waiting reader checks that the generate thread is still alive
 _JOIN_S = 30.0  # a cancelled generate() stops within one forward pass; this is only a safety net
@@ -112,6 +113,10 @@ class HFBackend:
 
     def __init__(self, model: ResolvedModel, options: LoadOptions | None = None) -> None:
         options = options or LoadOptions()
+        if options.draft or options.lookup:
+            raise UserError(
+                "Speculative decoding (--draft, --lookup) runs on the llama.cpp backend only for now: drop it, or use a GGUF."
+            )
         self.options = options
         self._busy = threading.Lock()
         t0 = time.perf_counter()

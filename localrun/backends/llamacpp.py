@@ -1,4 +1,4 @@
-"""GGUF models through llama-cpp-python."""
+"""GGUF models through llama.cpp, driven by our own decode loop on its C API (llama_ctx.py)."""
 
 from __future__ import annotations
 
@@ -7,22 +7,38 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from localrun.backends.base import Drafter, LoadReport, ResolvedModel
+import numpy as np
+
+from localrun.backends.base import LoadReport, ResolvedModel
+from localrun.backends.llama_ctx import LlamaRunner, SamplerChain, open_model
 from localrun.chat_template import render_chat
 from localrun.errors import UserError
 from localrun.events import TokenStep
 from localrun.hardware import llama_cpp_build, physical_cores
 from localrun.settings import LoadOptions, SamplingParams, effective_n_ctx
+from localrun.speculative import (
+    Draft,
+    Drafter,
+    VocabSummary,
+    accept_sampled,
+    filtered_probs,
+    sample_from,
+    sample_ids,
+)
 
+# Why a big context once cost ~20 % of decode speed: without flash attention llama.cpp stores V
+# transposed (one row of n_ctx values per channel), so at n_ctx 8192 a decode step reads the used
+# part of 576 rows per layer lying 16 KiB apart: a page per row (TLB misses) and 4 KiB-aliased cache
+# sets. Flash attention (auto, the default, on on CPUs) keeps V row-major; bench/ctx_cap.py measures.
 _KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # GGML_TYPE_* values
 
 
 class LlamaCppBackend:
     """A loaded GGUF. The KV cache keeps the previous request's tokens, so a chat's next turn
-    evaluates only what is new (llama-cpp-python's generate() matches the longest prefix)."""
+    evaluates only what is new (the longest common prefix is kept)."""
 
     name = "llamacpp"
-    supports_draft = False
+    supports_draft = True
 
     def __init__(self, model: ResolvedModel, options: LoadOptions | None = None) -> None:
         from localrun.gguf_info import inspect_gguf
@@ -31,12 +47,24 @@ class LlamaCppBackend:
         path = model.path
         self.info = inspect_gguf(path)  # catches corrupt files before llama.cpp can crash on them
         self.options = options
-        self._llm = None
+        self._model = None
+        self._runner: LlamaRunner | None = None
+        self.drafter: Drafter | None = None
         self.report = self._load(Path(path), options)
+        if options.draft or options.lookup:
+            from localrun.speculative import load_drafter
+
+            try:
+                self.drafter = load_drafter(self, options)
+            except BaseException:
+                self.close()
+                raise
+            if options.draft:
+                self.report = _with_detail(self.report, "draft", Path(self.drafter.backend.report.model_path).name)
+            else:
+                self.report = _with_detail(self.report, "draft", "prompt lookup")
 
     def _load(self, path: Path, options: LoadOptions) -> LoadReport:
-        import llama_cpp
-
         if (
             options.device == "mps"
             and not llama_cpp_build()["metal"]
@@ -50,38 +78,33 @@ class LlamaCppBackend:
         n_threads = options.n_threads or physical_cores()
         n_gpu_layers = self._gpu_layers(path, options, n_ctx)
         kv = _KV_TYPES[options.kv_type]
-        if options.kv_type != "f16" and not options.flash_attn:
+        if options.kv_type != "f16" and options.flash_attn == "off":
             raise UserError(
-                f"A {options.kv_type} KV cache needs flash attention: add --flash-attn, or use --kv-type f16."
+                f"A {options.kv_type} KV cache needs flash attention: use --flash-attn auto or on, or --kv-type f16."
             )
         t0 = time.perf_counter()
         try:
-            self._llm = llama_cpp.Llama(
-                model_path=str(path),
-                n_ctx=n_ctx,
-                n_threads=n_threads,
-                n_threads_batch=n_threads,
-                n_gpu_layers=n_gpu_layers,
-                flash_attn=options.flash_attn,
-                type_k=kv,
-                type_v=kv,
-                verbose=False,
+            self._model = open_model(str(path), n_gpu_layers=n_gpu_layers)
+            self._runner = LlamaRunner(
+                self._model, n_ctx=n_ctx, n_threads=n_threads, flash_attn=options.flash_attn, kv_type=kv
             )
         except ValueError as exc:
             raise UserError(f"llama.cpp could not load {path.name}: {exc}.") from None
         load_s = time.perf_counter() - t0
         device = "cpu" if n_gpu_layers == 0 else ("metal" if llama_cpp_build()["metal"] else "cuda")
+        details = {"quant": self.info.file_type} if getattr(self.info, "file_type", None) else {}
+        details["flash-attn"] = options.flash_attn
         return LoadReport(
             backend=self.name,
             device=device,
             model_path=str(path),
-            n_ctx=n_ctx,
+            n_ctx=self._runner.n_ctx,
             n_threads=n_threads,
             n_gpu_layers=n_gpu_layers,
-            kv_cache=options.kv_type + (" · flash-attn" if options.flash_attn else ""),
+            kv_cache=options.kv_type,
             load_s=load_s,
             weights_bytes=self.info.file_bytes,
-            details={"quant": self.info.file_type} if getattr(self.info, "file_type", None) else {},
+            details=details,
         )
 
     def _gpu_layers(self, path: Path, options: LoadOptions, n_ctx: int) -> int:
@@ -98,80 +121,240 @@ class LlamaCppBackend:
     # -- the Backend protocol -------------------------------------------------------------
 
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
-        bos = self._token_text(self._llm.token_bos())
+        bos = self._token_text(self._model.token_bos())
         wants_bos = self.info.add_bos_token
         if wants_bos is None:  # older GGUFs leave it out: llama.cpp's default for the vocab type decides
-            wants_bos = self._llm._model.add_bos_token()
+            wants_bos = self._model.add_bos_token()
         add_bos = bool(wants_bos) and not (bos and text.startswith(bos))
-        return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+        return self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        return self._llm.detokenize(list(ids)).decode("utf-8", errors="replace")
+        return self._model.detokenize(list(ids)).decode("utf-8", errors="replace")
 
     def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
         return render_chat(
             self.info.chat_template,
             messages,
-            bos_token=self._token_text(self._llm.token_bos()),
-            eos_token=self._token_text(self._llm.token_eos()),
+            bos_token=self._token_text(self._model.token_bos()),
+            eos_token=self._token_text(self._model.token_eos()),
         )
 
     def generate_tokens(
         self, prompt_ids: Sequence[int], params: SamplingParams, drafter: Drafter | None = None
     ) -> Iterator[TokenStep]:
-        import llama_cpp
-
-        if drafter is not None:
-            raise UserError("Speculative decoding is not available on the llama.cpp backend yet.")
-        llm = self._llm
-        n_ctx = llm.n_ctx()  # stream_generate checked that the prompt leaves room
-        prefill = self._prefill_count(prompt_ids)
-        llm.set_seed(params.seed if params.seed is not None else random.randrange(2**31))
-        vocab = llm._model.vocab
-        budget = n_ctx - len(prompt_ids)
-        tokens = llm.generate(
-            list(prompt_ids),
-            top_k=params.top_k,
-            top_p=params.top_p,
-            min_p=params.min_p,
-            temp=params.temperature,
-            repeat_penalty=params.repeat_penalty,
-        )
+        """Our decode loop on the C API: prefill what the KV cache lacks, then per token one decode
+        and one draw from llama.cpp's sampler chain. With a drafter, speculative rounds instead."""
+        runner = self._runner
+        n_ctx = runner.n_ctx
+        if not prompt_ids or len(prompt_ids) >= n_ctx:
+            raise UserError(
+                f"The prompt is {len(prompt_ids)} tokens and the context {n_ctx}: it must be 1 to {n_ctx - 1} tokens; shorten it or load with a larger --n-ctx."
+            )
+        seed = params.seed if params.seed is not None else random.randrange(2**31)
+        prefill = self._prefill(prompt_ids)
+        chain = SamplerChain(runner, params, seed=seed, history=prompt_ids)
         try:
-            for i, token in enumerate(tokens):
-                if not params.ignore_eos and llama_cpp.llama_vocab_is_eog(vocab, token):
+            if drafter is not None and self._can_draft(params):
+                return (yield from self._speculative(prompt_ids, params, chain, drafter, prefill, seed))
+            budget = n_ctx - len(prompt_ids)
+            token = chain.sample(-1)
+            n = 0
+            while True:
+                if not params.ignore_eos and runner.is_eog(token):
                     return None
-                yield TokenStep(token, prefill_tokens=prefill if i == 0 else None)
-                if i + 1 >= budget:
+                yield TokenStep(token, prefill_tokens=prefill if n == 0 else None)
+                n += 1
+                if n >= budget:
                     return "length"
+                runner.step(token)
+                token = chain.sample(-1)
         finally:
-            tokens.close()
+            chain.close()
 
-    def _prefill_count(self, prompt_ids: Sequence[int]) -> int:
-        """How many prompt tokens generate() will evaluate, by the same prefix rule it applies."""
-        llm = self._llm
-        cached = list(llm.input_ids[: llm.n_tokens])
-        common = 0
-        for a, b in zip(cached, prompt_ids, strict=False):
-            if a != b:
-                break
-            common += 1
-        if common == len(prompt_ids):
-            exact = llm.n_tokens == len(prompt_ids) and not getattr(llm, "_requires_eval", True)
-            return 0 if exact else 1
-        return len(prompt_ids) - common
+    def _can_draft(self, params: SamplingParams) -> bool:
+        # a grammar lives in the C chain, which the sampled (temperature > 0) verify does not use
+        return params.temperature <= 0 or not params.grammar
+
+    def _prefill(self, prompt_ids: Sequence[int]) -> int:
+        """Evaluate what the KV cache does not hold yet; returns that count (0 when the cache holds
+        exactly this prompt and its logits are still live)."""
+        runner = self._runner
+        if runner.logits_live and runner.n_cached == len(prompt_ids) and runner.cached() == list(prompt_ids):
+            return 0
+        keep = runner.reuse_prefix(prompt_ids)
+        runner.eval(prompt_ids[keep:])
+        return len(prompt_ids) - keep
+
+    def _speculative(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        chain: SamplerChain,
+        drafter: Drafter,
+        prefill: int,
+        seed: int,
+    ) -> Iterator[TokenStep]:
+        """Rounds of: draft k tokens, verify [last, d1..dk] in one batch (logits for those k+1 rows
+        only), keep the agreeing prefix plus one token of the target's own, trim the KV cache."""
+        runner = self._runner
+        rng = np.random.default_rng(seed)
+        greedy = params.temperature <= 0
+        history = list(prompt_ids)
+        limit = runner.n_ctx - len(prompt_ids)  # tokens we may emit
+        token, first, opens = chain.sample(-1), True, 0
+        while True:
+            if not params.ignore_eos and runner.is_eog(token):
+                return None
+            yield TokenStep(token, prefill_tokens=prefill if first else None, drafted=opens)
+            first = False
+            history.append(token)
+            emitted = len(history) - len(prompt_ids)
+            if emitted >= limit:
+                return "length"
+            room = min(runner.n_ctx - runner.n_cached - 2, limit - emitted - 1, runner.max_verify - 1)
+            draft = drafter.propose(history, params, rng) if room > 0 else Draft()
+            if not draft.tokens:
+                runner.step(token)
+                token, opens = chain.sample(-1), 0
+                continue
+            drafted = draft.tokens[:room]
+            n_past = runner.n_cached
+            runner.eval_all([token, *drafted])
+            if greedy:
+                n_ok, token = self._accept_greedy(chain, drafted)
+            else:
+                probs = None if draft.probs is None else draft.probs[:room]
+                n_ok, token = self._accept_sampled(params, history, Draft(drafted, probs), rng)
+                for t in (*drafted[:n_ok], token):
+                    chain.accept(t)
+            runner.trim(n_past + 1 + n_ok)
+            for i, t in enumerate(drafted[:n_ok]):
+                if not params.ignore_eos and runner.is_eog(t):
+                    return None
+                yield TokenStep(t, from_draft=True, drafted=len(drafted) if i == 0 else 0)
+                history.append(t)
+            opens = len(drafted) if n_ok == 0 else 0  # a round with nothing accepted opens on the target's token
+
+    def _accept_sampled(
+        self, params: SamplingParams, history: list[int], draft: Draft, rng: np.random.Generator
+    ) -> tuple[int, int]:
+        """Speculative sampling; the target's row i gets the same filters the C chain applies,
+        recomputed in numpy (the chain cannot hand out its probabilities)."""
+
+        def row(i: int) -> np.ndarray:
+            return filtered_probs(self._runner.logits(i), params, history + list(draft.tokens[:i]))
+
+        return accept_sampled(row, draft, rng)
+
+    @staticmethod
+    def _accept_greedy(chain: SamplerChain, drafted: Sequence[int]) -> tuple[int, int]:
+        """Row i of the verify batch is the target's choice after drafted[:i]; the chain records each."""
+        for i, d in enumerate(drafted):
+            own = chain.sample(i)
+            if own != d:
+                return i, own
+        return len(drafted), chain.sample(len(drafted))
 
     def _token_text(self, token_id: int) -> str:
         if token_id < 0:
             return ""
-        return self._llm.detokenize([token_id], special=True).decode("utf-8", errors="replace")
+        return self._model.detokenize([token_id], special=True).decode("utf-8", errors="replace")
 
     def close(self) -> None:
-        if self._llm is not None:
-            self._llm.close()
-            self._llm = None
+        if self.drafter is not None:
+            self.drafter.close()
+            self.drafter = None
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
+        if self._model is not None:
+            self._model.close()
+            self._model = None
 
-    @property
-    def llama(self):
-        """The underlying llama_cpp.Llama (for the bench's bare baseline)."""
-        return self._llm
+    # -- drafting: this backend as a target, and as a draft model ------------------------------
+
+    def load_draft(self, model, options: LoadOptions) -> LlamaCppBackend:
+        """Load a draft GGUF for this target: its vocabulary is checked first (vocab only, fast),
+        then it loads with the target's context, threads and flash-attention settings."""
+        if model.kind != "gguf":
+            raise UserError(f"The draft model {model.name} is not a GGUF: a llama.cpp target needs a GGUF draft.")
+        check_draft_vocab(self, model.path)
+        draft_options = options.model_copy(
+            update={"draft": None, "lookup": False, "n_ctx": self.report.n_ctx, "kv_type": "f16"}
+        )
+        return LlamaCppBackend(model, draft_options)
+
+    def vocab_summary(self) -> VocabSummary:
+        return vocab_summary_of(self._model)
+
+    def propose_tokens(
+        self, ids: Sequence[int], n: int, params: SamplingParams, rng: np.random.Generator, *, p_min: float = 0.0
+    ) -> Draft:
+        """As a draft model: up to n tokens after ids, greedy at temperature 0, else drawn from the
+        same filtered distribution the target uses (returned, for the acceptance rule). Stops early
+        where the greedy draft's own top probability is below p_min."""
+        runner = self._runner
+        if len(ids) + n >= runner.n_ctx:
+            return Draft()
+        keep = runner.reuse_prefix(ids)
+        runner.eval(ids[keep:])
+        tokens: list[int] = []
+        rows: list[np.ndarray] = []
+        greedy = params.temperature <= 0
+        for j in range(n):
+            logits = runner.logits(-1)
+            if greedy:
+                tok = int(np.argmax(logits))
+                if p_min > 0 and j > 0 and _top_prob(logits, tok) < p_min:
+                    break
+            else:
+                q = filtered_probs(logits, params)
+                tok = sample_from(q, rng)
+                rows.append(q)
+            tokens.append(tok)
+            if j + 1 < n:
+                runner.step(tok)
+        return Draft(tuple(tokens), np.stack(rows) if rows else None)
+
+
+def _with_detail(report: LoadReport, key: str, value: str) -> LoadReport:
+    from dataclasses import replace
+
+    return replace(report, details={**report.details, key: value})
+
+
+def _top_prob(logits: np.ndarray, token: int) -> float:
+    """softmax(logits)[token], without building the whole distribution twice."""
+    top = logits[token]
+    return float(1.0 / np.exp(logits - top).sum())
+
+
+def vocab_summary_of(model) -> VocabSummary:
+    """The vocabulary facts a draft must share: size, special tokens, a sample of token texts."""
+    import llama_cpp
+
+    vocab = model.vocab
+    n = llama_cpp.llama_vocab_n_tokens(vocab)
+    specials = {
+        "beginning-of-sequence": llama_cpp.llama_vocab_bos(vocab),
+        "end-of-sequence": llama_cpp.llama_vocab_eos(vocab),
+        "end-of-turn": llama_cpp.llama_vocab_eot(vocab),
+    }
+    texts = {i: model.token_to_piece(i, special=True).rstrip(b"\0").decode("utf-8", "replace") for i in sample_ids(n)}
+    return VocabSummary(n, specials, texts)
+
+
+def check_draft_vocab(target: LlamaCppBackend, draft_path: str | Path) -> None:
+    """Compare the draft's vocabulary with the target's, loading only the draft's vocabulary."""
+    from localrun.gguf_info import inspect_gguf
+    from localrun.speculative import check_compatible
+
+    inspect_gguf(draft_path)  # a corrupt draft is refused with the validator's sentence
+    try:
+        model = open_model(str(draft_path), vocab_only=True)
+    except ValueError as exc:
+        raise UserError(f"llama.cpp could not read the draft model {Path(draft_path).name}: {exc}.") from None
+    try:
+        check_compatible(target.vocab_summary(), vocab_summary_of(model), Path(draft_path).name)
+    finally:
+        model.close()

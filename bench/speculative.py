@@ -1,0 +1,169 @@
+"""Speculative decoding, greedy, a 256-token answer: ours against our plain decode (same run,
+interleaved) and against llama.cpp's `llama-speculative-simple` on the same target/draft pair.
+
+    python bench/speculative.py [--cache DIR] [--threads N] [--reps 3] [--n-gen 256] [--only NAME ...]
+
+Pairs, all made by `localrun quantize` from the default model: f32-q8 (F32 target, Q8_0 draft;
+also run by llama-speculative-simple with --draft-max 4), and in adaptive mode f32-q4 (F32/Q4_0),
+f16-q4 (F16/Q4_0), self-q4 (the default Q4_1 with its own Q4_0); lookup: prompt lookup on a prompt
+whose answer copies its input. Writes bench/results/speculative-cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from _common import default_model, llama_tool, localrun, median, physical_cores, run, write_result
+
+STORY = "Write a short story about a robot who learns to paint, in about three paragraphs."
+COPY = (
+    "Repeat this list with one change, replacing plums with peaches, and keep everything else exactly: "
+    + ", ".join(
+        f"item {i}: {w}"
+        for i, w in enumerate(
+            "apples pears plums cherries grapes lemons limes melons figs dates kiwis mangoes papayas".split()
+        )
+    )
+    + "."
+)
+
+
+def make_models(cache: Path) -> dict[str, Path]:
+    cache.mkdir(parents=True, exist_ok=True)
+    wanted = ("F32", "F16", "Q8_0", "Q4_0")
+    found = {t: next(iter(sorted(cache.glob(f"*{t}*.gguf"))), None) for t in wanted}
+    missing = [t for t, p in found.items() if p is None]
+    if missing:
+        args = ["quantize", "default", "--allow-requantize", "-o", str(cache)]
+        for t in missing:
+            args += ["--to", t]
+        localrun(*args)
+        found = {t: next(iter(sorted(cache.glob(f"*{t}*.gguf")))) for t in wanted}
+    return {**found, "default": default_model()}
+
+
+def ours(target: Path, threads: int, reps: int, n_gen: int, prompt: str, *flags: str) -> dict:
+    out = localrun(
+        "bench",
+        str(target),
+        *flags,
+        "--json",
+        "--reps",
+        str(reps),
+        "--n-gen",
+        str(n_gen),
+        "--n-threads",
+        str(threads),
+        "--prompt",
+        prompt,
+    )
+    return json.loads(out.stdout)
+
+
+def theirs(target: Path, draft: Path, threads: int, n_gen: int, prompt_text: str, draft_max: int) -> dict:
+    out = run(
+        [
+            str(llama_tool("llama-speculative-simple")),
+            "-m",
+            str(target),
+            "-md",
+            str(draft),
+            "--spec-type",
+            "draft-simple",
+            "--spec-draft-n-max",
+            str(draft_max),
+            "-p",
+            prompt_text,
+            "-n",
+            str(n_gen),
+            "--temp",
+            "0",
+            "-t",
+            str(threads),
+            "-td",
+            str(threads),
+            "-c",
+            "4096",
+            "--ignore-eos",
+        ]
+    )
+    log = out.stdout + out.stderr
+    speed = float(re.search(r"decoded\s+\d+ tokens in\s+[\d.]+ seconds, speed:\s+([\d.]+) t/s", log).group(1))
+    accept = float(re.search(r"accept\s+=\s+([\d.]+)%", log).group(1)) / 100
+    return {"decode_tps": speed, "acceptance_rate": accept}
+
+
+def chat_text(target: Path, prompt: str) -> str:
+    """The chat-formatted prompt, so llama-speculative-simple answers the same request."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from localrun.backends import load_backend
+    from localrun.settings import LoadOptions
+
+    b = load_backend(target, LoadOptions(n_ctx=256))
+    try:
+        return b.render_chat([{"role": "user", "content": prompt}])
+    finally:
+        b.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache/localrun/bench-spec")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--n-gen", type=int, default=256)
+    ap.add_argument("--only", nargs="*", default=None, help="f32-q8 f32-q4 f16-q4 self-q4 lookup")
+    ap.add_argument("--name", default="speculative-cpu")
+    a = ap.parse_args()
+    threads = a.threads or physical_cores()
+    m = make_models(a.cache)
+    cases = {
+        "f32-q8": (m["F32"], ["--draft", str(m["Q8_0"])], STORY, m["Q8_0"]),
+        "f32-q4": (m["F32"], ["--draft", str(m["Q4_0"])], STORY, None),
+        "f16-q4": (m["F16"], ["--draft", str(m["Q4_0"])], STORY, None),
+        "self-q4": (m["default"], ["--draft", str(m["Q4_0"])], STORY, None),
+        "lookup": (m["default"], ["--lookup"], COPY, None),
+    }
+    results = {}
+    for name, (target, flags, prompt, llama_draft) in cases.items():
+        if a.only and name not in a.only:
+            continue
+        r = {"target": str(target), "flags": flags}
+        if llama_draft is None:
+            r["ours"] = ours(target, threads, a.reps, a.n_gen, prompt, *flags)
+        else:  # ours (itself interleaved with plain) and llama-speculative-simple, alternating
+            text, runs, spec = chat_text(target, prompt), [], []
+            for rep in range(a.reps):
+                order = ("ours", "theirs") if rep % 2 == 0 else ("theirs", "ours")
+                for side in order:
+                    if side == "ours":
+                        runs.append(ours(target, threads, 1, a.n_gen, prompt, *flags))
+                    else:
+                        spec.append(theirs(target, llama_draft, threads, a.n_gen, text, 4))
+            r["ours_runs"] = runs
+            r["llama_speculative_simple"] = spec
+            ours_tps = median([x["draft_decode_tps"] for x in runs])
+            r["ours"] = {
+                "draft_decode_tps": ours_tps,
+                "plain_decode_tps": median([x["plain_decode_tps"] for x in runs]),
+                "acceptance_rate": median([x["acceptance_rate"] for x in runs]),
+            }
+            r["ours"]["speedup"] = ours_tps / r["ours"]["plain_decode_tps"]
+            r["ours_over_llama_speculative_simple"] = ours_tps / median([x["decode_tps"] for x in spec])
+        results[name] = r
+        o = r["ours"]
+        line = f"{name:<8} speedup {o['speedup']:.2f}x vs plain, acceptance {o['acceptance_rate'] or 0:.0%}"
+        if "ours_over_llama_speculative_simple" in r:
+            line += f", {r['ours_over_llama_speculative_simple']:.2f}x llama-speculative-simple"
+        print(line, flush=True)
+    path = write_result(a.name, {"threads": threads, "reps": a.reps, "n_gen": a.n_gen, "cases": results})
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()

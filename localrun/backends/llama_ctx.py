@@ -1,0 +1,216 @@
+"""A llama.cpp context driven directly through the C API: our own decode loop's building blocks.
+
+`LlamaRunner` owns a context and the bookkeeping of which tokens sit in its KV cache (sequence 0),
+and decodes with preallocated batches, asking for logits only where they are needed. `SamplerChain`
+is llama.cpp's own sampler chain, built once per request. No llama_cpp.Llama: its constructor
+cannot ask for flash attention "auto", and its generate() does per-token work we do not need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import llama_cpp
+import numpy as np
+
+from localrun.settings import SamplingParams
+
+PENALTY_LAST_N = 64  # llama.cpp's default repeat window (llama-cli --repeat-last-n)
+
+
+FLASH_ATTN_TYPES = {"auto": -1, "off": 0, "on": 1}  # LLAMA_FLASH_ATTN_TYPE_*
+
+
+def open_model(path: str, *, n_gpu_layers: int = 0, vocab_only: bool = False):
+    """A llama.cpp model (llama_cpp._internals.LlamaModel), quietly; raises ValueError on failure."""
+    from llama_cpp import _internals
+    from llama_cpp._logger import set_verbose
+
+    set_verbose(False)  # llama.cpp's log goes to a Python callback: errors only
+    llama_cpp.llama_backend_init()  # cheap and idempotent (timer and fp16 tables)
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers
+    params.vocab_only = vocab_only
+    return _internals.LlamaModel(path_model=path, params=params, verbose=False)
+
+
+class LlamaRunner:
+    """One llama.cpp model and context; decodes into it and knows which tokens its KV cache holds."""
+
+    def __init__(
+        self,
+        model,
+        *,
+        n_ctx: int,
+        n_threads: int,
+        flash_attn: str = "auto",
+        kv_type: int = 1,
+        n_batch: int = 2048,
+        n_ubatch: int = 512,
+        max_verify: int = 65,
+    ) -> None:
+        from llama_cpp import _internals
+
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = min(n_ctx, n_batch)
+        params.n_ubatch = min(params.n_batch, n_ubatch)
+        params.n_seq_max = 1
+        params.n_threads = params.n_threads_batch = n_threads
+        params.flash_attn_type = FLASH_ATTN_TYPES[flash_attn]
+        params.type_k = params.type_v = kv_type
+        params.no_perf = True
+        self.model = model
+        self._context = _internals.LlamaContext(model=model, params=params, verbose=False)
+        self.ctx = self._context.ctx
+        self.vocab = model.vocab
+        self.mem = llama_cpp.llama_get_memory(self.ctx)
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_batch = llama_cpp.llama_n_batch(self.ctx)
+        self.tokens = np.zeros(self.n_ctx, dtype=np.intc)  # what the KV cache holds, positions 0..n_cached-1
+        self.n_cached = 0
+        self._live_at = -1  # n_cached when the last decode's last logits row was made
+        self._one = (llama_cpp.llama_token * 1)()
+        self._one_batch = llama_cpp.llama_batch_get_one(self._one, 1)  # reused for every decode step
+        self._chunk = (llama_cpp.llama_token * self.n_batch)()
+        self.max_verify = max_verify
+        self._verify = llama_cpp.llama_batch_init(max_verify, 0, 1)
+
+    @property
+    def logits_live(self) -> bool:
+        """Whether the last logits row belongs to the last cached token."""
+        return self._live_at == self.n_cached
+
+    def cached(self) -> list[int]:
+        return self.tokens[: self.n_cached].tolist()
+
+    def reuse_prefix(self, ids: Sequence[int]) -> int:
+        """Keep the longest cached prefix of ids (at most len(ids) - 1, so the last token is evaluated
+        again and gives fresh logits), drop the rest; returns how many tokens are kept."""
+        cached = self.tokens[: self.n_cached]
+        n = min(len(cached), len(ids))
+        if n:
+            same = np.asarray(ids[:n], dtype=np.intc) == cached[:n]
+            common = n if same.all() else int(np.argmin(same))
+        else:
+            common = 0
+        keep = min(common, len(ids) - 1)
+        self.trim(keep)
+        return self.n_cached
+
+    def trim(self, n: int) -> None:
+        """Forget cached tokens from position n on."""
+        if n >= self.n_cached:
+            return
+        if not llama_cpp.llama_memory_seq_rm(self.mem, 0, n, -1):  # recurrent models: all or nothing
+            llama_cpp.llama_memory_clear(self.mem, True)
+            n = 0
+        self.n_cached = n
+
+    def clear(self) -> None:
+        llama_cpp.llama_memory_clear(self.mem, True)
+        self.n_cached = 0
+
+    def eval(self, ids: Sequence[int]) -> None:
+        """Decode tokens after the cache in n_batch chunks; logits for the last one only."""
+        for start in range(0, len(ids), self.n_batch):
+            part = ids[start : start + self.n_batch]
+            n = len(part)
+            self._chunk[:n] = part
+            self._decode(llama_cpp.llama_batch_get_one(self._chunk, n), part)
+
+    def step(self, token: int) -> None:
+        """Decode one token (the per-token path: one ctypes store and one call)."""
+        self._one[0] = token
+        rc = llama_cpp.llama_decode(self.ctx, self._one_batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        n = self.n_cached
+        self.tokens[n] = token
+        self.n_cached = self._live_at = n + 1
+
+    def eval_all(self, ids: Sequence[int]) -> None:
+        """Decode a few tokens with logits for every one of them (a speculative verify batch)."""
+        if len(ids) > self.max_verify:
+            raise ValueError(f"verify batch of {len(ids)} > {self.max_verify}")
+        b = self._verify
+        pos0 = self.n_cached
+        for i, token in enumerate(ids):
+            b.token[i] = token
+            b.pos[i] = pos0 + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = 1
+        b.n_tokens = len(ids)
+        self._decode(b, ids)
+
+    def _decode(self, batch: llama_cpp.llama_batch, ids: Sequence[int]) -> None:
+        rc = llama_cpp.llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        n = self.n_cached
+        self.tokens[n : n + len(ids)] = ids
+        self.n_cached = self._live_at = n + len(ids)
+
+    def logits(self, i: int = -1) -> np.ndarray:
+        """A view (no copy) of the logits of output row i of the last decode."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def is_eog(self, token: int) -> bool:
+        return llama_cpp.llama_vocab_is_eog(self.vocab, token)
+
+    def close(self) -> None:
+        if self._verify is not None:
+            llama_cpp.llama_batch_free(self._verify)
+            self._verify = None
+        self._context.close()
+
+
+class SamplerChain:
+    """llama.cpp's sampler chain for one request: penalties, grammar, top-k, top-p, min-p,
+    temperature, then a seeded draw (or greedy at temperature 0), the order llama-cpp-python uses."""
+
+    def __init__(self, runner: LlamaRunner, params: SamplingParams, *, seed: int, history: Sequence[int] = ()) -> None:
+        self.chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if params.repeat_penalty != 1.0:
+            penalties = llama_cpp.llama_sampler_init_penalties(
+                runner.n_vocab, PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0
+            )
+            for token in history[-PENALTY_LAST_N:]:  # the prompt's tail counts as recent text
+                llama_cpp.llama_sampler_accept(penalties, token)
+            self._add(penalties)
+        if params.grammar:
+            grammar = llama_cpp.llama_sampler_init_grammar(runner.vocab, params.grammar.encode(), b"root")
+            if not grammar:
+                self.close()
+                from localrun.errors import UserError
+
+                raise UserError("The grammar could not be parsed: check its GBNF syntax (it needs a root rule).")
+            self._add(grammar)
+        if params.temperature <= 0:
+            self._add(llama_cpp.llama_sampler_init_greedy())
+        else:
+            self._add(llama_cpp.llama_sampler_init_top_k(params.top_k))
+            self._add(llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+            self._add(llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+            self._add(llama_cpp.llama_sampler_init_temp(params.temperature))
+            self._add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        self._ctx = runner.ctx
+
+    def _add(self, sampler) -> None:
+        llama_cpp.llama_sampler_chain_add(self.chain, sampler)
+
+    def sample(self, i: int = -1) -> int:
+        """Pick a token from output row i of the last decode; the chain records it (penalties, grammar)."""
+        return llama_cpp.llama_sampler_sample(self.chain, self._ctx, i)
+
+    def accept(self, token: int) -> None:
+        """Record a token chosen elsewhere (speculative sampling) so penalties and grammar see it."""
+        llama_cpp.llama_sampler_accept(self.chain, token)
+
+    def close(self) -> None:
+        if self.chain is not None:
+            llama_cpp.llama_sampler_free(self.chain)
+            self.chain = None

@@ -1,0 +1,300 @@
+"""Speculative decoding: drafters (a draft model, prompt lookup), the adaptive draft length, the
+compatibility check, and the acceptance rule the backends verify with.
+
+A drafter proposes tokens; the target verifies them all in one batch and keeps the longest prefix
+it agrees with plus one token of its own. At temperature 0 "agrees" means "is its own greedy
+choice", so the output is the plain output. Above 0 it is speculative sampling's rule (Leviathan
+et al. 2023, Chen et al. 2023): accept a drafted x with probability min(1, p(x)/q(x)), else draw
+from max(0, p - q) renormalised, which leaves the output distributed exactly as the target's p.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from localrun.errors import UserError
+from localrun.settings import LoadOptions, SamplingParams
+
+PENALTY_LAST_N = 64  # the repeat window; llama_ctx.PENALTY_LAST_N says the same for the C chain
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """Proposed tokens; probs[i] is the distribution tokens[i] was drawn from (None: chosen
+    deterministically, a point mass, as for greedy drafting and prompt lookup)."""
+
+    tokens: tuple[int, ...] = ()
+    probs: np.ndarray | None = None
+
+
+class Drafter(Protocol):
+    """What a backend's verify loop calls. The draft length is the drafter's own decision."""
+
+    def propose(self, ids: Sequence[int], params: SamplingParams, rng: np.random.Generator) -> Draft: ...
+
+    def observe_round(self, drafted: int, accepted: int, seconds: float) -> None: ...
+
+    def observe_plain(self, seconds: float) -> None: ...
+
+
+# -- sampling distributions the way llama.cpp's chain builds them -----------------------------------
+
+
+def filtered_probs(logits: np.ndarray, params: SamplingParams, history: Sequence[int] = ()) -> np.ndarray:
+    """The distribution llama.cpp's chain samples from: repeat penalty over the last 64 tokens, top-k,
+    top-p, min-p (all on the untempered softmax, as in the chain's order), then temperature.
+    Computed in float64 where the chain uses float32: a token at a filter's exact edge may differ."""
+    x = np.array(logits, dtype=np.float64)
+    n = x.shape[0]
+    if params.repeat_penalty != 1.0 and len(history):
+        recent = np.unique(np.asarray(history[-PENALTY_LAST_N:], dtype=np.int64))
+        vals = x[recent]
+        x[recent] = np.where(vals <= 0, vals * params.repeat_penalty, vals / params.repeat_penalty)
+    cand = np.argpartition(x, n - params.top_k)[n - params.top_k :] if 0 < params.top_k < n else np.arange(n)
+    cand = cand[np.argsort(-x[cand], kind="stable")]
+    v = x[cand]
+    if params.top_p < 1.0:
+        cum = np.cumsum(np.exp(v - v[0]))
+        last = min(int(np.searchsorted(cum / cum[-1], params.top_p)) + 1, len(v))
+        cand, v = cand[:last], v[:last]
+    if params.min_p > 0:
+        keep = v >= v[0] + np.log(params.min_p)
+        cand, v = cand[keep], v[keep]
+    p = np.exp((v - v[0]) / params.temperature)
+    out = np.zeros(n)
+    out[cand] = p / p.sum()
+    return out
+
+
+def sample_from(p: np.ndarray, rng: np.random.Generator) -> int:
+    """One draw from a probability vector (inverse CDF: cheaper than rng.choice on a big vocabulary)."""
+    cdf = np.cumsum(p)
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(p) - 1))
+
+
+def accept_sampled(target_row: Callable[[int], np.ndarray], draft: Draft, rng: np.random.Generator) -> tuple[int, int]:
+    """Speculative sampling over one verify batch. target_row(i) is the target's distribution at
+    drafted position i (and at len(draft.tokens) after the last). Returns (n accepted, next token)."""
+    for i, x in enumerate(draft.tokens):
+        p = target_row(i)
+        q_x = 1.0 if draft.probs is None else float(draft.probs[i][x])
+        if q_x > 0 and rng.random() * q_x < p[x]:  # accept with probability min(1, p(x)/q(x))
+            continue
+        q = _point_mass(x, len(p)) if draft.probs is None else draft.probs[i]
+        residual = np.maximum(p - q, 0.0)
+        total = residual.sum()
+        return i, sample_from(residual / total if total > 0 else p, rng)
+    return len(draft.tokens), sample_from(target_row(len(draft.tokens)), rng)
+
+
+def _point_mass(x: int, n: int) -> np.ndarray:
+    q = np.zeros(n)
+    q[x] = 1.0
+    return q
+
+
+# -- the draft length -------------------------------------------------------------------------------
+
+
+class DraftSchedule:
+    """How many tokens to draft next. Fixed: always n_max. Adaptive (default): time 4 plain steps,
+    then draft 4, grow
+    while every drafted token is accepted, shrink to what was accepted when few are; and when the
+    measured speed of rounds (tokens out per second) falls below plain decoding's, stop drafting for
+    a while, then probe again, waiting twice as long after each failed probe."""
+
+    def __init__(self, *, n_max: int = 16, mode: str = "adaptive") -> None:
+        self.n_max, self.mode = n_max, mode
+        self.k = n_max if mode == "fixed" else min(4, n_max)
+        self.plain_s: float | None = None  # EMA of one plain decode step
+        self.gain: float | None = None  # EMA of (round tokens x plain_s) / round seconds
+        # adaptive: a few plain steps first, so a round's cost can be compared with plain decoding's
+        self.pause = 0 if mode == "fixed" else 4  # plain steps left before drafting (again)
+        self.backoff = 16
+        self.lengths: list[int] = []
+
+    def next_length(self) -> int:
+        if self.pause > 0:
+            self.pause -= 1
+            return 0
+        return self.k
+
+    def observe_round(self, drafted: int, accepted: int, seconds: float) -> None:
+        self.lengths.append(drafted)
+        if self.mode == "fixed":
+            return
+        if accepted >= drafted:
+            self.k = min(self.n_max, self.k + max(1, self.k // 2))
+        elif accepted < drafted // 2:
+            self.k = max(1, accepted + 1)
+        if self.plain_s is None or seconds <= 0:
+            return
+        gain = (accepted + 1) * self.plain_s / seconds
+        self.gain = gain if self.gain is None else 0.5 * (self.gain + gain)
+        if self.gain < 0.97:  # plain decoding is faster: pause, and probe again later
+            self.pause, self.gain = self.backoff, None
+            self.backoff = min(self.backoff * 2, 256)
+        elif self.gain > 1.1:
+            self.backoff = 16
+
+    def observe_plain(self, seconds: float) -> None:
+        if seconds > 0:
+            self.plain_s = seconds if self.plain_s is None else 0.8 * self.plain_s + 0.2 * seconds
+
+
+# -- drafters ---------------------------------------------------------------------------------------
+
+
+class ModelDrafter:
+    """A second, smaller model with its own context and KV cache: reused across rounds and requests,
+    trimmed to the longest common prefix when the target rejected part of a draft. The draft
+    backend does the decoding (its propose_tokens()); this class owns the schedule."""
+
+    def __init__(self, backend: Any, *, n_max: int = 16, mode: str = "adaptive") -> None:
+        self.backend = backend
+        self.schedule = DraftSchedule(n_max=n_max, mode=mode)
+        # adaptive: stop a round early where the draft itself is unsure (llama.cpp's --draft-p-min idea)
+        self.p_min = 0.0 if mode == "fixed" else 0.5
+
+    def propose(self, ids: Sequence[int], params: SamplingParams, rng: np.random.Generator) -> Draft:
+        n = self.schedule.next_length()
+        if n <= 0:
+            return Draft()
+        return self.backend.propose_tokens(ids, n, params, rng, p_min=self.p_min)
+
+    def observe_round(self, drafted: int, accepted: int, seconds: float) -> None:
+        self.schedule.observe_round(drafted, accepted, seconds)
+
+    def observe_plain(self, seconds: float) -> None:
+        self.schedule.observe_plain(seconds)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+class PromptLookupDrafter:
+    """Drafts by n-gram lookup (prompt lookup decoding): find the latest earlier occurrence of the
+    text's last n tokens (n from ngram_max down to ngram_min) and propose what followed it."""
+
+    def __init__(self, *, n_max: int = 16, mode: str = "adaptive", ngram_min: int = 2, ngram_max: int = 4) -> None:
+        self.schedule = DraftSchedule(n_max=n_max, mode=mode)
+        self.ngram_min, self.ngram_max = ngram_min, ngram_max
+        self._seen: list[int] = []
+        self._index: dict[tuple[int, ...], int] = {}
+
+    def __call__(self, ids: Sequence[int]) -> list[int]:
+        """The plain drafter callable: up to n_max proposed ids."""
+        return self.lookup(ids, self.schedule.n_max)
+
+    def propose(self, ids: Sequence[int], params: SamplingParams, rng: np.random.Generator) -> Draft:
+        n = self.schedule.next_length()
+        return Draft(tuple(self.lookup(ids, n))) if n > 0 else Draft()
+
+    def lookup(self, ids: Sequence[int], n: int) -> list[int]:
+        self._sync(ids)
+        for size in range(min(self.ngram_max, len(ids) - 1), self.ngram_min - 1, -1):
+            end = self._index.get(tuple(ids[len(ids) - size :]))
+            if end is not None:
+                return list(ids[end : end + n])
+        return []
+
+    def _sync(self, ids: Sequence[int]) -> None:
+        """Index every n-gram that has a continuation: those ending before the last token."""
+        seen = len(self._seen)
+        if seen > len(ids) or list(ids[:seen]) != self._seen:  # a new request
+            self._seen, self._index, seen = [], {}, 0
+        for end in range(max(seen, 1), len(ids)):
+            for size in range(self.ngram_min, self.ngram_max + 1):
+                if end >= size:
+                    self._index[tuple(ids[end - size : end])] = end
+        self._seen = list(ids[: len(ids) - 1]) if len(ids) else []
+
+    def observe_round(self, drafted: int, accepted: int, seconds: float) -> None:
+        self.schedule.observe_round(drafted, accepted, seconds)
+
+    def observe_plain(self, seconds: float) -> None:
+        self.schedule.observe_plain(seconds)
+
+    def close(self) -> None:
+        pass
+
+
+class CallableDrafter:
+    """Wraps a plain `(ids) -> proposed ids` callable (the Backend protocol's Drafter type)."""
+
+    def __init__(self, fn: Callable[[Sequence[int]], Sequence[int]]) -> None:
+        self.fn = fn
+
+    def propose(self, ids: Sequence[int], params: SamplingParams, rng: np.random.Generator) -> Draft:
+        return Draft(tuple(self.fn(ids)))
+
+    def observe_round(self, drafted: int, accepted: int, seconds: float) -> None:
+        pass
+
+    def observe_plain(self, seconds: float) -> None:
+        pass
+
+
+def as_drafter(obj: Any) -> Drafter | None:
+    if obj is None or hasattr(obj, "propose"):
+        return obj
+    return CallableDrafter(obj)
+
+
+# -- compatibility and loading ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class VocabSummary:
+    """What must match between a target and its draft."""
+
+    n_tokens: int
+    specials: dict[str, int]
+    texts: dict[int, str]
+
+
+def sample_ids(n_tokens: int, *, count: int = 256) -> list[int]:
+    """A spread of token ids to compare: the first ones (specials live there) and an even sample."""
+    step = max(1, n_tokens // count)
+    return sorted(set(range(min(n_tokens, 16))) | set(range(0, n_tokens, step)) | {n_tokens - 1})
+
+
+def check_compatible(target: VocabSummary, draft: VocabSummary, draft_name: str) -> None:
+    """Refuse a draft whose vocabulary differs from the target's, with a sentence naming the difference."""
+    if target.n_tokens != draft.n_tokens:
+        raise UserError(
+            f"The draft model {draft_name} has a vocabulary of {draft.n_tokens} tokens and the target {target.n_tokens}: "
+            "a draft must share the target's tokenizer (pick a smaller model of the same family)."
+        )
+    for name, tid in target.specials.items():
+        if draft.specials.get(name) != tid:
+            raise UserError(
+                f"The draft model {draft_name} has {name} token {draft.specials.get(name)} and the target {tid}: "
+                "a draft must share the target's tokenizer."
+            )
+    for tid, text in target.texts.items():
+        if draft.texts.get(tid) != text:
+            raise UserError(
+                f"Token {tid} is {draft.texts.get(tid)!r} in the draft model {draft_name} and {text!r} in the target: "
+                "a draft must share the target's tokenizer."
+            )
+
+
+def load_drafter(target: Any, options: LoadOptions) -> Drafter | None:
+    """The drafter that options ask for, or None: a draft model (checked, then loaded with the
+    target's settings) or prompt lookup."""
+    if options.draft and options.lookup:
+        raise UserError("Choose one way of drafting: --draft MODEL or --lookup, not both.")
+    if options.lookup:
+        return PromptLookupDrafter(n_max=options.draft_max, mode=options.draft_mode)
+    if not options.draft:
+        return None
+    from localrun.catalog import resolve_model
+
+    model = resolve_model(options.draft)
+    draft_backend = target.load_draft(model, options)
+    return ModelDrafter(draft_backend, n_max=options.draft_max, mode=options.draft_mode)

@@ -1,0 +1,235 @@
+"""Speculative decoding on llama.cpp: the same greedy output as plain decoding, a model drafting for
+itself accepts (nearly) everything, speculative sampling keeps the target's distribution, and a
+draft with another vocabulary is refused with a sentence."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import cached_build
+
+from localrun.errors import UserError
+from localrun.generate import stream_generate
+from localrun.settings import LoadOptions, SamplingParams
+from localrun.speculative import (
+    Draft,
+    DraftSchedule,
+    PromptLookupDrafter,
+    VocabSummary,
+    accept_sampled,
+    check_compatible,
+    filtered_probs,
+    sample_from,
+)
+
+COPY_PROMPT = "Repeat this list exactly: apples, pears, plums, cherries, grapes, lemons, limes, melons."
+
+
+@pytest.fixture(scope="module")
+def self_drafting(default_gguf):
+    """The default model with itself as its draft (fixed length, so every round drafts)."""
+    from localrun.backends import load_backend
+
+    opts = LoadOptions(n_threads=1, n_ctx=512, draft=str(default_gguf), draft_max=4, draft_mode="fixed")
+    backend = load_backend(default_gguf, opts)
+    yield backend
+    backend.close()
+
+
+def _run(backend, ids, params, *, draft: bool) -> tuple[list[int], list[bool], object]:
+    saved = backend.drafter
+    backend.drafter = saved if draft else None
+    try:
+        events = list(stream_generate(backend, ids, params))
+    finally:
+        backend.drafter = saved
+    tokens = [t for e in events for t in e.token_ids]
+    flags = [f for e in events for f in e.from_draft]
+    return tokens, flags, events[-1].summary
+
+
+def _chat(backend, text: str) -> list[int]:
+    return backend.tokenize(backend.render_chat([{"role": "user", "content": text}]))
+
+
+def _assert_same_or_near_tie(backend, ids: list[int], plain: list[int], spec: list[int]) -> None:
+    """Token-for-token equal, except where batched verify and single-token decode may disagree: a
+    near-tie, the target's top two logits within 1e-3 at the first differing position."""
+    diff = next((i for i, (a, b) in enumerate(zip(plain, spec, strict=False)) if a != b), None)
+    if diff is None:
+        assert len(plain) == len(spec)
+        return
+    runner = backend._runner
+    context = ids + plain[:diff]
+    runner.trim(0)
+    runner.eval(context)
+    top2 = np.sort(runner.logits(-1))[-2:]
+    assert top2[1] - top2[0] < 1e-3, f"outputs differ at token {diff} without a near-tie"
+
+
+def test_self_draft_is_plain_output_and_accepts_everything(self_drafting) -> None:
+    b = self_drafting
+    ids = _chat(b, "Tell me about the moon.")
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    plain, _, _ = _run(b, ids, params, draft=False)
+    spec, flags, summary = _run(b, ids, params, draft=True)
+    _assert_same_or_near_tie(b, ids, plain, spec)
+    assert summary.draft_tokens >= 20 and summary.acceptance_rate >= 0.99
+    assert sum(flags) == summary.accepted_tokens and summary.mean_accepted_length > 2
+    assert summary.draft_s > 0 and summary.verify_s > 0 and set(summary.draft_lengths) == {4}
+
+
+def test_sampled_self_draft_accepts_nearly_all(self_drafting) -> None:
+    """At temperature 1 with p = q the rule min(1, p/q) accepts everything; the verify batch's logits
+    differ from single-token decoding in the last bits, which moves a few tokens across the top-p /
+    min-p edges, so a few are rejected."""
+    ids = _chat(self_drafting, "Tell me about the sea.")
+    params = SamplingParams(temperature=1.0, max_tokens=32, seed=3, ignore_eos=True)
+    tokens, _, summary = _run(self_drafting, ids, params, draft=True)
+    assert len(tokens) == 32 and summary.acceptance_rate >= 0.8
+    again, _, _ = _run(self_drafting, ids, params, draft=True)
+    assert again == tokens  # seeded
+
+
+def test_prompt_lookup_is_plain_output(default_gguf) -> None:
+    from localrun.backends import load_backend
+
+    b = load_backend(default_gguf, LoadOptions(n_threads=1, n_ctx=512, lookup=True))
+    try:
+        ids = _chat(b, COPY_PROMPT)
+        params = SamplingParams(temperature=0.0, max_tokens=30)
+        plain, _, _ = _run(b, ids, params, draft=False)
+        spec, flags, summary = _run(b, ids, params, draft=True)
+        _assert_same_or_near_tie(b, ids, plain, spec)
+        assert any(flags) and summary.accepted_tokens == sum(flags)
+        assert "draft prompt lookup" in b.report.describe()
+    finally:
+        b.close()
+
+
+def _chi_square_critical(df: int, z: float = 3.09) -> float:
+    """The chi-square quantile at 1 - 0.001 (Wilson-Hilferty; no scipy here)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def _chi_square(counts: np.ndarray, p: np.ndarray) -> tuple[float, int]:
+    support = p > 0
+    expected = counts.sum() * p[support]
+    assert counts[~support].sum() == 0, "a token outside the target's support came out"
+    return float(((counts[support] - expected) ** 2 / expected).sum()), int(support.sum()) - 1
+
+
+@pytest.mark.parametrize("point_mass", [False, True])
+def test_speculative_sampling_follows_the_target(llama_backend, point_mass: bool) -> None:
+    """Real target and draft distributions (the model after two different prompts, temperature 1,
+    top-k 6); the first token out of many simulated rounds follows the target (chi-square, seeded),
+    while the draft's own distribution fails the same test."""
+    b = llama_backend
+    params = SamplingParams(temperature=1.0, top_k=6, top_p=1.0, min_p=0.0)
+    runner = b._runner
+
+    def dist(text: str) -> np.ndarray:
+        ids = _chat(b, text)
+        runner.trim(0)
+        runner.eval(ids)
+        return filtered_probs(runner.logits(-1), params)
+
+    p, q = dist("Name a colour."), dist("Name a fruit.")
+    assert np.abs(p - q).sum() > 0.5  # really different
+    rng = np.random.default_rng(1234)
+    n = 20000
+    first = np.zeros(len(p))
+    for _ in range(n):
+        x = int(np.argmax(q)) if point_mass else sample_from(q, rng)
+        draft = Draft((x,), None if point_mass else q[None, :])
+        n_ok, token = accept_sampled(lambda i: p, draft, rng)
+        first[x if n_ok else token] += 1
+    stat, df = _chi_square(first, p)
+    assert stat < _chi_square_critical(df)
+    draws = np.bincount([sample_from(q, rng) for _ in range(n)], minlength=len(p))
+    assert (draws[p == 0].sum() > 0) or _chi_square(draws, p)[0] > _chi_square_critical(df)
+
+
+def test_vocab_mismatch_is_one_sentence() -> None:
+    target = VocabSummary(100, {"end-of-sequence": 2}, {5: "a", 50: "b"})
+    with pytest.raises(UserError, match="vocabulary of 90 tokens and the target 100"):
+        check_compatible(target, VocabSummary(90, {"end-of-sequence": 2}, {5: "a", 50: "b"}), "d.gguf")
+    with pytest.raises(UserError, match="end-of-sequence token 3 and the target 2"):
+        check_compatible(target, VocabSummary(100, {"end-of-sequence": 3}, {5: "a", 50: "b"}), "d.gguf")
+    with pytest.raises(UserError, match="Token 50 is 'c' in the draft"):
+        check_compatible(target, VocabSummary(100, {"end-of-sequence": 2}, {5: "a", 50: "c"}), "d.gguf")
+
+
+@pytest.fixture(scope="module")
+def other_vocab_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random llama whose tokenizer has two tokens swapped: same size, another vocabulary."""
+    from test_to_gguf import build_tiny_model
+
+    from localrun.catalog import default_model_path
+    from localrun.quantize.to_gguf import convert_hf_to_gguf, restore_pre_tokenizer
+
+    def build(path: Path) -> None:
+        from transformers import AutoTokenizer
+
+        tok = path.parent / "swapped-tok"
+        gguf = default_model_path()
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tok)
+        restore_pre_tokenizer(tok, "smollm")
+        data = json.loads((tok / "tokenizer.json").read_text(encoding="utf-8"))
+        vocab = data["model"]["vocab"]
+        by_id = {i: t for t, i in vocab.items()}
+        a, b = by_id[192], by_id[384]
+        vocab[a], vocab[b] = 384, 192
+        (tok / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        hf = build_tiny_model("llama", tok, path.parent / "swapped-hf")
+        convert_hf_to_gguf(hf, path, out_type="F32")
+        shutil.rmtree(hf)
+
+    return cached_build(tmp_path_factory, "swapped-vocab.gguf", build)
+
+
+def test_draft_with_another_vocabulary_is_refused(default_gguf, other_vocab_gguf, cli) -> None:
+    from localrun.backends import load_backend
+
+    with pytest.raises(UserError, match="Token (192|384) is .* in the draft model swapped-vocab.gguf"):
+        load_backend(default_gguf, LoadOptions(n_threads=1, n_ctx=256, draft=str(other_vocab_gguf)))
+    result = cli("chat", str(default_gguf), "--draft", str(other_vocab_gguf), "-p", "Hi", "--n-ctx", "256")
+    assert result.returncode == 2 and "share the target's tokenizer" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_chat_with_lookup_shows_acceptance(default_gguf, cli) -> None:
+    args = ("chat", str(default_gguf), "--lookup", "-p", COPY_PROMPT, "--temperature", "0", "--max-tokens", "24")
+    result = cli(*args, "--n-ctx", "512", "--n-threads", "1")
+    assert result.returncode == 0, result.stderr
+    assert "draft accepted" in result.stderr and "apples" in result.stdout.lower()
+
+
+def test_prompt_lookup_finds_the_continuation() -> None:
+    d = PromptLookupDrafter(n_max=4)
+    ids = [1, 2, 3, 4, 5, 6, 9, 2, 3]
+    assert d.lookup(ids, 4) == [4, 5, 6, 9]
+    assert d.lookup([*ids, 4, 5], 2) == [6, 9]  # incremental: the index grows with the text
+    assert d.lookup([7, 8], 4) == []  # a new request: nothing earlier matches
+
+
+def test_adaptive_schedule_grows_shrinks_and_pauses() -> None:
+    s = DraftSchedule(n_max=16)
+    assert [s.next_length() for _ in range(4)] == [0, 0, 0, 0]  # plain steps, timed, come first
+    s.observe_plain(0.010)
+    assert s.next_length() == 4
+    s.observe_round(4, 4, 0.012)  # all accepted, 5 tokens in the time of 1.2: faster
+    assert s.next_length() == 6
+    s.observe_round(6, 1, 0.015)  # mostly rejected: shrink to what was accepted + 1
+    assert s.next_length() == 2
+    for _ in range(3):
+        s.observe_round(2, 0, 0.030)  # 1 token per 3 plain steps' time: plain is faster
+    assert s.next_length() == 0  # paused, probing again later
+    fixed = DraftSchedule(n_max=8, mode="fixed")
+    fixed.observe_round(8, 0, 1.0)
+    assert fixed.next_length() == 8
