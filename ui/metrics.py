@@ -168,4 +168,9 @@ CSS = """
 .lr-note {font-size:0.75em; opacity:0.7}
 .lr-state {flex-basis:100%; font-size:0.8em; opacity:0.7}
 .lr-stats {font-size:0.8em; opacity:0.75}
+.lr-live {display:flex; flex-direction:column-reverse; max-height:240px; overflow-y:auto; contain:content;
+  padding:8px 12px; border:1px solid var(--border-color-primary); border-radius:8px}
+.lr-live:has(> .lr-text:empty) {display:none}
+.lr-text {white-space:pre-wrap}
+.lr-text::after {content:"▍"; opacity:0.6}
 """
