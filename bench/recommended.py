@@ -71,11 +71,13 @@ def ask(backend: Any, question: str, words: tuple[str, ...], system: str | None,
     return _hit(text, words), text.strip()
 
 
-def run_backend(name: str, seeds: int, max_tokens: int, candidates: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def run_backend(
+    name: str, seeds: int, max_tokens: int, candidates: dict[str, dict[str, Any]], n_threads: int | None
+) -> dict[str, Any]:
     from localrun.backends import load_backend
     from localrun.settings import LoadOptions, SamplingParams
 
-    backend = load_backend(None, LoadOptions(backend=name))
+    backend = load_backend(None, LoadOptions(backend=name, n_threads=n_threads))
     out: dict[str, Any] = {}
     try:
         for label, settings in candidates.items():
@@ -91,6 +93,7 @@ def run_backend(name: str, seeds: int, max_tokens: int, candidates: dict[str, di
                     if not ok:
                         misses.append({"seed": seed, "question": question, "answer": text[:160]})
                 per_seed.append(hits)
+                print(f"  {name} · {label} · seed {seed}: {hits}/{len(QUESTIONS)}", flush=True)
             out[label] = {"hits_per_seed": per_seed, "min": min(per_seed), "misses": misses}
             print(f"{name:9} {label:40} hits per seed {per_seed} ({time.perf_counter() - started:.0f} s)", flush=True)
     finally:
@@ -103,12 +106,13 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=40, help="longest reply when the word does not show up")
     parser.add_argument("--backends", default="llamacpp,hf")
+    parser.add_argument("--n-threads", type=int, default=None, help="CPU threads (on a busy machine: 1)")
     parser.add_argument("--only", default=None, help="run only the candidates whose label contains this text")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "recommended.json")
     args = parser.parse_args()
     candidates = {k: v for k, v in CANDIDATES.items() if args.only is None or args.only in k}
     backends = [b for b in args.backends.split(",") if b]
-    results = {b: run_backend(b, args.seeds, args.max_tokens, candidates) for b in backends}
+    results = {b: run_backend(b, args.seeds, args.max_tokens, candidates, args.n_threads) for b in backends}
     verdicts = {label: all(results[b][label]["min"] >= PASS_PER_SEED for b in backends) for label in candidates}
     record = {
         "questions": [{"question": q, "expected": list(w)} for q, w in QUESTIONS],

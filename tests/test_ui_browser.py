@@ -101,7 +101,7 @@ def test_chat_streams_with_live_metrics(page: Any) -> None:
     page.click("#sampling-options button")  # open the accordion
     assert "recommended settings" in page.inner_text("#recommended-note")
     assert page.input_value("#system-prompt textarea")  # the default model's recommended system prompt
-    set_number(page, "set-max_tokens", 120)  # the text updates a few times a second: enough for several pieces
+    set_number(page, "set-max_tokens", 80)  # the text updates a few times a second: enough for several pieces
     page.check("#set-ignore_eos input")
     page.evaluate(RECORD_JS)
     page.fill("#chat-input textarea", "Hello! What can you do?")
@@ -119,7 +119,7 @@ def test_chat_streams_with_live_metrics(page: Any) -> None:
     assert re.fullmatch(r"\d+ ms", page.inner_text("#m-ttft"))
     assert 0 < value_of(page, "decode-tps") < 10_000
     assert re.fullmatch(r"[\d.]+ tok/s", page.inner_text("#m-decode-tps"))
-    assert value_of(page, "tokens") == 120
+    assert value_of(page, "tokens") == 80
     assert "TTFT" in page.locator("#chatbot [data-testid=bot]").last.inner_text()  # stats line under the reply
     assert turn_finishes(page) == ["length"]
     path = shot(page, "chat")
