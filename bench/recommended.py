@@ -23,30 +23,31 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+# Simple questions the default model answers correctly at temperature 0 (so a wrong answer is the sampler's doing).
 QUESTIONS = (
     ("What is the capital of France?", ("paris",)),
     ("What is the capital of Japan?", ("tokyo",)),
-    ("What is the capital of Italy?", ("rome",)),
+    ("What is the capital of Germany?", ("berlin",)),
+    ("What is the capital of England?", ("london",)),
     ("What color is the sky on a clear day?", ("blue",)),
     ("How many days are there in a week?", ("seven", "7")),
-    ("What is the largest planet in our solar system?", ("jupiter",)),
     ("What do bees make?", ("honey",)),
     ("What is the opposite of hot?", ("cold",)),
-    ("What gas do plants take in from the air?", ("carbon dioxide", "co2")),
-    ("Which animal is known as the king of the jungle?", ("lion",)),
+    ("What is frozen water called?", ("ice",)),
+    ("What is the boiling point of water in Celsius?", ("100",)),
 )
 SYSTEM = "You are a helpful assistant."
 # Each candidate: a system prompt and the sampling values a catalog manifest may recommend.
 CANDIDATES: dict[str, dict[str, Any]] = {
-    "before (t 0.2, top_p 0.9, rp 1.1)": {"system": SYSTEM, "temperature": 0.2, "top_p": 0.9, "repeat_penalty": 1.1},
-    "t 0.2, top_p 0.9, min_p 0.1": {"system": SYSTEM, "temperature": 0.2, "top_p": 0.9, "min_p": 0.1},
-    "t 0.2, top_k 20, min_p 0.1, rp 1.05": {
+    "before: t 0.2, top_p 0.9, rp 1.1": {"system": SYSTEM, "temperature": 0.2, "top_p": 0.9, "repeat_penalty": 1.1},
+    "t 0.1, top_p 0.9, rp 1.1": {"system": SYSTEM, "temperature": 0.1, "top_p": 0.9, "repeat_penalty": 1.1},
+    "t 0.2, top_k 10, min_p 0.2, rp 1.1": {
         "system": SYSTEM,
         "temperature": 0.2,
         "top_p": 0.9,
-        "top_k": 20,
-        "min_p": 0.1,
-        "repeat_penalty": 1.05,
+        "top_k": 10,
+        "min_p": 0.2,
+        "repeat_penalty": 1.1,
     },
 }
 PASS_PER_SEED = 9
