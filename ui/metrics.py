@@ -160,6 +160,24 @@ def reply_footer(s: GenerationSummary) -> str:
     return stats_line(s) + note
 
 
+def plots(series: LiveSeries) -> tuple[Any, Any]:
+    """Both charts, their y axes from 0 so a 0.01 MB wiggle does not look like a leak."""
+    import gradio as gr
+
+    rate, memory = series.rate_frame(), series.memory_frame()
+    return (
+        gr.LinePlot(value=rate, y_lim=[0, nice_top(rate["tok/s"].max())]),
+        gr.LinePlot(value=memory, y_lim=[0, nice_top(memory["MB"].max())]),
+    )
+
+
+def turns_frame(turns: list) -> Any:
+    """The per-reply table's rows as a DataFrame."""
+    import pandas as pd
+
+    return pd.DataFrame(turns, columns=TURN_HEADERS)
+
+
 CSS = """
 .lr-metrics {display:flex; flex-wrap:wrap; gap:8px; align-items:stretch}
 .lr-card {flex:1 1 100px; border:1px solid var(--border-color-primary); border-radius:8px; padding:6px 10px}

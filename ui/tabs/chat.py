@@ -21,16 +21,7 @@ from localrun.settings import LoadOptions, SamplingParams, recommendable
 from localrun.store import allowed_spec
 from ui import store
 from ui.controls import load_options, make_control, recommended_values, rows, sampling_params, visible_fields
-from ui.metrics import (
-    MEMORY_COLORS,
-    RATE_COLORS,
-    TURN_HEADERS,
-    LiveSeries,
-    metrics_html,
-    nice_top,
-    reply_footer,
-    turn_row,
-)
+from ui.metrics import MEMORY_COLORS, RATE_COLORS, LiveSeries, metrics_html, plots, reply_footer, turn_row, turns_frame
 
 TITLE = "Chat"
 KEY = "chat"
@@ -151,15 +142,29 @@ def _layout_metrics(c: SimpleNamespace) -> None:
     empty = LiveSeries()
     c.metrics = gr.HTML(metrics_html(None), elem_id="live-metrics", label="Live metrics")
     c.rate_plot = gr.LinePlot(
-        empty.rate_frame(), x="time (s)", y="tok/s", color="series", title="Generation tokens/s", height=190,
-        color_map=RATE_COLORS, y_lim=[0, 1], elem_id="rate-plot",
-    )  # fmt: skip
+        empty.rate_frame(),
+        x="time (s)",
+        y="tok/s",
+        color="series",
+        title="Generation tokens/s",
+        height=190,
+        color_map=RATE_COLORS,
+        y_lim=[0, 1],
+        elem_id="rate-plot",
+    )
     c.mem_plot = gr.LinePlot(
-        empty.memory_frame(), x="time (s)", y="MB", color="series", title="Model process memory (MB)", height=190,
-        color_map=MEMORY_COLORS, y_lim=[0, 1], elem_id="mem-plot",
-    )  # fmt: skip
+        empty.memory_frame(),
+        x="time (s)",
+        y="MB",
+        color="series",
+        title="Model process memory (MB)",
+        height=190,
+        color_map=MEMORY_COLORS,
+        y_lim=[0, 1],
+        elem_id="mem-plot",
+    )
     c.turns_table = gr.Dataframe(
-        _turns_frame([]), label="Every reply's figures (compare turns)", interactive=False, elem_id="turns-table"
+        turns_frame([]), label="Every reply's figures (compare turns)", interactive=False, elem_id="turns-table"
     )
 
 
@@ -207,9 +212,13 @@ def _wire_model(ctx: Any, c: SimpleNamespace) -> None:
         yield from load_model(ctx, picker, values, owner=_owner(request))
 
     c.load.click(
-        on_load, inputs=[c.picker], inputs_kwargs=c.load_controls, outputs=[c.load_status, c.load],
-        api_name="load_model", concurrency_limit=None,
-    )  # fmt: skip
+        on_load,
+        inputs=[c.picker],
+        inputs_kwargs=c.load_controls,
+        outputs=[c.load_status, c.load],
+        api_name="load_model",
+        concurrency_limit=None,
+    )
     c.refresh.click(lambda: gr.Dropdown(choices=store.model_choices()), outputs=[c.picker], api_name="model_choices")
     ctx.components["tab_chat"].select(
         lambda: gr.Dropdown(choices=store.model_choices()), outputs=[c.picker], api_visibility="private"
@@ -217,20 +226,24 @@ def _wire_model(ctx: Any, c: SimpleNamespace) -> None:
     # A new page sees the models on disk now and the model the shared worker has loaded.
     ctx.demo.load(
         lambda: (gr.Dropdown(choices=store.model_choices()), _loaded_text(ctx.worker.loaded)),
-        outputs=[c.picker, c.load_status], api_visibility="private",
-    )  # fmt: skip
+        outputs=[c.picker, c.load_status],
+        api_visibility="private",
+    )
     recommendable = [c.sampling[name] for name in RECOMMENDABLE]
     c.picker.change(
-        apply_recommended, inputs=[c.picker], outputs=[c.recommended_note, c.system, *recommendable],
+        apply_recommended,
+        inputs=[c.picker],
+        outputs=[c.recommended_note, c.system, *recommendable],
         api_visibility="private",
-    )  # fmt: skip
+    )
     names = list(c.load_controls)
     for trigger in (c.picker.change, c.load_controls["backend"].change, ctx.demo.load):
         trigger(
             lambda picker, backend: _visibility(picker, backend, names),
-            inputs=[c.picker, c.load_controls["backend"]], outputs=list(c.load_controls.values()),
+            inputs=[c.picker, c.load_controls["backend"]],
+            outputs=list(c.load_controls.values()),
             api_visibility="private",
-        )  # fmt: skip
+        )
 
 
 def _visibility(picker: str, backend: str, names: list[str]) -> list[Any]:
@@ -330,7 +343,7 @@ def _reply(
 def clear_chat(ctx: Any, owner: str) -> tuple:
     """Forget this session's chat (stopping its reply if one runs) and reset the panel and charts."""
     ctx.worker.cancel(owner)
-    rate, memory = _plots(LiveSeries())
+    rate, memory = plots(LiveSeries())
     return _update(
         chatbot=[],
         history=[],
@@ -338,31 +351,14 @@ def clear_chat(ctx: Any, owner: str) -> tuple:
         metrics=metrics_html(None),
         rate_plot=rate,
         mem_plot=memory,
-        turns_table=_turns_frame([]),
+        turns_table=turns_frame([]),
         status="",
         live="",
     )
 
 
-def _plots(series: LiveSeries) -> tuple[Any, Any]:
-    """Both charts, their y axes from 0 so a 0.01 MB wiggle does not look like a leak."""
-    import gradio as gr
-
-    rate, memory = series.rate_frame(), series.memory_frame()
-    return (
-        gr.LinePlot(value=rate, y_lim=[0, nice_top(rate["tok/s"].max())]),
-        gr.LinePlot(value=memory, y_lim=[0, nice_top(memory["MB"].max())]),
-    )
-
-
 def _status_only(status: str) -> tuple:
     return _update(status=status)
-
-
-def _turns_frame(turns: list) -> Any:
-    import pandas as pd
-
-    return pd.DataFrame(turns, columns=TURN_HEADERS)
 
 
 def _display(history: list) -> list[dict[str, str]]:
@@ -413,7 +409,7 @@ def _stream(ctx: Any, turn: Turn, turns: list, owner: str) -> Iterator[tuple]:
         out = {"metrics": metrics_html(event, state="generating")}
         if now - last_plot >= _PLOT_INTERVAL_S:
             last_plot = now
-            out["rate_plot"], out["mem_plot"] = _plots(series)
+            out["rate_plot"], out["mem_plot"] = plots(series)
         # Plain text into a light element (Gradio sends it as an append); the chat renders the reply once, at
         # the end. The status line changes only once.
         out["live"] = html.escape("".join(parts))
@@ -426,18 +422,8 @@ def _stream(ctx: Any, turn: Turn, turns: list, owner: str) -> Iterator[tuple]:
     yield _finish(turn, turns, parts, event, failed, series, model)
 
 
-_OUTPUTS = (
-    "chatbot",
-    "history",
-    "turns",
-    "metrics",
-    "rate_plot",
-    "mem_plot",
-    "turns_table",
-    "status",
-    "message",
-    "live",
-)
+# The chat outputs, in order (the API returns them without the two States).
+_OUTPUTS = "chatbot history turns metrics rate_plot mem_plot turns_table status message live".split()
 
 
 def _update(**values: Any) -> tuple:
@@ -482,7 +468,7 @@ def _finish(
         status = "⚠️ The reply ended without a result."
     state = summary.finish_reason if summary is not None else "error"
     metrics = metrics_html(event, state=state) if event is not None else metrics_html(None, state="error")
-    rate, memory = _plots(series)
+    rate, memory = plots(series)
     return _update(
         chatbot=_display(history),
         history=history,
@@ -490,7 +476,7 @@ def _finish(
         metrics=metrics,
         rate_plot=rate,
         mem_plot=memory,
-        turns_table=_turns_frame(turns),
+        turns_table=turns_frame(turns),
         status=status,
         message=unanswered,
         live="",
