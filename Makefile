@@ -28,6 +28,7 @@ browser-deps:
 
 lint: install
 	$(VENV)/bin/ruff check localrun ui tests bench
+	$(VENV)/bin/ruff format --check localrun ui tests bench
 
 test: install browser-deps
 	$(VENV)/bin/python -m pytest -q

@@ -5,7 +5,10 @@ from __future__ import annotations
 import importlib
 import platform
 import statistics
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from localrun.backends.base import Backend
 from localrun.generate import generate
@@ -32,7 +35,7 @@ def run_bench(backend: Backend, *, n_prompt: int = 512, n_gen: int = 128, reps: 
     Each repetition runs ours and the bare loop back to back, so drifts of a noisy machine hit
     both alike. One untimed warm-up run of each comes first.
     """
-    bare_bench = importlib.import_module(f"localrun.backends.{backend.name}").bare_bench
+    bare_bench = BASELINES[backend.name]
     params = SamplingParams(temperature=0.0, max_tokens=n_gen, ignore_eos=True)
     ours: dict[str, list[float]] = {"ttft_s": [], "prompt_tps": [], "decode_tps": []}
     bare: dict[str, list[float]] = {"prefill_s": [], "prompt_tps": [], "decode_tps": []}
@@ -107,3 +110,74 @@ def format_bench(result: dict) -> Sequence[str]:
         f"{'generation tok/s':<22}{o['decode_tps']:>12.1f}{b['decode_tps']:>12.1f}{r['decode_ours_over_bare']:>9.3f}",
         f"{'peak RSS':<22}{result['ours']['peak_ram_bytes'] / 1e6:>9.0f} MB",
     ]
+
+
+# ---- the bare library loops ours is measured against -------------------------------------------------
+
+
+def bare_llamacpp(backend: Any, prompt_ids: Sequence[int], n_gen: int) -> tuple[float, float]:
+    """The baseline: a bare llama-cpp-python generate() loop on the same Llama (same threads,
+    context and batch), greedy, no EOS check. Returns (prompt-eval seconds, decode tokens/s)."""
+    llm = backend.llama
+    llm.reset()
+    t0 = time.perf_counter()
+    t_first = t_last = t0
+    for n, _token in enumerate(llm.generate(list(prompt_ids), temp=0.0), start=1):
+        t_last = time.perf_counter()
+        if n == 1:
+            t_first = t_last
+        if n >= n_gen:
+            break
+    llm.reset()
+    return t_first - t0, (n_gen - 1) / (t_last - t_first)
+
+
+def bare_hf(backend: Any, prompt_ids: Sequence[int], n_gen: int) -> tuple[float, float]:
+    """The baseline: plain model.generate() with our exact settings (same cache, compile, attention),
+    greedy, EOS ignored, no streamer. prefill_s is the time of a max_new_tokens=1 run; decode tok/s
+    is (n_gen - 1) / (t(n_gen) - t(1)) from a second run of n_gen tokens.
+
+    It runs on a fresh thread, as generate_tokens() does: on the CPU, torch work on the main thread
+    after worker-thread runs was measured 3x slower (OpenMP thread teams compete), which is no
+    property of either loop."""
+    import torch
+
+    params = SamplingParams(temperature=0.0, ignore_eos=True)
+    timings: list[float] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with torch.inference_mode():
+                for n in (1, n_gen):
+                    timings.append(_timed_generate(backend, prompt_ids, params, n))
+        except BaseException as exc:  # re-raised in the caller below
+            errors.append(exc)
+
+    worker = threading.Thread(target=run, name="localrun-hf-bare")
+    worker.start()
+    worker.join()
+    if errors:
+        raise errors[0]
+    return timings[0], (n_gen - 1) / (timings[1] - timings[0])
+
+
+def _timed_generate(backend: Any, prompt_ids: Sequence[int], params: SamplingParams, n: int) -> float:
+    import torch
+
+    kwargs = backend.generate_kwargs(prompt_ids, params, max_new_tokens=n)
+    t0 = time.perf_counter()
+    out = backend.model.generate(**kwargs)
+    if backend.device == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    if out.shape[1] != len(prompt_ids) + n:
+        raise RuntimeError(f"bare generate() made {out.shape[1] - len(prompt_ids)} tokens, not {n}")
+    return elapsed
+
+
+# The baseline for each backend, by Backend.name: a new backend adds its bare loop here.
+BASELINES: dict[str, Callable[[Any, Sequence[int], int], tuple[float, float]]] = {
+    "llamacpp": bare_llamacpp,
+    "hf": bare_hf,
+}

@@ -1,4 +1,4 @@
-"""A conversation with a loaded model: history, system prompt, regenerate. CLI and UI share it."""
+"""A conversation with a loaded model: history, system prompt, regenerate. The CLI, the UI worker and the server share it."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from localrun.settings import SamplingParams
 class ChatSession:
     """Keeps the messages; each reply streams GenerationEvents and is appended to the history.
 
+    answer() replies to a given history; send() and regenerate() are answer() on the session's own.
     A reply that is stopped part-way keeps its partial text, as other chat tools do. A turn that
-    produced nothing (an error, or stopped before the first token) is undone: send() takes its
-    user message back out and regenerate() restores the previous reply, so roles keep alternating
-    (some templates refuse anything else). When the conversation outgrows the context, the oldest
+    produced nothing (an error, or stopped before the first token) is undone: the history goes back
+    to what it was (send() loses its user message, regenerate() gets the previous reply back), so
+    roles keep alternating (some templates refuse anything else). When the conversation outgrows the context, the oldest
     turns are dropped (the system prompt stays).
     """
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from localrun import catalog
 from localrun.errors import UserError
+from localrun.settings import LoadOptions, add_flags, from_args
 from localrun.store import delete, dir_size, local_models, removable
 
 
@@ -47,29 +48,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"path: {resolved.path}\nsize on disk: {_size(dir_size(resolved.path))}")
         print((resolved.path / "config.json").read_text().strip())
         return 0
-    from localrun.gguf_info import inspect_gguf
+    from localrun.fit import fit_report, fit_rows
+    from localrun.gguf_info import info_rows, inspect_gguf
 
     info = inspect_gguf(resolved.path or args.model)
-    lines = [
-        ("path", str(info.path)),
-        ("file size", f"{_size(info.file_bytes)} ({info.file_bytes:,} bytes)"),
-        ("architecture", info.architecture),
-        ("name", info.name or "?"),
-        ("parameters", f"{info.parameter_count:,} ({info.parameter_count / 1e9:.2f}B)"),
-        ("file type", info.file_type or "?"),
-        ("context length", str(info.context_length)),
-        ("layers / heads / kv heads", f"{info.n_layers} / {info.n_heads} / {info.n_kv_heads}"),
-        ("embedding / head dim", f"{info.embedding_length} / {info.head_dim}"),
-        ("sliding window", f"{info.sliding_window} on {info.swa_layers} layers" if info.sliding_window else "none"),
-        (
-            "tokenizer",
-            f"{info.tokenizer_model} ({info.vocab_size} tokens, bos {info.bos_token_id}, eos {info.eos_token_id})",
-        ),
-        ("chat template", "present" if info.chat_template else "absent"),
-        ("tensor types", ", ".join(f"{k} x{v}" for k, v in info.quant_histogram.items())),
-    ]
-    for key, value in lines:
-        print(f"{key:26} {value}")
+    for key, value in info_rows(info) + fit_rows(fit_report(info)):
+        print(f"{key:34} {value}")
     return 0
 
 
@@ -117,8 +101,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
 def cmd_fit(args: argparse.Namespace) -> int:
     from localrun import fit
 
+    options = from_args(LoadOptions, args)  # the context and cache type `localrun chat` would load with
     draft = _gguf_path(args.draft) if args.draft else None
-    report = fit.fit_report(_gguf_path(args.model), n_ctx=args.ctx, kv_type=args.kv_type, draft=draft)
+    report = fit.fit_report(_gguf_path(args.model), n_ctx=options.n_ctx, kv_type=options.kv_type, draft=draft)
     est = report.estimate
     for label, value in (
         ("weights", est.weights_bytes),
@@ -160,8 +145,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_search)
     p = sub.add_parser("fit", help="will it fit? memory estimate and verdict for this machine")
     p.add_argument("model")
-    p.add_argument("--ctx", type=int, default=None, help="context size (default: the model's trained length)")
-    p.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"])
+    add_flags(p, LoadOptions, only=("n_ctx", "kv_type"))
+    p.add_argument("--ctx", dest="n_ctx", type=int, default=None, help=argparse.SUPPRESS)  # its old name
     p.add_argument("--draft", default=None, help="draft model for speculative decoding")
     p.set_defaults(func=cmd_fit)
     pull = subparsers.add_parser("pull", help="download a model: catalog NAME[:QUANT] or REPO[:QUANT|FILE]")

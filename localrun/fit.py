@@ -14,6 +14,7 @@ from typing import Any
 
 from localrun.errors import UserError
 from localrun.gguf_info import GGUFInfo, inspect_gguf
+from localrun.settings import effective_n_ctx
 
 MiB = 1024 * 1024
 # Bytes per cached element for each KV cache type (q8_0: 34-byte blocks of 32, q4_0: 18-byte blocks of 32).
@@ -123,9 +124,9 @@ def estimate(
     kv_type: str = "f16",
     draft: GGUFInfo | str | Path | None = None,
 ) -> MemoryEstimate:
-    """Memory for a model at a context size (None: the model's trained context) with an optional draft model."""
+    """Memory for a model at a context size (None: the one the loader picks) with an optional draft model."""
     info = model if isinstance(model, GGUFInfo) else inspect_gguf(model)
-    ctx = n_ctx or info.context_length or 4096
+    ctx = effective_n_ctx(n_ctx, info.context_length)
     if ctx <= 0:
         raise UserError(f"The context size must be positive, not {ctx}.")
     draft_total = 0
@@ -266,3 +267,45 @@ def fit_report(
         max_ctx=_largest_ctx(info, kv_type, draft_info, limit),
         max_ctx_where=where,
     )
+
+
+# ---- verdicts as the CLI and the UI show them ---------------------------------------------------------------
+
+# Approximate bits per weight, for a rough verdict on a catalog model that is not downloaded yet.
+_BITS_PER_WEIGHT = {"q4_0": 4.5, "q4_1": 5.0, "q4_k_s": 4.6, "q4_k_m": 4.85, "q5_k_m": 5.7, "q8_0": 8.5}
+
+
+def rough_verdict(parameter_count: int, quant: str, size_bytes: int | None, devices: list[Any]) -> str:
+    """A verdict from a model's size alone (not downloaded, so no metadata to read)."""
+    bits = _BITS_PER_WEIGHT.get(quant.lower(), 16.0)
+    need = int((size_bytes or parameter_count * bits / 8) * 1.15)  # weights plus a modest KV cache and buffers
+    if gpu_budget_bytes(devices) >= need:
+        verdict = "likely fits on GPU"
+    elif _ram_available(devices) >= need:
+        verdict = "likely CPU only"
+    else:
+        verdict = "likely does not fit"
+    return f"{verdict} (rough: from its size, not downloaded)"
+
+
+def verdict_line(report: FitReport) -> str:
+    """One line, e.g. 'CPU only at 8192 ctx (310 MB) · up to 131072 ctx'."""
+    from localrun.format import fmt_bytes
+
+    limit = f" · up to {report.max_ctx} ctx" if report.max_ctx else ""
+    return f"{report.verdict} at {report.estimate.n_ctx} ctx ({fmt_bytes(report.estimate.total_bytes)}){limit}"
+
+
+def fit_rows(report: FitReport) -> list[tuple[str, str]]:
+    """(field, value) rows of a fit report: the same rows on the CLI and in the UI."""
+    from localrun.format import fmt_bytes
+
+    est = report.estimate
+    return [
+        ("fit verdict", report.verdict),
+        (f"memory at {est.n_ctx} ctx ({est.kv_type} KV)", fmt_bytes(est.total_bytes)),
+        ("  weights / KV cache", f"{fmt_bytes(est.weights_bytes)} / {fmt_bytes(est.kv_cache_bytes)}"),
+        ("  compute / other", f"{fmt_bytes(est.compute_bytes)} / {fmt_bytes(est.overhead_bytes)}"),
+        ("free RAM / usable GPU", f"{fmt_bytes(report.ram_available_bytes)} / {fmt_bytes(report.gpu_budget_bytes)}"),
+        (f"largest context that fits ({report.max_ctx_where})", str(report.max_ctx or "none")),
+    ]

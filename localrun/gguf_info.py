@@ -300,3 +300,29 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
         token_embd_bytes=embd_bytes,
         metadata=_metadata(header),
     )
+
+
+# ---- what `localrun models info` and the UI's Models tab show -------------------------------------------------
+
+
+def info_rows(info: GGUFInfo) -> list[tuple[str, str]]:
+    """(field, value) rows describing a GGUF file: the same rows on the CLI and in the UI."""
+    from localrun.format import fmt_bytes
+
+    window = f"{info.sliding_window} on {info.swa_layers} layers" if info.sliding_window else "none"
+    tokenizer = f"{info.tokenizer_model} ({info.vocab_size} tokens, bos {info.bos_token_id}, eos {info.eos_token_id})"
+    return [
+        ("path", str(info.path)),
+        ("file size", f"{fmt_bytes(info.file_bytes)} ({info.file_bytes:,} bytes)"),
+        ("architecture", info.architecture),
+        ("name", info.name or "?"),
+        ("parameters", f"{info.parameter_count:,} ({info.parameter_count / 1e9:.2f}B)"),
+        ("quant type", info.quant_type),
+        ("context length (trained)", str(info.context_length)),
+        ("layers / heads / kv heads", f"{info.n_layers} / {info.n_heads} / {info.n_kv_heads}"),
+        ("embedding / head dim", f"{info.embedding_length} / {info.head_dim}"),
+        ("sliding window", window),
+        ("tokenizer", tokenizer),
+        ("chat template", "present" if info.chat_template else "absent"),
+        ("tensor types", ", ".join(f"{k} x{v}" for k, v in info.quant_histogram.items())),
+    ]

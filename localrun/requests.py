@@ -49,9 +49,6 @@ class ChatRequest:
         object.__setattr__(self, "system", self.system or None)
 
 
-Request = LoadRequest | ChatRequest
-
-
 # ---- replies ----------------------------------------------------------------------------------------
 
 

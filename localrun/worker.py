@@ -28,6 +28,7 @@ from localrun.worker_child import child_main
 _POLL_S = 0.1
 STOP_GRACE_S = 5.0
 SILENCE_S = 120.0
+STARTUP_S = 120.0
 
 
 @dataclass(eq=False)
@@ -38,6 +39,7 @@ class _Job:
     out: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     stop_at: float | None = None  # when Stop reached the running request (for the watchdog)
+    slowest_s: float = 0.0  # the longest wait between two of its replies so far (heartbeats aside)
 
     @property
     def stoppable(self) -> bool:
@@ -187,15 +189,16 @@ class WorkerClient:
         if job.request is None:
             return
         self._conn.send((job.id, job.request))
-        last = time.monotonic()
+        last = replied = time.monotonic()
         while True:
             reply = self._receive(job, last)
             last = time.monotonic()
+            if isinstance(reply, Heartbeat):
+                continue
+            job.slowest_s, replied = max(job.slowest_s, last - replied), last
             match reply:
                 case Done():
                     return
-                case Heartbeat():
-                    continue
                 case Unloaded():
                     self.loaded = None
                 case Loaded(name=name):
@@ -215,8 +218,10 @@ class WorkerClient:
             if not self._proc.is_alive():
                 raise self._crash()
             now = time.monotonic()
-            if job.stop_at is not None and now - job.stop_at > self.stop_grace_s:
-                raise self._kill(f"did not stop within {self.stop_grace_s:g} s of Stop and was ended")
+            # A slow machine or model is not a stuck one: the grace grows with the request's own pace.
+            grace = max(self.stop_grace_s, 3 * job.slowest_s)
+            if job.stop_at is not None and now - job.stop_at > grace:
+                raise self._kill(f"did not stop within {grace:.0f} s of Stop and was ended")
             if now - last > self.silence_s:
                 raise self._kill(f"sent nothing for {self.silence_s:g} s and was ended")
 
@@ -237,8 +242,23 @@ class WorkerClient:
         child.close()  # only the child holds its end, so its death reads as EOF here
         with self._lock:
             self._proc, self._conn, self._cancel = proc, parent, cancel
+        self._await_ready()
+        with self._lock:
             if job.stop_at is None and job.cancelled.is_set():
                 self._stop(job)
+
+    def _await_ready(self) -> None:
+        """Wait for the new worker's first heartbeat (its imports can take seconds on a busy machine)."""
+        deadline = time.monotonic() + max(STARTUP_S, self.silence_s)
+        while not self._conn.poll(_POLL_S):
+            if not self._proc.is_alive():
+                raise self._crash()
+            if time.monotonic() > deadline:
+                raise self._kill(f"did not start within {max(STARTUP_S, self.silence_s):g} s and was ended")
+        try:
+            self._conn.recv()
+        except (EOFError, OSError):
+            raise self._crash() from None
 
     def _kill(self, why: str) -> _Crashed:
         self._proc.kill()

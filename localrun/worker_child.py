@@ -111,6 +111,7 @@ def child_main(conn: Any, cancel_value: Any, beat_s: float, plugins: tuple[str, 
     for name in plugins:
         handlers.update(importlib.import_module(name).HANDLERS)
     worker = _Worker(conn, cancel_value, beat_s)
+    worker.send(Heartbeat())  # ready: the parent's watchdog starts counting from here
     while True:
         try:
             message = conn.recv()

@@ -125,3 +125,22 @@ def test_a_turn_that_produces_nothing_is_undone(llama_backend):
     assert session.messages == before  # the previous reply is restored
     list(session.send("And another?", GREEDY, cancel=cancel))
     assert session.messages == before
+
+
+def test_answer_takes_a_given_history(llama_backend):
+    session = ChatSession(llama_backend, system="Answer briefly.")
+    given = [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Name another one."},
+    ]
+    events = list(session.answer(given, GREEDY.replace(max_tokens=6)))
+    assert session.messages[:3] == given and session.messages[3]["role"] == "assistant"
+    assert session.messages[3]["content"] == events[-1].summary.text != ""
+    answered = list(session.messages)
+    cancel = threading.Event()
+    cancel.set()
+    list(session.answer(given[:1], GREEDY, cancel=cancel))  # nothing comes back: the history stays as it was
+    assert session.messages == answered
+    with pytest.raises(UserError, match="nothing to regenerate"):
+        list(ChatSession(llama_backend).regenerate(GREEDY))

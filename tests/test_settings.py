@@ -4,9 +4,13 @@ and the catalog's checks."""
 from __future__ import annotations
 
 import argparse
+import json
+import re
+from pathlib import Path
 from typing import Annotated
 
 import pytest
+from conftest import cached_build
 from pydantic import Field
 
 from localrun.catalog import Recommended
@@ -87,3 +91,48 @@ def test_one_context_rule() -> None:
     assert effective_n_ctx(None, 2048) == 2048
     assert effective_n_ctx(None, None) == DEFAULT_CTX_CAP
     assert effective_n_ctx(4096, 32768) == 4096 and effective_n_ctx(20000, 2048) == 20000
+
+
+@pytest.fixture(scope="module")
+def long_context_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random llama trained (nominally) for 32768 tokens, converted by our own HF -> GGUF converter."""
+    from test_to_gguf import build_tiny_model
+
+    from localrun.catalog import default_model_path
+    from localrun.quantize.to_gguf import convert_hf_to_gguf, restore_pre_tokenizer
+
+    def build(path: Path) -> None:
+        from transformers import AutoTokenizer
+
+        work = tmp_path_factory.mktemp("long-ctx")
+        gguf = default_model_path()
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(work / "tok")
+        restore_pre_tokenizer(work / "tok", "smollm")
+        hf_dir = build_tiny_model("mistral", work / "tok", work / "hf")
+        config = json.loads((hf_dir / "config.json").read_text())
+        (hf_dir / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 32768}))
+        convert_hf_to_gguf(hf_dir, path, out_type="F16")
+
+    return cached_build(tmp_path_factory, "tiny-32k.gguf", build)
+
+
+def test_models_fit_reports_the_context_chat_loads(long_context_gguf: Path, capsys) -> None:
+    from localrun import cli_chat
+    from localrun.catalog import resolve_model
+    from localrun.cli import build_parser, main
+    from localrun.gguf_info import inspect_gguf
+    from localrun.settings import LoadOptions
+
+    assert inspect_gguf(long_context_gguf).context_length == 32768
+    assert main(["models", "fit", str(long_context_gguf)]) == 0
+    fit_ctx = int(re.search(r"KV cache \((\d+) ctx", capsys.readouterr().out).group(1))
+    args = build_parser().parse_args(["chat", str(long_context_gguf)])  # what `localrun chat MODEL` loads
+    backend = cli_chat.load(resolve_model(args.model), from_args(LoadOptions, args))
+    try:
+        assert backend.report.n_ctx == fit_ctx == DEFAULT_CTX_CAP
+    finally:
+        backend.close()
+    assert main(["models", "fit", str(long_context_gguf), "--n-ctx", "2048"]) == 0
+    assert "KV cache (2048 ctx" in capsys.readouterr().out
+    assert main(["models", "fit", str(long_context_gguf), "--ctx", "1024"]) == 0  # the old flag still works
+    assert "KV cache (1024 ctx" in capsys.readouterr().out

@@ -46,10 +46,21 @@ def test_form_values_become_settings() -> None:
 
 def _event(**final) -> GenerationEvent:
     return GenerationEvent(
-        text="x", token_ids=(1,), from_draft=(False,), prompt_tokens=12, generated_tokens=5, ttft_s=0.042,
-        prompt_tps=300.0, decode_tps=95.5, elapsed_s=0.1, ram_bytes=300_000_000, peak_ram_bytes=310_000_000,
-        vram_bytes=None, peak_vram_bytes=None, **final,
-    )  # fmt: skip
+        text="x",
+        token_ids=(1,),
+        from_draft=(False,),
+        prompt_tokens=12,
+        generated_tokens=5,
+        ttft_s=0.042,
+        prompt_tps=300.0,
+        decode_tps=95.5,
+        elapsed_s=0.1,
+        ram_bytes=300_000_000,
+        peak_ram_bytes=310_000_000,
+        vram_bytes=None,
+        peak_vram_bytes=None,
+        **final,
+    )
 
 
 def test_metrics_panel_carries_labels_and_raw_values() -> None:
@@ -66,9 +77,17 @@ def test_series_and_turn_rows() -> None:
     series.add(_event())
     assert set(series.rate_frame()["series"]) == {"average"} and list(series.memory_frame()["MB"]) == [300.0]
     summary = GenerationSummary(
-        finish_reason="cancelled", prompt_tokens=12, prefill_tokens=12, generated_tokens=5, ttft_s=0.042,
-        prompt_tps=300.0, decode_tps=95.5, total_s=0.2, peak_ram_bytes=310_000_000, peak_vram_bytes=None,
-    )  # fmt: skip
+        finish_reason="cancelled",
+        prompt_tokens=12,
+        prefill_tokens=12,
+        generated_tokens=5,
+        ttft_s=0.042,
+        prompt_tps=300.0,
+        decode_tps=95.5,
+        total_s=0.2,
+        peak_ram_bytes=310_000_000,
+        peak_vram_bytes=None,
+    )
     # 12 evaluated prompt tokens are too few for a prompt rate (format.MIN_RATE_TOKENS)
     assert turn_row(3, "m", summary) == [3, "m", 42.0, None, 95.5, 5, 310.0, None, "cancelled"]
     assert reply_footer(summary).endswith("· cancelled") and "TTFT 42 ms" in reply_footer(summary)
@@ -81,3 +100,16 @@ def test_metrics_panel_shows_a_cache_hit_without_a_rate() -> None:
     assert re.search(r'id="m-prompt-tps">1 new token<', html) and "80 cached" in html  # no rate, no data-value
     html = metrics_html(dataclasses.replace(_event(), prompt_tokens=81, prefill_tokens=81))
     assert re.search(r'id="m-prompt-tps" data-value="300.0">300 tok/s<', html) and "81 tokens" in html
+
+
+def test_models_info_and_the_models_tab_show_the_same_rows(capsys: pytest.CaptureFixture[str]) -> None:
+    from localrun.catalog import DEFAULT_MODEL_NAME
+    from localrun.cli import main
+    from ui import store
+
+    assert main(["models", "info", DEFAULT_MODEL_NAME]) == 0
+    printed = [(line[:34].rstrip(), line[35:]) for line in capsys.readouterr().out.splitlines()]
+    shown = [tuple(row) for row in store.model_info(DEFAULT_MODEL_NAME)]
+    assert [k for k, _ in printed] == [k for k, _ in shown] and "fit verdict" in dict(shown)
+    changing = {"free RAM / usable GPU"}  # free memory moves between the two reads
+    assert [r for r in printed if r[0] not in changing] == [r for r in shown if r[0] not in changing]

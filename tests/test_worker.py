@@ -4,6 +4,7 @@ and the watchdog. Real default model."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -131,7 +132,12 @@ def test_a_worker_killed_inside_the_stop_check_does_not_block_the_next_chat() ->
         client.cancel("a")
         thread.join(10)
         assert not thread.is_alive() and isinstance(got[-1], Failed) and "SIGKILL" in got[-1].message
-        _chat_works(client, within_s=10)
+        # The old shared Event blocked right here, forever. A fresh worker must be under way within 10 s
+        # (and the chat done within the time a loaded 2-core box needs to load the model and answer).
+        thread, got = in_thread(client, ChatRequest(HELLO, SHORT, load=LoadRequest()), "next")
+        wait_for(got, lambda u: u == Progress("Starting the model process"), timeout_s=10)
+        thread.join(120)
+        assert not thread.is_alive() and events(got)[-1].generated_tokens == 4, got
     finally:
         client.close()
 
@@ -144,11 +150,11 @@ def test_stop_frees_the_caller_of_a_worker_stuck_in_a_native_call() -> None:
         wait_for(got, lambda u: u == Progress("stalling"))
         pid = client.status()["pid"]
         assert client.cancel("a")
-        thread.join(1.0 + 10)
+        thread.join(60)
         assert not thread.is_alive()
         failed = got[-1]
         assert isinstance(failed, Failed) and failed.kind == "crash"
-        assert "did not stop within 1 s of Stop" in failed.message and "\n" not in failed.message
+        assert re.search(r"did not stop within \d+ s of Stop", failed.message) and "\n" not in failed.message
         assert client.status()["crashes"] == 1 and client.loaded is None
         got = _chat_works(client, within_s=120)
         assert any(isinstance(u, Loaded) for u in got) and client.status()["pid"] != pid
@@ -157,12 +163,12 @@ def test_stop_frees_the_caller_of_a_worker_stuck_in_a_native_call() -> None:
 
 
 def test_a_silent_worker_is_killed_and_a_beating_one_is_not() -> None:
-    client = WorkerClient(start=False, plugins=("worker_stall",), silence_s=1.0)
+    client = WorkerClient(start=False, plugins=("worker_stall",), silence_s=2.0)
     try:
-        got = collect(client, StallRequest(3, mode="job"), "a")  # 3 s busy, with heartbeats: left alone
+        got = collect(client, StallRequest(5, mode="job"), "a")  # 5 s busy, with heartbeats: left alone
         assert got[-1] == Progress("done stalling") and client.status()["crashes"] == 0
         got = collect(client, StallRequest(600), "a")  # no heartbeat, no reply
-        assert isinstance(got[-1], Failed) and "sent nothing for 1 s" in got[-1].message
+        assert isinstance(got[-1], Failed) and "sent nothing for 2 s" in got[-1].message
         assert client.status()["crashes"] == 1
     finally:
         client.close()

@@ -27,9 +27,6 @@ CATALOG_HEADERS = [
 ]
 LOCAL_HEADERS = ["name", "format", "quant", "size", "context", "path"]
 SEARCH_HEADERS = ["repo", "kind", "downloads", "likes", "weight files"]
-# Approximate bits per weight, for a rough fit verdict on a catalog model that is not downloaded yet.
-_BITS_PER_WEIGHT = {"q4_0": 4.5, "q4_1": 5.0, "q4_k_s": 4.6, "q4_k_m": 4.85, "q5_k_m": 5.7, "q8_0": 8.5}
-_FIT_CTX = 8192  # the loader's default context cap, so the verdict matches what Load does
 
 
 def local_rows() -> list[Any]:
@@ -65,36 +62,9 @@ def recommended(spec: str | None) -> Any | None:
         return None
 
 
-def _rough_verdict(model: Any, variant: Any, devices: list[Any]) -> str:
-    from localrun.fit import gpu_budget_bytes
-
-    bits = _BITS_PER_WEIGHT.get(variant.quant.lower(), 16.0)
-    size = variant.size_bytes or int(model.parameter_count * bits / 8)
-    need = int(size * 1.15)  # weights plus a modest KV cache and buffers
-    ram = next((d.free_bytes for d in devices if d.kind == "cpu"), 0)
-    if gpu_budget_bytes(devices) >= need:
-        verdict = "likely fits on GPU"
-    elif ram >= need:
-        verdict = "likely CPU only"
-    else:
-        verdict = "likely does not fit"
-    return f"{verdict} (rough: from its size, not downloaded)"
-
-
-def fit_verdict(path: Path, *, n_ctx: int | None, kv_type: str, devices: list[Any]) -> str:
-    """The exact verdict for a local GGUF, e.g. 'CPU only · up to 8192 ctx'."""
-    from localrun.fit import fit_report
-    from localrun.gguf_info import inspect_gguf
-
-    info = inspect_gguf(path)
-    ctx = n_ctx or min(info.context_length or _FIT_CTX, _FIT_CTX)
-    report = fit_report(info, n_ctx=ctx, kv_type=kv_type, devices=devices)
-    limit = f" · up to {report.max_ctx} ctx" if report.max_ctx else ""
-    return f"{report.verdict} at {ctx} ctx ({fmt_bytes(report.estimate.total_bytes)}){limit}"
-
-
 def catalog_rows(*, n_ctx: int | None = None, kv_type: str = "f16") -> list[list[Any]]:
     """Every catalog model with its default variant, whether it is on disk, and its fit verdict here."""
+    from localrun.fit import fit_report, rough_verdict, verdict_line
     from localrun.hardware import probe
 
     devices = probe()
@@ -104,11 +74,11 @@ def catalog_rows(*, n_ctx: int | None = None, kv_type: str = "f16") -> list[list
         local = catalog.variant_local_path(variant)
         if local is not None and variant.format == "gguf":
             try:
-                verdict = fit_verdict(local, n_ctx=n_ctx, kv_type=kv_type, devices=devices)
+                verdict = verdict_line(fit_report(local, n_ctx=n_ctx, kv_type=kv_type, devices=devices))
             except UserError as exc:
                 verdict = str(exc)
         else:
-            verdict = _rough_verdict(model, variant, devices)
+            verdict = rough_verdict(model.parameter_count, variant.quant, variant.size_bytes, devices)
         size = variant.size_bytes or (local.stat().st_size if local is not None and local.is_file() else None)
         rows.append(
             [
@@ -155,31 +125,11 @@ def model_info(spec: str, *, n_ctx: int | None = None, kv_type: str = "f16") -> 
 
 
 def _gguf_info_rows(path: Path, *, n_ctx: int | None, kv_type: str) -> list[list[str]]:
-    from localrun.fit import fit_report
-    from localrun.gguf_info import inspect_gguf
+    from localrun.fit import fit_report, fit_rows
+    from localrun.gguf_info import info_rows, inspect_gguf
 
     info = inspect_gguf(path)
-    ctx = n_ctx or min(info.context_length or _FIT_CTX, _FIT_CTX)
-    report = fit_report(info, n_ctx=ctx, kv_type=kv_type)
-    est = report.estimate
-    return [
-        ["path", str(info.path)],
-        ["file size", fmt_bytes(info.file_bytes)],
-        ["architecture", info.architecture],
-        ["name", info.name or "?"],
-        ["parameters", f"{info.parameter_count:,} ({info.parameter_count / 1e9:.2f}B)"],
-        ["quant type", info.quant_type],
-        ["context length (trained)", str(info.context_length)],
-        ["layers / heads / kv heads", f"{info.n_layers} / {info.n_heads} / {info.n_kv_heads}"],
-        ["vocabulary", f"{info.vocab_size} tokens ({info.tokenizer_model})"],
-        ["chat template", "present" if info.chat_template else "absent"],
-        ["fit verdict", report.verdict],
-        [f"memory at {est.n_ctx} ctx ({est.kv_type} KV)", fmt_bytes(est.total_bytes)],
-        ["  weights / KV cache", f"{fmt_bytes(est.weights_bytes)} / {fmt_bytes(est.kv_cache_bytes)}"],
-        ["  compute / other", f"{fmt_bytes(est.compute_bytes)} / {fmt_bytes(est.overhead_bytes)}"],
-        ["free RAM / usable GPU", f"{fmt_bytes(report.ram_available_bytes)} / {fmt_bytes(report.gpu_budget_bytes)}"],
-        [f"largest context that fits ({report.max_ctx_where})", str(report.max_ctx or "none")],
-    ]
+    return [list(row) for row in info_rows(info) + fit_rows(fit_report(info, n_ctx=n_ctx, kv_type=kv_type))]
 
 
 def delete_model(spec: str) -> list[Path]:

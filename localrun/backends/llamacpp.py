@@ -175,20 +175,3 @@ class LlamaCppBackend:
     def llama(self):
         """The underlying llama_cpp.Llama (for the bench's bare baseline)."""
         return self._llm
-
-
-def bare_bench(backend: LlamaCppBackend, prompt_ids: Sequence[int], n_gen: int) -> tuple[float, float]:
-    """The baseline: a bare llama-cpp-python generate() loop on the same Llama (same threads,
-    context and batch), greedy, no EOS check. Returns (prompt-eval seconds, decode tokens/s)."""
-    llm = backend.llama
-    llm.reset()
-    t0 = time.perf_counter()
-    t_first = t_last = t0
-    for n, _token in enumerate(llm.generate(list(prompt_ids), temp=0.0), start=1):
-        t_last = time.perf_counter()
-        if n == 1:
-            t_first = t_last
-        if n >= n_gen:
-            break
-    llm.reset()
-    return t_first - t0, (n_gen - 1) / (t_last - t_first)

@@ -2,10 +2,11 @@
 downloads with progress, and the models on disk with delete."""
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, get_args
 
 from localrun import catalog
 from localrun.errors import UserError
+from localrun.settings import DEFAULT_CTX_CAP, KvType
 from localrun.store import allowed_spec
 from ui import store
 from ui.controls import parse_int
@@ -101,9 +102,14 @@ def build(ctx: Any) -> None:
 
     gr.Markdown("### Catalog\nFit verdicts for this machine's free memory, at the context and KV-cache type below.")
     with gr.Row():
-        n_ctx = gr.Textbox("", label="Context for the estimate", info="Blank: the model's, capped at 8192.",
-                           placeholder="auto", elem_id="fit-ctx")  # fmt: skip
-        kv_type = gr.Dropdown(["f16", "q8_0", "q4_0"], value="f16", label="KV-cache type", elem_id="fit-kv")
+        n_ctx = gr.Textbox(
+            "",
+            label="Context for the estimate",
+            info=f"Blank: the model's, capped at {DEFAULT_CTX_CAP}, as Load does.",
+            placeholder="auto",
+            elem_id="fit-ctx",
+        )
+        kv_type = gr.Dropdown(list(get_args(KvType)), value="f16", label="KV-cache type", elem_id="fit-kv")
         refresh = gr.Button("Refresh", elem_id="catalog-refresh", scale=0)
     table = gr.Dataframe(catalog_table(), label="Catalog", interactive=False, wrap=True, elem_id="catalog-table")
     refresh.click(catalog_table, inputs=[n_ctx, kv_type], outputs=[table], api_name="catalog")
@@ -131,8 +137,14 @@ def _build_info(table: Any, n_ctx: Any, kv_type: Any, *, loopback: bool) -> None
     gr.Markdown("### Model info\nPick a model (or click a catalog row) for its metadata and memory estimate.")
     with gr.Row():
         names = [m.name for m in catalog.catalog()]
-        spec = gr.Dropdown(names, value=catalog.DEFAULT_MODEL_NAME, allow_custom_value=True, label="Model",
-                           elem_id="info-model", scale=4)  # fmt: skip
+        spec = gr.Dropdown(
+            names,
+            value=catalog.DEFAULT_MODEL_NAME,
+            allow_custom_value=True,
+            label="Model",
+            elem_id="info-model",
+            scale=4,
+        )
         button = gr.Button("Show info", elem_id="info-btn", scale=1)
     status = gr.Markdown("", elem_id="info-status")
     info = gr.Dataframe(_frame([], ["field", "value"]), interactive=False, wrap=True, elem_id="model-info")
@@ -157,9 +169,15 @@ def _build_hub() -> tuple[Any, Any, Any]:
     search_status = gr.Markdown("", elem_id="hub-status")
     results = gr.Dataframe(_frame([], store.SEARCH_HEADERS), interactive=False, wrap=True, elem_id="hub-results")
     with gr.Row():
-        spec = gr.Dropdown([m.name for m in catalog.catalog()], value=None, allow_custom_value=True,
-                           label="Download", info="A catalog name[:QUANT], REPO, or REPO:FILE.gguf",
-                           elem_id="download-spec", scale=4)  # fmt: skip
+        spec = gr.Dropdown(
+            [m.name for m in catalog.catalog()],
+            value=None,
+            allow_custom_value=True,
+            label="Download",
+            info="A catalog name[:QUANT], REPO, or REPO:FILE.gguf",
+            elem_id="download-spec",
+            scale=4,
+        )
         button = gr.Button("Download", variant="primary", elem_id="download-btn", scale=1)
     progress = gr.Markdown("", elem_id="download-status")
     search.click(hub_search, inputs=[query], outputs=[results, spec, search_status], api_name="hub_search")
@@ -172,11 +190,18 @@ def _build_local(dl_button: Any, dl_spec: Any, dl_progress: Any) -> tuple[Any, A
     import gradio as gr
 
     gr.Markdown("### On this machine")
-    local = gr.Dataframe(_frame(store.local_table(), store.LOCAL_HEADERS), interactive=False, wrap=True,
-                         elem_id="local-table")  # fmt: skip
+    local = gr.Dataframe(
+        _frame(store.local_table(), store.LOCAL_HEADERS), interactive=False, wrap=True, elem_id="local-table"
+    )
     with gr.Row():
-        target = gr.Dropdown(_local_names(), value=None, allow_custom_value=True, label="Delete a downloaded model",
-                             elem_id="delete-model", scale=4)  # fmt: skip
+        target = gr.Dropdown(
+            _local_names(),
+            value=None,
+            allow_custom_value=True,
+            label="Delete a downloaded model",
+            elem_id="delete-model",
+            scale=4,
+        )
         confirm = gr.Checkbox(label="I am sure", value=False, elem_id="delete-confirm", scale=1)
         button = gr.Button("Delete", variant="stop", elem_id="delete-btn", scale=1)
         refresh = gr.Button("Refresh", elem_id="local-refresh", scale=0)
@@ -184,7 +209,8 @@ def _build_local(dl_button: Any, dl_spec: Any, dl_progress: Any) -> tuple[Any, A
     button.click(delete, inputs=[target, confirm], outputs=[status, local, confirm], api_name="delete_model")
     refresh.click(
         lambda: (_frame(store.local_table(), store.LOCAL_HEADERS), gr.Dropdown(choices=_local_names())),
-        outputs=[local, target], api_name="local_models",
-    )  # fmt: skip
+        outputs=[local, target],
+        api_name="local_models",
+    )
     dl_button.click(download, inputs=[dl_spec], outputs=[dl_progress, local], api_name="download", concurrency_limit=2)
     return local, target
