@@ -91,6 +91,7 @@ class GenerationEvent:
     accepted_tokens: int = 0
     finish_reason: str | None = None
     summary: GenerationSummary | None = field(default=None, repr=False)
+    prefill_tokens: int | None = None  # prompt tokens evaluated (the rest came from the KV cache); None: unknown
 
     @property
     def is_final(self) -> bool:

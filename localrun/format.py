@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from localrun.events import GenerationEvent, GenerationSummary
 
+# A prompt rate is shown only when at least this many prompt tokens were evaluated. Below that, TTFT is
+# mostly fixed per-request cost (sampler set-up, one decode step), so tokens/TTFT understates the rate many
+# times over: one new token after an 80-token cache hit read as "prompt 11 tok/s".
+MIN_RATE_TOKENS = 16
+
 
 def fmt_bytes(n: int | None) -> str:
     if n is None:
@@ -22,11 +27,31 @@ def fmt_ms(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
+def prefill_count(s: GenerationSummary | GenerationEvent) -> int:
+    """Prompt tokens the backend evaluated (the rest came from the KV cache)."""
+    return s.prompt_tokens if s.prefill_tokens is None else s.prefill_tokens
+
+
+def prompt_rate(s: GenerationSummary | GenerationEvent) -> float | None:
+    """The prompt rate, or None when too few tokens were evaluated for it to mean something."""
+    return s.prompt_tps if prefill_count(s) >= MIN_RATE_TOKENS else None
+
+
+def prompt_figure(s: GenerationSummary | GenerationEvent) -> str:
+    """e.g. '80 prompt tokens at 310 tok/s', or '1 new prompt token (80 cached)' after a KV-cache hit."""
+    new = prefill_count(s)
+    cached = s.prompt_tokens - new
+    noun = "token" if new == 1 else "tokens"
+    text = f"{new} new prompt {noun} ({cached} cached)" if cached else f"{new} prompt {noun}"
+    rate = prompt_rate(s)
+    return text if rate is None else f"{text} at {fmt_rate(rate)}"
+
+
 def stats_line(s: GenerationSummary | GenerationEvent) -> str:
-    """e.g. 'TTFT 42 ms · prompt 310 tok/s · gen 96 tok/s · 57 tok · RAM 310 MB · llamacpp/cpu'."""
+    """e.g. 'TTFT 42 ms · 80 prompt tokens at 310 tok/s · gen 96 tok/s · 57 tok · RAM 310 MB · llamacpp/cpu'."""
     parts = [
         f"TTFT {fmt_ms(s.ttft_s)}",
-        f"prompt {fmt_rate(s.prompt_tps)}",
+        prompt_figure(s),
         f"gen {fmt_rate(s.decode_tps)}",
         f"{s.generated_tokens} tok",
         f"RAM {fmt_bytes(s.peak_ram_bytes)}",
@@ -40,6 +65,11 @@ def stats_line(s: GenerationSummary | GenerationEvent) -> str:
     return " · ".join(parts)
 
 
+def _prompt_processing(s: GenerationSummary) -> str:
+    rate = prompt_rate(s)
+    return fmt_rate(rate) if rate is not None else f"no rate: under {MIN_RATE_TOKENS} tokens evaluated"
+
+
 def summary_table(s: GenerationSummary) -> list[tuple[str, str]]:
     """Every figure of a finished request, as (label, value) rows for /stats and the UI."""
     rows = [
@@ -48,7 +78,7 @@ def summary_table(s: GenerationSummary) -> list[tuple[str, str]]:
         ("prompt tokens", f"{s.prompt_tokens} ({s.prefill_tokens} evaluated, {s.cached_tokens} from cache)"),
         ("generated tokens", str(s.generated_tokens)),
         ("time to first token", fmt_ms(s.ttft_s)),
-        ("prompt processing", fmt_rate(s.prompt_tps)),
+        ("prompt processing", _prompt_processing(s)),
         ("generation", fmt_rate(s.decode_tps)),
         ("total time", f"{s.total_s:.2f} s"),
         ("peak RAM (process RSS)", fmt_bytes(s.peak_ram_bytes)),

@@ -180,6 +180,7 @@ class _Stats:
             peak_vram_bytes=m.peak_vram_bytes,
             draft_tokens=self.draft_tokens,
             accepted_tokens=self.accepted,
+            prefill_tokens=self.prefill_tokens,
             **final,
         )
 

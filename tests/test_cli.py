@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-STATS = re.compile(r"TTFT \d+ ms · prompt [\d.]+ tok/s · gen [\d.]+ tok/s · \d+ tok · RAM \d+ MB · llamacpp/cpu")
+STATS = re.compile(
+    r"TTFT \d+ ms · \d+ prompt tokens at [\d.]+ tok/s · gen [\d.]+ tok/s · \d+ tok · RAM \d+ MB · llamacpp/cpu"
+)
 
 
 def _one_sentence_error(result, *, contains: str) -> None:

@@ -25,16 +25,19 @@ ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
 TIMEOUT_MS = 240_000  # two shared cores: loading and replies can be slow
 
-# Records every text the last chat message shows, so the test can see the reply arrive in pieces.
+# Records every text the streaming reply shows (#live-reply while it streams, then the chat's last reply), so
+# the test can see the reply arrive in pieces.
 RECORD_JS = """() => {
   window.__replies = [];
-  const root = document.querySelector('#chatbot');
   const grab = () => {
-    const msgs = root.querySelectorAll('[data-testid=bot]');
-    const text = msgs.length ? msgs[msgs.length - 1].innerText : '';
+    const live = document.querySelector('#live-reply .lr-text');
+    const msgs = document.querySelectorAll('#chatbot [data-testid=bot]');
+    const text = live && live.innerText.trim() ? live.innerText : msgs.length ? msgs[msgs.length - 1].innerText : '';
     if (window.__replies[window.__replies.length - 1] !== text) window.__replies.push(text);
   };
-  new MutationObserver(grab).observe(root, {subtree: true, childList: true, characterData: true});
+  for (const sel of ['#chatbot', '#live-reply']) {
+    new MutationObserver(grab).observe(document.querySelector(sel), {subtree: true, childList: true, characterData: true});
+  }
 }"""
 
 
@@ -98,12 +101,16 @@ def test_chat_streams_with_live_metrics(page: Any) -> None:
     page.click("#sampling-options button")  # open the accordion
     assert "recommended settings" in page.inner_text("#recommended-note")
     assert page.input_value("#system-prompt textarea")  # the default model's recommended system prompt
-    set_number(page, "set-max_tokens", 48)
+    set_number(page, "set-max_tokens", 80)  # the text updates a few times a second: enough for several pieces
     page.check("#set-ignore_eos input")
     page.evaluate(RECORD_JS)
     page.fill("#chat-input textarea", "Hello! What can you do?")
-    page.click("#send-btn")
+    page.press("#chat-input textarea", "Shift+Enter")  # a new line, not a send
+    page.type("#chat-input textarea", "Tell me.")
+    assert page.input_value("#chat-input textarea") == "Hello! What can you do?\nTell me."
+    page.press("#chat-input textarea", "Enter")  # sends
     status_is(page, "Done")
+    assert page.input_value("#chat-input textarea") == ""  # Enter sent it
     replies = [r.replace("▍", "").strip() for r in page.evaluate("window.__replies")]
     partial = [r for r in dict.fromkeys(replies) if r and r != "…" and "TTFT" not in r]
     assert len(partial) >= 2, replies  # the reply arrived in more than one update
@@ -112,7 +119,7 @@ def test_chat_streams_with_live_metrics(page: Any) -> None:
     assert re.fullmatch(r"\d+ ms", page.inner_text("#m-ttft"))
     assert 0 < value_of(page, "decode-tps") < 10_000
     assert re.fullmatch(r"[\d.]+ tok/s", page.inner_text("#m-decode-tps"))
-    assert value_of(page, "tokens") == 48
+    assert value_of(page, "tokens") == 80
     assert "TTFT" in page.locator("#chatbot [data-testid=bot]").last.inner_text()  # stats line under the reply
     assert turn_finishes(page) == ["length"]
     path = shot(page, "chat")
@@ -126,7 +133,7 @@ def readme_screenshot(page: Any) -> None:
     page.uncheck("#set-ignore_eos input")
     set_number(page, "set-max_tokens", 200)
     page.fill("#chat-input textarea", "What is the capital of France?")
-    page.click("#send-btn")
+    page.press("#chat-input textarea", "Enter")
     status_is(page, "Done")
     page.click("#sampling-options button")
     page.locator("#set-max_tokens").wait_for(state="hidden")
@@ -142,7 +149,7 @@ def test_stop_mid_reply_then_regenerate(page: Any) -> None:
     set_number(page, "set-max_tokens", 4000)
     page.evaluate(RECORD_JS)
     page.fill("#chat-input textarea", "Tell me a very long story.")
-    page.click("#send-btn")
+    page.press("#chat-input textarea", "Enter")
     page.wait_for_function(
         "() => window.__replies.some(t => t.replace('▍', '').trim().length > 3 && !t.includes('TTFT'))"
     )
@@ -156,6 +163,9 @@ def test_stop_mid_reply_then_regenerate(page: Any) -> None:
     status_is(page, "Done (length)")
     assert turn_finishes(page) == [*before, "cancelled", "length"]  # every reply keeps its figures
     assert value_of(page, "tokens") == 16
+    # The same prompt again: the KV cache holds it, and the panel says so instead of showing a rate.
+    prompt_card = page.locator("#live-metrics .lr-card", has=page.locator("#m-prompt-tps")).inner_text()
+    assert re.search(r"\d+ new tokens?\s+\d+ cached", prompt_card), prompt_card
     # The stopped reply was replaced, not kept beside the new one.
     users = page.locator("#chatbot [data-testid=user]").count()
     assert users >= 1 and page.locator("#chatbot [data-testid=bot]").count() == users

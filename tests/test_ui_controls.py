@@ -88,8 +88,18 @@ def test_series_and_turn_rows() -> None:
         peak_ram_bytes=310_000_000,
         peak_vram_bytes=None,
     )
-    assert turn_row(3, "m", summary) == [3, "m", 42.0, 300.0, 95.5, 5, 310.0, None, "cancelled"]
+    # 12 evaluated prompt tokens are too few for a prompt rate (format.MIN_RATE_TOKENS)
+    assert turn_row(3, "m", summary) == [3, "m", 42.0, None, 95.5, 5, 310.0, None, "cancelled"]
     assert reply_footer(summary).endswith("· cancelled") and "TTFT 42 ms" in reply_footer(summary)
+
+
+def test_metrics_panel_shows_a_cache_hit_without_a_rate() -> None:
+    import dataclasses
+
+    html = metrics_html(dataclasses.replace(_event(), prompt_tokens=81, prefill_tokens=1))
+    assert re.search(r'id="m-prompt-tps">1 new token<', html) and "80 cached" in html  # no rate, no data-value
+    html = metrics_html(dataclasses.replace(_event(), prompt_tokens=81, prefill_tokens=81))
+    assert re.search(r'id="m-prompt-tps" data-value="300.0">300 tok/s<', html) and "81 tokens" in html
 
 
 def test_models_info_and_the_models_tab_show_the_same_rows(capsys: pytest.CaptureFixture[str]) -> None:

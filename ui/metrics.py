@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from localrun.events import GenerationEvent, GenerationSummary
-from localrun.format import fmt_bytes, fmt_ms, fmt_rate, stats_line
+from localrun.format import fmt_bytes, fmt_ms, fmt_rate, prefill_count, prompt_rate, stats_line
 
 TURN_HEADERS = [
     "#",
@@ -48,13 +48,25 @@ def metrics_html(event: GenerationEvent | None, *, state: str = "idle") -> str:
     vram_note = f"peak {fmt_bytes(event.peak_vram_bytes)}" if event.vram_bytes is not None else "no GPU"
     cards = [
         _card("ttft", "TTFT", fmt_ms(event.ttft_s), event.ttft_s),
-        _card("prompt-tps", "Prompt", fmt_rate(event.prompt_tps), event.prompt_tps, f"{event.prompt_tokens} tokens"),
+        _prompt_card(event),
         _card("decode-tps", "Generation", fmt_rate(event.decode_tps), event.decode_tps),
         _card("tokens", "Tokens", str(event.generated_tokens), event.generated_tokens, f"{event.elapsed_s:.1f} s"),
         _card("ram", "RAM", fmt_bytes(event.ram_bytes), event.ram_bytes, f"peak {fmt_bytes(event.peak_ram_bytes)}"),
         _card("vram", "VRAM", fmt_bytes(event.vram_bytes), event.vram_bytes, vram_note),
     ]
     return _wrap(cards, state)
+
+
+def _prompt_card(event: GenerationEvent) -> str:
+    """The prompt rate over its token count, or, when too few were evaluated for a rate, what was."""
+    new = prefill_count(event)
+    cached = event.prompt_tokens - new
+    rate = prompt_rate(event)
+    if rate is not None:
+        note = f"{new} new · {cached} cached" if cached else f"{new} tokens"
+        return _card("prompt-tps", "Prompt", fmt_rate(rate), rate, note)
+    value = f"{new} new token{'' if new == 1 else 's'}" if cached else f"{new} token{'' if new == 1 else 's'}"
+    return _card("prompt-tps", "Prompt", value, None, f"{cached} cached" if cached else "too few for a rate")
 
 
 _LABELS = (
@@ -133,7 +145,7 @@ def turn_row(index: int, model: str, s: GenerationSummary) -> list[Any]:
         index,
         model,
         _num(None if s.ttft_s is None else s.ttft_s * 1000, 0),
-        _num(s.prompt_tps),
+        _num(prompt_rate(s)),
         _num(s.decode_tps),
         s.generated_tokens,
         _num(s.peak_ram_bytes / _MB, 0),
@@ -148,6 +160,24 @@ def reply_footer(s: GenerationSummary) -> str:
     return stats_line(s) + note
 
 
+def plots(series: LiveSeries) -> tuple[Any, Any]:
+    """Both charts, their y axes from 0 so a 0.01 MB wiggle does not look like a leak."""
+    import gradio as gr
+
+    rate, memory = series.rate_frame(), series.memory_frame()
+    return (
+        gr.LinePlot(value=rate, y_lim=[0, nice_top(rate["tok/s"].max())]),
+        gr.LinePlot(value=memory, y_lim=[0, nice_top(memory["MB"].max())]),
+    )
+
+
+def turns_frame(turns: list) -> Any:
+    """The per-reply table's rows as a DataFrame."""
+    import pandas as pd
+
+    return pd.DataFrame(turns, columns=TURN_HEADERS)
+
+
 CSS = """
 .lr-metrics {display:flex; flex-wrap:wrap; gap:8px; align-items:stretch}
 .lr-card {flex:1 1 100px; border:1px solid var(--border-color-primary); border-radius:8px; padding:6px 10px}
@@ -156,4 +186,9 @@ CSS = """
 .lr-note {font-size:0.75em; opacity:0.7}
 .lr-state {flex-basis:100%; font-size:0.8em; opacity:0.7}
 .lr-stats {font-size:0.8em; opacity:0.75}
+.lr-live {display:flex; flex-direction:column-reverse; max-height:240px; overflow-y:auto; contain:content;
+  padding:8px 12px; border:1px solid var(--border-color-primary); border-radius:8px}
+.lr-live:has(> .lr-text:empty) {display:none}
+.lr-text {white-space:pre-wrap}
+.lr-text::after {content:"▍"; opacity:0.6}
 """

@@ -21,22 +21,14 @@ from localrun.settings import LoadOptions, SamplingParams, recommendable
 from localrun.store import allowed_spec
 from ui import store
 from ui.controls import load_options, make_control, recommended_values, rows, sampling_params, visible_fields
-from ui.metrics import (
-    MEMORY_COLORS,
-    RATE_COLORS,
-    TURN_HEADERS,
-    LiveSeries,
-    metrics_html,
-    nice_top,
-    reply_footer,
-    turn_row,
-)
+from ui.metrics import MEMORY_COLORS, RATE_COLORS, LiveSeries, metrics_html, plots, reply_footer, turn_row, turns_frame
 
 TITLE = "Chat"
 KEY = "chat"
-_UI_INTERVAL_S = 0.1  # ~10 updates/s: smooth to the eye, light on the browser and a 2-core CPU
-_PLOT_INTERVAL_S = 0.3  # the charts redraw less often than the text
-_CURSOR = " ▍"
+# Each update costs the browser and the server ~10-20 ms of CPU on the cores the model runs on (measured with
+# bench/ui.py), whatever it carries: a few a second keep the text moving without slowing generation.
+_TEXT_INTERVAL_S = 0.25  # the streaming reply and the live panel
+_PLOT_INTERVAL_S = 1.0  # the charts (a redraw costs more than a text update)
 # Related settings share a row (their Meta group): common load options, then llama.cpp's, then transformers'.
 LOAD_ROWS = rows(LoadOptions)
 SAMPLING_ROWS = rows(SamplingParams)
@@ -123,8 +115,18 @@ def _layout_chat(c: SimpleNamespace) -> None:
         feedback_options=None,
         placeholder="Load a model (or just type: the picked model loads on the first message).",
     )
+    # The reply streams here as plain text, and moves into the chat (rendered as markdown) when it ends.
+    c.live = gr.HTML(
+        "", html_template='<div class="lr-live"><div class="lr-text">${value}</div></div>', elem_id="live-reply"
+    )
+    # lines=1 with room to grow: Enter sends, Shift+Enter adds a line (Gradio's rule for one-line boxes).
     c.message = gr.Textbox(
-        label="Message", placeholder="Type a message, Enter to send", lines=2, elem_id="chat-input", autofocus=True
+        label="Message",
+        placeholder="Type a message: Enter sends, Shift+Enter adds a line",
+        lines=1,
+        max_lines=8,
+        elem_id="chat-input",
+        autofocus=True,
     )
     with gr.Row():
         c.send = gr.Button("Send", variant="primary", elem_id="send-btn")
@@ -162,7 +164,7 @@ def _layout_metrics(c: SimpleNamespace) -> None:
         elem_id="mem-plot",
     )
     c.turns_table = gr.Dataframe(
-        _turns_frame([]), label="Every reply's figures (compare turns)", interactive=False, elem_id="turns-table"
+        turns_frame([]), label="Every reply's figures (compare turns)", interactive=False, elem_id="turns-table"
     )
 
 
@@ -174,7 +176,7 @@ def _wire(ctx: Any, c: SimpleNamespace) -> None:
     import gradio as gr
 
     settings = {**c.load_controls, **c.sampling}
-    outputs = [c.chatbot, c.history, c.turns, c.metrics, c.rate_plot, c.mem_plot, c.turns_table, c.status, c.message]
+    outputs = [getattr(c, name) for name in _OUTPUTS]
 
     def on_send(message: str, history: list, turns: list, picker: str, system: str, request: gr.Request, **values):
         yield from send_reply(ctx, message, history, turns, picker, system, values, owner=_owner(request))
@@ -198,7 +200,7 @@ def _wire(ctx: Any, c: SimpleNamespace) -> None:
         return clear_chat(ctx, _owner(request))
 
     # cancels: a reply still streaming would otherwise write the old conversation back after Clear
-    c.clear.click(on_clear, outputs=outputs[:-1], api_name="clear", cancels=replies)
+    c.clear.click(on_clear, outputs=outputs, api_name="clear", cancels=replies)
     _wire_model(ctx, c)
 
 
@@ -341,31 +343,22 @@ def _reply(
 def clear_chat(ctx: Any, owner: str) -> tuple:
     """Forget this session's chat (stopping its reply if one runs) and reset the panel and charts."""
     ctx.worker.cancel(owner)
-    empty = LiveSeries()
-    return [], [], [], metrics_html(None), *_plots(empty), _turns_frame([]), ""
-
-
-def _plots(series: LiveSeries) -> tuple[Any, Any]:
-    """Both charts, their y axes from 0 so a 0.01 MB wiggle does not look like a leak."""
-    import gradio as gr
-
-    rate, memory = series.rate_frame(), series.memory_frame()
-    return (
-        gr.LinePlot(value=rate, y_lim=[0, nice_top(rate["tok/s"].max())]),
-        gr.LinePlot(value=memory, y_lim=[0, nice_top(memory["MB"].max())]),
+    rate, memory = plots(LiveSeries())
+    return _update(
+        chatbot=[],
+        history=[],
+        turns=[],
+        metrics=metrics_html(None),
+        rate_plot=rate,
+        mem_plot=memory,
+        turns_table=turns_frame([]),
+        status="",
+        live="",
     )
 
 
 def _status_only(status: str) -> tuple:
-    import gradio as gr
-
-    return (*(gr.skip() for _ in range(7)), status, gr.skip())
-
-
-def _turns_frame(turns: list) -> Any:
-    import pandas as pd
-
-    return pd.DataFrame(turns, columns=TURN_HEADERS)
+    return _update(status=status)
 
 
 def _display(history: list) -> list[dict[str, str]]:
@@ -380,14 +373,23 @@ def _display(history: list) -> list[dict[str, str]]:
 
 
 def _stream(ctx: Any, turn: Turn, turns: list, owner: str) -> Iterator[tuple]:
-    """Relay the worker's updates to the UI, at most every _UI_INTERVAL_S, then finish the turn."""
-    import gradio as gr
+    """Relay the worker's updates to the page, then finish the turn.
 
-    skip = gr.skip
+    Every update the browser receives costs CPU on the cores the model runs on (the page re-renders, and the
+    server handles the message), so updates are paced: the reply text and the panel _TEXT_INTERVAL_S apart,
+    the charts _PLOT_INTERVAL_S apart, the chat history and the table once at the end, and nothing unchanged.
+    """
+
     series, parts, event, failed, model = LiveSeries(), [], None, None, None
-    shown = _display(turn.history) + [{"role": "assistant", "content": "…"}]
-    last_ui = last_plot = 0.0
-    yield shown, skip(), skip(), metrics_html(None, state="waiting"), skip(), skip(), skip(), "Waiting…", ""
+    last_text, last_plot = 0.0, time.monotonic()  # the first chart once it has a second of points
+    generating = False
+    yield _update(
+        chatbot=_display(turn.history),
+        metrics=metrics_html(None, state="waiting"),
+        status="Waiting…",
+        message="",
+        live="",
+    )
     for update in ctx.worker.submit(turn.request, owner=owner):
         if isinstance(update, Failed):
             failed = update
@@ -395,22 +397,40 @@ def _stream(ctx: Any, turn: Turn, turns: list, owner: str) -> Iterator[tuple]:
         if isinstance(update, Progress | Loaded):
             model = update.name if isinstance(update, Loaded) else model
             text = f"Loaded {update.name}" if isinstance(update, Loaded) else update.text
-            yield (*(skip() for _ in range(7)), f"⏳ {text}…", skip())
+            yield _update(status=f"⏳ {text}…")
             continue
         event = update
         parts.append(event.text)
         now = time.monotonic()
-        if not event.is_final and now - last_ui < _UI_INTERVAL_S:
+        if event.is_final or now - last_text < _TEXT_INTERVAL_S:
             continue
-        last_ui = now
+        last_text = now
         series.add(event)
-        plots = event.is_final or now - last_plot >= _PLOT_INTERVAL_S
-        last_plot = now if plots else last_plot
-        shown[-1] = {"role": "assistant", "content": "".join(parts) + _CURSOR}
-        rate, mem = _plots(series) if plots else (skip(), skip())
-        yield shown, skip(), skip(), metrics_html(event, state="generating"), rate, mem, skip(), "Generating…", skip()
+        out = {"metrics": metrics_html(event, state="generating")}
+        if now - last_plot >= _PLOT_INTERVAL_S:
+            last_plot = now
+            out["rate_plot"], out["mem_plot"] = plots(series)
+        # Plain text into a light element (Gradio sends it as an append); the chat renders the reply once, at
+        # the end. The status line changes only once.
+        out["live"] = html.escape("".join(parts))
+        if not generating:
+            generating, out["status"] = True, "Generating…"
+        yield _update(**out)
+    if event is not None:
+        series.add(event)
     model = model or (ctx.worker.loaded.name if ctx.worker.loaded else "?")
     yield _finish(turn, turns, parts, event, failed, series, model)
+
+
+# The chat outputs, in order (the API returns them without the two States).
+_OUTPUTS = "chatbot history turns metrics rate_plot mem_plot turns_table status message live".split()
+
+
+def _update(**values: Any) -> tuple:
+    """One update of the chat outputs (in _OUTPUTS order): the given ones, gr.skip() for the rest."""
+    import gradio as gr
+
+    return tuple(values[name] if name in values else gr.skip() for name in _OUTPUTS)
 
 
 def _finish(
@@ -448,13 +468,16 @@ def _finish(
         status = "⚠️ The reply ended without a result."
     state = summary.finish_reason if summary is not None else "error"
     metrics = metrics_html(event, state=state) if event is not None else metrics_html(None, state="error")
-    return (
-        _display(history),
-        history,
-        turns,
-        metrics,
-        *_plots(series),
-        _turns_frame(turns),
-        status,
-        unanswered,
+    rate, memory = plots(series)
+    return _update(
+        chatbot=_display(history),
+        history=history,
+        turns=turns,
+        metrics=metrics,
+        rate_plot=rate,
+        mem_plot=memory,
+        turns_table=turns_frame(turns),
+        status=status,
+        message=unanswered,
+        live="",
     )
