@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import queue as queue_mod
-import resource
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -132,13 +131,21 @@ def _hf_source(src: Path, kind: str, cache: Path, stem: str) -> Iterator[Compare
     """The HF directory variants are built from: the model itself, or a GGUF dequantised once."""
     if kind == "hf_dir":
         return src
-    hf_dir = cache / f"{stem}-hf"
+    hf_dir = cache / "hf" / stem  # named so that the quantizer's outputs are <stem>-<TYPE>
     if not (hf_dir / "config.json").is_file():
         from localrun.quantize.to_gguf import gguf_to_hf_dir
 
+        _quiet_transformers()
         yield CompareEvent("build", "HF", 0.0, f"dequantising {src.name} to a Hugging Face directory")
         gguf_to_hf_dir(src, hf_dir)
     return hf_dir
+
+
+def _quiet_transformers() -> None:
+    """Our progress lines are on stderr; transformers' own bars would interleave with them."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _describe(label: str, path: Path) -> Variant:
@@ -154,9 +161,11 @@ def _describe(label: str, path: Path) -> Variant:
 
 
 def _build_one(hf_dir: Path, f16: Path, label: str, dest: Path) -> Iterator[CompareEvent]:
-    from localrun.quantize import run_quantize
+    from localrun.quantize import BNB_TYPES, FLOAT_TYPES, run_quantize
 
-    src = hf_dir if label in ("F32", "BF16", "NF4", "INT8") else f16
+    src = hf_dir if label in FLOAT_TYPES or label in BNB_TYPES else f16
+    if label in BNB_TYPES:
+        _quiet_transformers()
     for ev in run_quantize(src, [label], out_dir=dest.parent):
         if ev.stage != "done":
             yield CompareEvent("build", label, ev.fraction, ev.message)
@@ -194,6 +203,18 @@ def build_variants(req: CompareRequest) -> Iterator[CompareEvent | Variant]:
 
 
 def _peak_rss_bytes() -> int:
+    """This process's peak RSS since it started (Linux VmHWM; ru_maxrss elsewhere).
+
+    On Linux ru_maxrss carries the parent's peak over fork + exec, so it would charge the parent's memory here.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
