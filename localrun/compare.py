@@ -37,6 +37,9 @@ class Variant:
     bits_per_weight: float | None = None
     tensor_types: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    # bitsandbytes variants run from the HF source, quantized at load time (the saved directory gives the size)
+    load_path: Path | None = None
+    quant: str = "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +195,10 @@ def build_variants(req: CompareRequest) -> Iterator[CompareEvent | Variant]:
             if not dest.exists():
                 yield CompareEvent("build", label, i / len(labels), f"building {dest.name}")
                 yield from _build_one(hf_dir, f16, label, dest)
-            yield _describe(label, dest)
+            variant = _describe(label, dest)
+            if label in ("NF4", "INT8"):
+                variant = replace(variant, load_path=hf_dir, quant=label.lower())
+            yield variant
         except (UserError, RuntimeError, OSError, ValueError) as exc:
             if label == REFERENCE:
                 raise UserError(f"Could not build the F16 reference: {exc}") from None
@@ -219,13 +225,13 @@ def _peak_rss_bytes() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
-def _answer(path: str, req: CompareRequest, out: Any) -> dict[str, Any]:
+def _answer(path: str, quant: str, req: CompareRequest, out: Any) -> dict[str, Any]:
     """Load the variant, generate the greedy answer (streamed to `out`), and return the speed figures."""
     from localrun.backends import load_backend
     from localrun.generate import stream_generate
     from localrun.settings import LoadOptions, SamplingParams
 
-    backend = load_backend(path, LoadOptions(n_ctx=max(req.n_ctx, 1024)))
+    backend = load_backend(path, LoadOptions(n_ctx=max(req.n_ctx, 1024), quant=quant))
     try:
         prompt = backend.render_chat([{"role": "user", "content": req.prompt}])
         ids = backend.tokenize(prompt, special=True)
@@ -265,9 +271,9 @@ def _worker(task: dict[str, Any], out: Any) -> None:
                 scorer.close()
             out.put(("done", {}))
             return
-        figures = _answer(task["path"], req, out)
+        figures = _answer(task["path"], task["quant"], req, out)
         if req.quality:
-            scorer = evaluate.open_scorer(task["path"], n_ctx=req.n_ctx)
+            scorer = evaluate.open_scorer(task["path"], n_ctx=req.n_ctx, quant=task["quant"])
             try:
                 ref = evaluate.Reference.load(task["reference"])
                 evaluate.check_vocabulary(scorer, ref, evaluate.read_text(req.text_path), name=task["label"])
@@ -334,7 +340,9 @@ def _run_variant(variant: Variant, req: CompareRequest, ref_path: Path) -> Itera
     if variant.error:
         yield CompareEvent("row", variant.label, 1.0, variant.error, replace(base, error=variant.error))
         return
-    task = {"job": "variant", "path": str(variant.path), "label": variant.label, "reference": str(ref_path)}
+    path = variant.load_path or variant.path
+    task = {"job": "variant", "path": str(path), "quant": variant.quant, "label": variant.label}
+    task["reference"] = str(ref_path)
     task["request"] = asdict(req)
     for msg in run_in_worker(task):
         if msg[0] == "token":
