@@ -65,7 +65,8 @@ def test_every_variant_gives_a_row_and_a_broken_one_an_error(events: list[Compar
     assert rows["F16"].top1_agreement_pct == 100.0
     assert rows["Q8_0"].kld_mean < rows["Q4_1"].kld_mean  # more bits, closer to the reference
     assert rows["Q8_0"].bits_per_weight > rows["Q4_1"].bits_per_weight
-    assert rows["NF4"].kind == "hf" and rows["NF4"].kld_mean > 0 and rows["NF4"].top1_agreement_pct > 50
+    # a random tiny model has flat distributions: agreement far above chance (1 in 49152) is what NF4 keeps
+    assert rows["NF4"].kind == "hf" and 0 < rows["NF4"].kld_mean < 1.0 and rows["NF4"].top1_agreement_pct > 10
 
 
 def test_rows_stream_as_each_variant_finishes(events: list[CompareEvent]) -> None:
