@@ -111,7 +111,7 @@ def test_cli_prints_rows_and_writes_outputs(cli, model_dir: Path, text_file: Pat
     cache = model_dir.parent / "cache"
     out = tmp_path / "out"
     args = ["compare", str(model_dir), "--quants", "Q8_0", "--text", str(text_file), "--ctx", "32"]
-    result = cli(*args, "--max-tokens", "2", "--cache-dir", str(cache), "--out", str(out))
+    result = cli(*args, "--max-tokens", "2", "--cache-dir", str(cache), "--out", str(out), timeout=900)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("variant") and lines[1].startswith("F16") and lines[2].startswith("Q8_0")
