@@ -9,7 +9,7 @@ from typing import Any
 from localrun.worker import WorkerClient
 
 # Each module exposes TITLE, KEY (used in elem_ids: tab-KEY, tab-KEY-button) and build(ctx).
-TABS = ("ui.tabs.chat", "ui.tabs.models", "ui.tabs.system")
+TABS = ("ui.tabs.chat", "ui.tabs.quantize", "ui.tabs.compare", "ui.tabs.models", "ui.tabs.system")
 
 
 @dataclass

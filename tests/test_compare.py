@@ -1,0 +1,124 @@
+"""`localrun compare`: variants built and cached, rows streamed as they finish, outputs complete, failures isolated."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from test_evaluate import SHORT, tiny_hf  # noqa: F401  (the shared tiny-model fixture)
+
+from localrun.compare import ROW_FIELDS, CompareEvent, CompareRequest, run_compare
+from localrun.compare_report import pareto_front, write_outputs
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_hf: Path) -> Path:  # noqa: F811
+    """A private copy, so this module's cache dir name is its own."""
+    dest = tmp_path_factory.mktemp("cmp") / "tinycmp"
+    shutil.copytree(tiny_hf, dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "short.txt"
+    path.write_text(SHORT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def events(model_dir: Path, text_file: Path) -> list[CompareEvent]:
+    cache = model_dir.parent / "cache"
+    cache.mkdir()
+    (cache / "tinycmp-Q4_0.gguf").write_bytes(b"GGUF" + b"\x00" * 64)  # a broken cached variant
+    req = CompareRequest(
+        model=str(model_dir),
+        quants=("F16", "Q8_0", "Q4_0", "Q4_1"),
+        nf4=True,
+        prompt="Say hello.",
+        text_path=str(text_file),
+        n_ctx=32,
+        max_tokens=6,
+        cache_dir=str(cache),
+    )
+    return list(run_compare(req))
+
+
+def _rows(events: list[CompareEvent]) -> dict:
+    return {e.label: e.row for e in events if e.stage == "row"}
+
+
+def test_every_variant_gives_a_row_and_a_broken_one_an_error(events: list[CompareEvent]) -> None:
+    rows = _rows(events)
+    assert list(rows) == ["F16", "Q8_0", "Q4_0", "Q4_1", "NF4"]
+    assert rows["Q4_0"].error and "Q4_1" in rows and rows["Q4_1"].error is None  # the next one still ran
+    for label in ("F16", "Q8_0", "Q4_1", "NF4"):
+        row = rows[label]
+        assert row.error is None, row.error
+        assert row.size_bytes > 0 and row.ppl and row.ppl > 1 and row.load_s is not None
+        assert row.decode_tps and row.ttft_s and row.peak_ram_bytes and row.answer
+    assert rows["F16"].is_reference and rows["F16"].kld_mean == pytest.approx(0.0, abs=1e-6)
+    assert rows["F16"].top1_agreement_pct == 100.0
+    assert rows["Q8_0"].kld_mean < rows["Q4_1"].kld_mean  # more bits, closer to the reference
+    assert rows["Q8_0"].bits_per_weight > rows["Q4_1"].bits_per_weight
+    # a random tiny model has flat distributions: agreement far above chance (1 in 49152) is what NF4 keeps
+    assert rows["NF4"].kind == "hf" and 0 < rows["NF4"].kld_mean < 1.0 and rows["NF4"].top1_agreement_pct > 10
+
+
+def test_rows_stream_as_each_variant_finishes(events: list[CompareEvent]) -> None:
+    stages = [(e.stage, e.label) for e in events]
+    assert stages.index(("row", "F16")) < stages.index(("run", "Q8_0"))
+    tokens = [e for e in events if e.stage == "token" and e.label == "Q8_0"]
+    assert len(tokens) >= 2 and "".join(e.text for e in tokens).strip()
+
+
+def test_cached_variants_are_reused(model_dir: Path, text_file: Path, events: list[CompareEvent]) -> None:
+    cache = model_dir.parent / "cache"
+    before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    req = CompareRequest(
+        model=str(model_dir), quants=("Q8_0",), text_path=str(text_file), n_ctx=32, max_tokens=2, cache_dir=str(cache)
+    )
+    again = list(run_compare(req))
+    assert not [e for e in again if e.stage in ("build", "reference")]
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == before
+    assert _rows(again)["Q8_0"].kld_mean == pytest.approx(_rows(events)["Q8_0"].kld_mean, rel=1e-6)
+
+
+def test_outputs_have_every_field_and_valid_charts(events: list[CompareEvent], tmp_path: Path) -> None:
+    rows = list(_rows(events).values())
+    files = write_outputs(tmp_path, rows, {"model": "tiny"})
+    data = json.loads(files["json"].read_text())
+    assert data["meta"] == {"model": "tiny"} and len(data["rows"]) == 5
+    for row in data["rows"]:
+        assert set(row) == set(ROW_FIELDS)
+    header = files["csv"].read_text().splitlines()[0].split(",")
+    assert header == list(ROW_FIELDS)
+    for name in ("quality_chart", "speed_chart"):
+        import matplotlib.image
+
+        blob = files[name].read_bytes()
+        assert blob.startswith(PNG_MAGIC)
+        assert matplotlib.image.imread(files[name]).shape[0] > 100
+    front = pareto_front(rows)
+    assert front and front[0].size_bytes == min(r.size_bytes for r in front)
+
+
+def test_cli_prints_rows_and_writes_outputs(cli, model_dir: Path, text_file: Path, tmp_path: Path, events) -> None:  # type: ignore[no-untyped-def]
+    cache = model_dir.parent / "cache"
+    out = tmp_path / "out"
+    args = ["compare", str(model_dir), "--quants", "Q8_0", "--text", str(text_file), "--ctx", "32"]
+    result = cli(*args, "--max-tokens", "2", "--cache-dir", str(cache), "--out", str(out), timeout=900)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("variant") and lines[1].startswith("F16") and lines[2].startswith("Q8_0")
+    assert (out / "compare.json").is_file() and (out / "quality_vs_size.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_cli_bad_input_is_one_sentence(cli) -> None:  # type: ignore[no-untyped-def]
+    result = cli("compare", "default", "--quants", "Q9_9")
+    assert result.returncode == 2 and "Unknown quantization type" in result.stderr
+    assert "Traceback" not in result.stderr
