@@ -40,7 +40,9 @@ def test_set_clear_stats_and_bye(repl):
     repl.expect("Usage: /set NAME VALUE")
     repl.expect_exact(PROMPT)
     repl.sendline("What is the capital of France?")
-    repl.expect(r"TTFT \d+ ms · \d+ (new )?prompt tokens?( \(\d+ cached\))?( at [\d.]+ tok/s)? · gen [\d.]+ tok/s · \d+ tok")
+    repl.expect(
+        r"TTFT \d+ ms · \d+ (new )?prompt tokens?( \(\d+ cached\))?( at [\d.]+ tok/s)? · gen [\d.]+ tok/s · \d+ tok"
+    )
     repl.expect_exact(PROMPT)
     repl.sendline("/stats")
     repl.expect("time to first token")
