@@ -37,6 +37,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--threads", type=int, default=None, help="quantizer threads (default: physical cores)")
     parser.add_argument("--compute-dtype", default="bfloat16", help="NF4 compute dtype: bfloat16, float16, float32")
     parser.add_argument("--list-types", action="store_true", help="list the available target types and exit")
+    parser.add_argument(
+        "--allow-pickle", action="store_true", help="NF4/INT8: allow .bin/.pt pickle weights (they can run code)"
+    )
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="NF4/INT8: run the model repository's own Python code"
+    )
     parser.set_defaults(func=handle)
 
 
@@ -111,6 +117,8 @@ def handle(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
         pre_tokenizer=args.pre_tokenizer,
         nthread=args.threads,
         compute_dtype=args.compute_dtype,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
     )
     for event in events:
         if event.stage == "warning":

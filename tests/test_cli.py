@@ -10,6 +10,7 @@ import sys
 import pytest
 from conftest import llama_device, nvidia_gpus
 
+
 def _stats_line() -> re.Pattern[str]:
     """The one-shot stats line, ending in the device llama.cpp runs on here."""
     return re.compile(
