@@ -35,11 +35,11 @@ N_UBATCH = 512
 CTX_PAD = 256
 # llama.cpp's tokenizer tables after loading, by tokenizer kind (measured with vocab_only loads):
 # byte-level BPE ("gpt2") keeps a rank map of its merges; SentencePiece ("llama") keeps scores instead.
-BPE_VOCAB_BASE_BYTES = 4.8 * MiB
+BPE_VOCAB_BASE_BYTES = int(4.8 * MiB)
 BPE_BYTES_PER_TOKEN = 199
 BPE_BYTES_PER_MERGE = 78
 BPE_LOAD_BYTES_PER_MERGE = 72  # the file's merge strings, alive only while the tables are built
-SPM_VOCAB_BASE_BYTES = 1.3 * MiB
+SPM_VOCAB_BASE_BYTES = int(1.3 * MiB)
 SPM_BYTES_PER_TOKEN = 155
 # What a loaded context adds besides its named buffers (threads, graph metadata, the Python object), and
 # what each request touches per vocabulary token (a logits row, the output buffer, the sampler's candidates).
