@@ -6,7 +6,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from ui.worker import WorkerClient
+from localrun.worker import WorkerClient
 
 # Each module exposes TITLE, KEY (used in elem_ids: tab-KEY, tab-KEY-button) and build(ctx).
 TABS = ("ui.tabs.chat", "ui.tabs.models", "ui.tabs.system")
@@ -21,6 +21,7 @@ class AppContext:
     default_model: str | None = None
     demo: Any = None
     components: dict[str, Any] = field(default_factory=dict)
+    loopback: bool = False  # served on loopback only: Load and Info may open any path, not just listed models
 
 
 def build_app(ctx: AppContext) -> Any:
