@@ -128,10 +128,10 @@ def _plain_tokens(path: Path, quant: str | None) -> tuple[list[int], list[int], 
 
 
 def _our_tokens(path: Path, quant: str) -> tuple[list[int], list[int], object]:
-    from localrun.backends.hf import HFBackend
+    from localrun.backends import load_backend
     from localrun.settings import LoadOptions, SamplingParams
 
-    backend = HFBackend(path, LoadOptions(backend="hf", quant=quant, n_ctx=512))
+    backend = load_backend(path, LoadOptions(backend="hf", quant=quant, n_ctx=512))
     try:
         ids = backend.tokenize(backend.render_chat(QUESTION))
         params = SamplingParams(temperature=0.0, max_tokens=N_TOKENS)
@@ -179,11 +179,11 @@ def test_chat_on_a_saved_int8_folder_answers_cleanly(smol_saved: dict[str, Path]
 
 
 def test_a_saved_folder_refuses_another_quant(smol_saved: dict[str, Path]) -> None:
-    from localrun.backends.hf import HFBackend
+    from localrun.backends import load_backend
     from localrun.settings import LoadOptions
 
     with pytest.raises(UserError, match="already quantized with bitsandbytes NF4: load it without --quant"):
-        HFBackend(smol_saved["nf4"], LoadOptions(backend="hf", quant="int8"))
+        load_backend(smol_saved["nf4"], LoadOptions(backend="hf", quant="int8"))
 
 
 def test_quantize_applies_the_chat_checks(tiny_dir: Path, tmp_path: Path) -> None:

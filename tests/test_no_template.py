@@ -42,13 +42,13 @@ def bare_gguf(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 def test_one_shot_is_a_plain_completion(bare_gguf: Path) -> None:
-    from localrun.backends.llamacpp import LlamaCppBackend
+    from localrun.backends import load_backend
     from localrun.generate import generate
 
     prompt = "The capital of France is"
     done = run_localrun("chat", str(bare_gguf), "-p", prompt, "--temperature", "0", "--max-tokens", "16", "--no-stats")
     assert done.returncode == 0, done.stderr
-    backend = LlamaCppBackend(bare_gguf, LoadOptions(n_ctx=512))
+    backend = load_backend(bare_gguf, LoadOptions(n_ctx=512))
     try:
         assert not backend.report.chat_template and "no chat template" in backend.report.describe()
         expected = generate(backend, backend.tokenize(prompt), SamplingParams(temperature=0.0, max_tokens=16)).text
@@ -59,11 +59,11 @@ def test_one_shot_is_a_plain_completion(bare_gguf: Path) -> None:
 
 
 def test_fallback_chat_stops_at_the_next_user_turn(bare_gguf: Path) -> None:
-    from localrun.backends.llamacpp import LlamaCppBackend
+    from localrun.backends import load_backend
     from localrun.chat import ChatSession
     from localrun.generate import generate
 
-    backend = LlamaCppBackend(bare_gguf, LoadOptions(n_ctx=1024))
+    backend = load_backend(bare_gguf, LoadOptions(n_ctx=1024))
     try:
         session = ChatSession(backend)
         events = list(session.send("Name three colours.", GREEDY))
