@@ -11,8 +11,6 @@ from conftest import REPO, run_localrun
 
 from localrun.settings import LoadOptions, SamplingParams
 
-GREEDY = SamplingParams(temperature=0.0, max_tokens=48)
-
 
 @pytest.fixture(scope="module")
 def bare_gguf(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -56,27 +54,6 @@ def test_one_shot_is_a_plain_completion(bare_gguf: Path) -> None:
         backend.close()
     # the continuation of the bare text: no "User:" role was put around it
     assert done.stdout == expected + "\n" and expected.strip()
-
-
-def test_fallback_chat_stops_at_the_next_user_turn(bare_gguf: Path) -> None:
-    from localrun.backends import load_backend
-    from localrun.chat import ChatSession
-    from localrun.generate import generate
-
-    backend = load_backend(bare_gguf, LoadOptions(n_ctx=1024))
-    try:
-        session = ChatSession(backend)
-        events = list(session.send("Name three colours.", GREEDY))
-        reply = "".join(e.text for e in events)
-        # what the model writes without the stop string: the reply, then a made-up next user turn
-        ids = backend.tokenize(backend.render_chat([{"role": "user", "content": "Name three colours."}]))
-        unstopped = generate(backend, ids, GREEDY.replace(max_tokens=200)).text
-        assert backend.render_chat([{"role": "user", "content": "x"}]) == "User: x\n\nAssistant:"
-    finally:
-        backend.close()
-    assert "\nUser:" in unstopped, unstopped  # the model does invent the next turn
-    assert reply == unstopped[: unstopped.index("\nUser:")]
-    assert events[-1].finish_reason == "stop" and "User:" not in reply
 
 
 def test_repl_says_no_chat_template(bare_gguf: Path) -> None:
