@@ -11,6 +11,27 @@ from localrun.events import GenerationEvent, GenerationSummary
 from localrun.generate import check_prompt_fits, stream_generate
 from localrun.settings import SamplingParams
 
+# The fallback template writes "User: ..." turns: a model without its own template would go on to write
+# the user's next turn too, so replies under it end where one begins.
+FALLBACK_STOP = "\nUser:"
+
+
+def has_chat_template(backend: Backend) -> bool:
+    """False for a model that ships no chat template (base models): chat then uses the plain fallback."""
+    report = getattr(backend, "report", None)
+    return bool(getattr(report, "chat_template", True))
+
+
+def complete(
+    backend: Backend, text: str, params: SamplingParams, *, cancel: threading.Event | None = None
+) -> Iterator[GenerationEvent]:
+    """Plain completion of `text`, no roles: what a one-shot prompt means to a model without a chat template."""
+    if not text.strip():
+        raise UserError("The prompt is empty: type a message, or pass one with -p.")
+    ids = backend.tokenize(text)
+    check_prompt_fits(len(ids), backend.report.n_ctx)
+    yield from stream_generate(backend, ids, params, cancel=cancel)
+
 
 class ChatSession:
     """Keeps the messages; each reply streams GenerationEvents and is appended to the history.
@@ -56,6 +77,8 @@ class ChatSession:
         before = self.messages
         self.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
         parts: list[str] = []
+        if not has_chat_template(self.backend) and FALLBACK_STOP not in params.stop:
+            params = params.replace(stop=(*params.stop, FALLBACK_STOP))
         try:
             ids = self.prompt_ids(params)  # inside the try: a refused prompt is undone too
             for event in stream_generate(self.backend, ids, params, cancel=cancel):

@@ -75,19 +75,25 @@ def run(args: argparse.Namespace) -> int:
 def _one_shot(
     args: argparse.Namespace, model: ResolvedModel, prompt: str, params: SamplingParams, options: LoadOptions
 ) -> int:
-    from localrun.chat import ChatSession
+    from localrun.chat import ChatSession, complete, has_chat_template
     from localrun.format import stats_line
 
     backend = load(model, options)
     try:
         session = ChatSession(backend, system=system_prompt(args, model))
+        summary = None
         with _ctrl_c_cancels() as cancel:
-            for event in session.send(prompt, params, cancel=cancel):
+            # a model without a chat template (a base model) continues the text itself, with no roles
+            if has_chat_template(backend):
+                events = session.send(prompt, params, cancel=cancel)
+            else:
+                events = complete(backend, prompt, params, cancel=cancel)
+            for event in events:
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
+                summary = event.summary or summary
         sys.stdout.write("\n")
         sys.stdout.flush()
-        summary = session.last
         if summary and summary.error:
             print(f"localrun: generation failed: {summary.error}", file=sys.stderr)
             return 1

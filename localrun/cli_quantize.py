@@ -37,6 +37,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--threads", type=int, default=None, help="quantizer threads (default: physical cores)")
     parser.add_argument("--compute-dtype", default="bfloat16", help="NF4 compute dtype: bfloat16, float16, float32")
     parser.add_argument("--list-types", action="store_true", help="list the available target types and exit")
+    parser.add_argument(
+        "--allow-pickle", action="store_true", help="NF4/INT8: allow .bin/.pt pickle weights (they can run code)"
+    )
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="NF4/INT8: run the model repository's own Python code"
+    )
     parser.set_defaults(func=handle)
 
 
@@ -61,6 +67,36 @@ def _format_result(result: Any) -> str:
     return line
 
 
+class _Progress:
+    """Progress on one rewritten line on a terminal; in a pipe or a log file, plain lines at each
+    stage and every tenth of the way (no carriage returns, no escape codes)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream, self.tty = stream, stream.isatty()
+        self._open = False  # a terminal line is being rewritten
+        self._last: tuple[str, str, int] | None = None
+
+    def update(self, event: Any) -> None:
+        text = f"[{event.target} {event.stage} {event.fraction:4.0%}] {event.message[:70]}"
+        key = (event.target, event.stage, int(event.fraction * 10))
+        if self.tty:
+            if self._open and key[:2] != (self._last or key)[:2]:
+                print(file=self.stream)  # a new stage starts on a new line; the last one stays visible
+            print(f"\r{text}\033[K", end="", file=self.stream, flush=True)
+            self._open = True
+        elif key != self._last:
+            print(text, file=self.stream, flush=True)
+        self._last = key
+
+    def line(self, text: str) -> None:
+        """A line of its own (ends a rewritten progress line first); empty text only closes it."""
+        if self._open:
+            print("\r\033[K" if text else "", end="" if text else "\n", file=self.stream)
+            self._open = False
+        if text:
+            print(text, file=self.stream, flush=True)
+
+
 def handle(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     """Run the quantize subcommand; returns the exit status."""
     from localrun.quantize import run_quantize
@@ -72,7 +108,7 @@ def handle(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     if not args.targets:
         raise UserError("No target type given: pass --to TYPE (e.g. --to Q4_K_M); see --list-types.")
     results = []
-    last_stage = ""
+    progress = _Progress(sys.stderr)
     events = run_quantize(
         args.src,
         args.targets,
@@ -81,23 +117,19 @@ def handle(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
         pre_tokenizer=args.pre_tokenizer,
         nthread=args.threads,
         compute_dtype=args.compute_dtype,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
     )
     for event in events:
         if event.stage == "warning":
-            print(f"warning: {event.message}", file=sys.stderr)
+            progress.line(f"warning: {event.message}")
         elif event.stage == "done" and event.result is not None:
             results.append(event.result)
-            print(f"\r{event.message}\033[K", file=sys.stderr)
+            progress.line(event.message)
         else:
-            end = "\n" if event.stage != last_stage and last_stage else ""
-            print(
-                f"{end}\r[{event.target} {event.stage} {event.fraction:4.0%}] {event.message[:70]}\033[K",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
-        last_stage = event.stage
-    print("\nResults:", file=out)
+            progress.update(event)
+    progress.line("")
+    print("Results:", file=out)
     for result in results:
         print(_format_result(result), file=out)
     return 0

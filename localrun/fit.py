@@ -1,13 +1,26 @@
 """Will a GGUF model fit? Memory = weights + KV cache + compute buffers (+ a draft model), from the file's metadata.
 
 The numbers follow llama.cpp's own allocation rules (llama-context.cpp, llama-kv-cache-iswa.cpp): the context is
-padded to 256 cells, sliding-window layers keep only `n_swa + n_ubatch` cells, K and V are stored in the chosen
-cache type, and the compute buffer is sized for the worst-case ubatch. Flash attention is assumed off (the
-llama-cpp-python default), which is what makes the attention scores part of the compute buffer.
+padded to 256 cells, K and V are stored in the chosen cache type, and the compute buffer is sized for the
+worst-case ubatch. Flash attention is assumed off (the llama-cpp-python default), which is what makes the
+attention scores part of the compute buffer.
+
+Sliding-window layers: llama-cpp-python leaves llama.cpp's `swa_full` default on, so every layer, sliding or
+not, keeps a cache of the whole context (a window-sized cache would block its prefix reuse across requests).
+That, not the compute buffer, is what grows with context on Gemma-2/3: an estimate that gave those layers only
+`n_swa + n_ubatch` cells was 52 % low at 32k on a 270M Gemma 3.
+
+Large vocabularies: llama.cpp's tokenizer tables (token text, lookup maps, BPE merge ranks) cost about 150 to
+200 bytes a token, 80 a merge, plus the merge strings once more while the file loads; each request also
+touches one row of logits, the output buffer and the sampler's candidate list (20 bytes a token). The
+compute buffer reserves logits for a whole ubatch (n_ubatch x n_vocab x 4 bytes, 512 MiB for a 262k vocabulary),
+but a single-sequence CPU run asks for one row, so those pages are never touched and RSS does not count them.
+Calibrated with bench/fit.py on the default model and tiny random llama, qwen2, gemma2, phi3 and gemma3 GGUFs.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +34,18 @@ MiB = 1024 * 1024
 KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 N_UBATCH = 512
 CTX_PAD = 256
-# Process memory llama.cpp adds besides its buffers (vocab tables, threads, graph metadata); calibrated on CPU
-# with bench/fit.py: about 21 MB for a 49k-token vocabulary.
-BASE_OVERHEAD_BYTES = 8 * MiB
-OVERHEAD_PER_VOCAB_TOKEN = 256
+# llama.cpp's tokenizer tables after loading, by tokenizer kind (measured with vocab_only loads):
+# byte-level BPE ("gpt2") keeps a rank map of its merges; SentencePiece ("llama") keeps scores instead.
+BPE_VOCAB_BASE_BYTES = int(4.8 * MiB)
+BPE_BYTES_PER_TOKEN = 199
+BPE_BYTES_PER_MERGE = 78
+BPE_LOAD_BYTES_PER_MERGE = 72  # the file's merge strings, alive only while the tables are built
+SPM_VOCAB_BASE_BYTES = int(1.3 * MiB)
+SPM_BYTES_PER_TOKEN = 155
+# What a loaded context adds besides its named buffers (threads, graph metadata, the Python object), and
+# what each request touches per vocabulary token (a logits row, the output buffer, the sampler's candidates).
+RUNTIME_BASE_BYTES = 7 * MiB
+RUNTIME_BYTES_PER_TOKEN = 20
 # What a CUDA context and cuBLAS workspace take from a GPU before any model buffer.
 GPU_CONTEXT_BYTES = 400 * MiB
 GPU_HEADROOM_FRACTION = 0.05
@@ -51,8 +72,11 @@ class MemoryEstimate:
         return self.weights_bytes + self.kv_cache_bytes + self.compute_bytes + self.overhead_bytes + self.draft_bytes
 
 
-def kv_cache_bytes(info: GGUFInfo, *, n_ctx: int, kv_type: str = "f16", n_ubatch: int = N_UBATCH) -> int:
-    """K and V for every layer: kv heads x head dim x cells x bytes; sliding-window layers hold fewer cells."""
+def kv_cache_bytes(
+    info: GGUFInfo, *, n_ctx: int, kv_type: str = "f16", n_ubatch: int = N_UBATCH, swa_full: bool = True
+) -> int:
+    """K and V for every layer: kv heads x head dim x cells x bytes. Sliding-window layers hold only
+    `n_swa + n_ubatch` cells when swa_full is off; llama-cpp-python leaves it on (all layers full size)."""
     if kv_type not in KV_TYPE_BYTES:
         raise UserError(f"Unknown KV cache type {kv_type!r}: use one of {', '.join(KV_TYPE_BYTES)}.")
     n_layers = info.n_layers or 0
@@ -60,7 +84,7 @@ def kv_cache_bytes(info: GGUFInfo, *, n_ctx: int, kv_type: str = "f16", n_ubatch
     k_dim = info.key_length or info.head_dim or 0
     v_dim = info.value_length or info.head_dim or 0
     full_cells = _pad(n_ctx)
-    swa_cells = _pad(min(full_cells, (info.sliding_window or 0) + n_ubatch))
+    swa_cells = full_cells if swa_full else _pad(min(full_cells, (info.sliding_window or 0) + n_ubatch))
     swa_left = info.swa_layers
     total = 0.0
     # Which layers slide does not change the sum as long as the per-layer head counts are equal.
@@ -83,7 +107,8 @@ def compute_buffer_bytes(info: GGUFInfo, *, n_ctx: int, n_ubatch: int = N_UBATCH
 
 def compute_resident_bytes(info: GGUFInfo, *, n_tokens: int, n_kv: int, n_ubatch: int = N_UBATCH) -> int:
     """The part of the compute buffer a single-sequence CPU run touches (RSS counts touched pages only):
-    attention scores for one ubatch over the filled cells, plus activations and one row of logits.
+    attention scores for one ubatch over the filled cells, plus activations (one row of logits is counted
+    in runtime_bytes).
 
     The 1.5 factor covers the softmax copy of the scores, partly sharing pages with them (calibrated
     with bench/fit.py on the default model)."""
@@ -92,7 +117,31 @@ def compute_resident_bytes(info: GGUFInfo, *, n_tokens: int, n_kv: int, n_ubatch
     scores = (info.n_heads or 0) * cells * t * 4
     mask = cells * t * 4
     activations = t * ((info.embedding_length or 0) * 8 + (info.feed_forward_length or 0) * 4)
-    return int(1.5 * scores) + mask + activations + (info.vocab_size or 0) * 4
+    return int(1.5 * scores) + mask + activations
+
+
+def _merge_count(info: GGUFInfo) -> int:
+    """BPE merges in the file (0 for other tokenizers); the metadata holds the array's length or the array."""
+    if info.tokenizer_model != "gpt2":
+        return 0
+    value = (info.metadata or {}).get("tokenizer.ggml.merges")
+    if isinstance(value, (list, tuple)):
+        return len(value)
+    found = re.search(r"\d+", value) if isinstance(value, str) else None
+    return int(found.group()) if found else (info.vocab_size or 0)
+
+
+def vocab_bytes(info: GGUFInfo) -> int:
+    """llama.cpp's tokenizer tables once loaded: token text and lookup maps, and BPE merge ranks."""
+    vocab = info.vocab_size or 0
+    if info.tokenizer_model == "gpt2":
+        return int(BPE_VOCAB_BASE_BYTES + vocab * BPE_BYTES_PER_TOKEN + _merge_count(info) * BPE_BYTES_PER_MERGE)
+    return int(SPM_VOCAB_BASE_BYTES + vocab * SPM_BYTES_PER_TOKEN)
+
+
+def runtime_bytes(info: GGUFInfo) -> int:
+    """Process memory a loaded context adds outside its named buffers, including per-request logits and sampling."""
+    return int(RUNTIME_BASE_BYTES + (info.vocab_size or 0) * RUNTIME_BYTES_PER_TOKEN)
 
 
 def ram_resident_bytes(
@@ -100,21 +149,25 @@ def ram_resident_bytes(
 ) -> int:
     """Expected peak RSS growth on CPU (over a process that has imported llama_cpp) once n_tokens_used cells
     are filled (None: the whole context). Lower than `estimate().total_bytes`: llama.cpp reserves logits for
-    a whole ubatch, which single-sequence generation never touches."""
+    a whole ubatch, which single-sequence generation never touches.
+
+    The peak is the larger of two moments: the end of loading, when the file's BPE merge strings are still
+    alive beside the finished tables, and generation, with the KV cache (zeroed, so resident) and the compute
+    pages in use."""
     info = model if isinstance(model, GGUFInfo) else inspect_gguf(model)
     used = min(n_tokens_used or n_ctx, n_ctx)
-    return (
-        info.tensor_data_bytes
-        + kv_cache_bytes(info, n_ctx=n_ctx, kv_type=kv_type)
-        + overhead_bytes(info)
+    loading = _merge_count(info) * BPE_LOAD_BYTES_PER_MERGE
+    running = (
+        kv_cache_bytes(info, n_ctx=n_ctx, kv_type=kv_type)
+        + runtime_bytes(info)
         + compute_resident_bytes(info, n_tokens=used, n_kv=used)
     )
+    return info.tensor_data_bytes + vocab_bytes(info) + max(loading, running)
 
 
 def overhead_bytes(info: GGUFInfo) -> int:
-    """Vocabulary tables and other allocations outside the named buffers, plus the logits output buffer."""
-    vocab = info.vocab_size or 0
-    return BASE_OVERHEAD_BYTES + vocab * OVERHEAD_PER_VOCAB_TOKEN + vocab * 4
+    """Tokenizer tables and other allocations outside the named buffers, plus the logits output buffer."""
+    return vocab_bytes(info) + runtime_bytes(info)
 
 
 def estimate(

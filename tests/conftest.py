@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,25 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@functools.cache
+def nvidia_gpus() -> list[str]:
+    """The NVIDIA GPUs the driver lists (`nvidia-smi -L`), seen without localrun's own probe."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return [line for line in done.stdout.splitlines() if line.startswith("GPU ")] if done.returncode == 0 else []
+
+
+def llama_device() -> str:
+    """Where llama.cpp puts a model that fits: the GPU when this build can offload and one is present."""
+    from localrun.hardware import llama_cpp_build
+
+    build = llama_cpp_build()
+    if build["cuda"] and nvidia_gpus():
+        return "cuda"
+    return "metal" if build["metal"] else "cpu"
 
 
 @pytest.fixture(scope="session")

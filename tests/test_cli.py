@@ -8,10 +8,15 @@ import subprocess
 import sys
 
 import pytest
+from conftest import llama_device, nvidia_gpus
 
-STATS = re.compile(
-    r"TTFT \d+ ms · \d+ prompt tokens at [\d.]+ tok/s · gen [\d.]+ tok/s · \d+ tok · RAM \d+ MB · llamacpp/cpu"
-)
+
+def _stats_line() -> re.Pattern[str]:
+    """The one-shot stats line, ending in the device llama.cpp runs on here."""
+    return re.compile(
+        r"TTFT \d+ ms · \d+ (new )?prompt tokens?[^·]* · gen [\d.]+ tok/s · \d+ tok · RAM \d+ MB · llamacpp/"
+        + llama_device()
+    )
 
 
 def _one_sentence_error(result, *, contains: str) -> None:
@@ -27,7 +32,7 @@ def test_one_shot_answers_on_stdout_with_stats_on_stderr(cli):
     result = cli("chat", "-p", "What is the capital of France?", "--temperature", "0", "--max-tokens", "24")
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
-    assert STATS.search(result.stderr), result.stderr
+    assert _stats_line().search(result.stderr), result.stderr
     assert "TTFT" not in result.stdout
 
 
@@ -108,9 +113,12 @@ def test_cli_imports_no_heavy_library_until_needed():
     assert out.strip() == "[]"
 
 
-def test_devices_without_a_gpu(cli):
+def test_devices_lists_the_cpu_and_each_gpu(cli):
     result = cli("devices")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("cpu:0 ")
     assert "physical cores" in result.stdout
-    assert "No GPU found" in result.stderr
+    gpus = nvidia_gpus()
+    listed = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("cuda:")]
+    assert listed == [f"cuda:{i}" for i in range(len(gpus))]
+    assert ("No GPU found" in result.stderr) == (not gpus)

@@ -63,8 +63,25 @@ def test_sliding_window_shrinks_the_cache(tmp_path: Path) -> None:
     )
     # 2 KV heads x (16 + 16) dims x 2 bytes = 128 bytes per cell and layer.
     assert fit.kv_cache_bytes(plain, n_ctx=32768) == 6 * 128 * 32768
-    # Three layers keep 1024 + 512 cells (padded to 1536), three keep the full context.
-    assert fit.kv_cache_bytes(swa, n_ctx=32768) == 3 * 128 * 32768 + 3 * 128 * 1536
+    # llama-cpp-python keeps llama.cpp's swa_full default: sliding layers hold the whole context too
+    # (its log says "creating SWA KV cache, size = 32768 cells"), which is what grows on Gemma at long context.
+    assert fit.kv_cache_bytes(swa, n_ctx=32768) == 6 * 128 * 32768
+    # Without it, three layers keep 1024 + 512 cells (padded to 1536), three keep the full context.
+    assert fit.kv_cache_bytes(swa, n_ctx=32768, swa_full=False) == 3 * 128 * 32768 + 3 * 128 * 1536
+
+
+def test_vocabulary_tables_follow_the_tokenizer(tmp_path: Path, info) -> None:
+    from test_gguf_info import write_tiny_gguf
+
+    no_merges = inspect_gguf(write_tiny_gguf(tmp_path / "bpe.gguf", arch="llama"))
+    assert fit._merge_count(info) == 48900  # SmolLM2's BPE merges, read from the file
+    assert fit._merge_count(no_merges) == 300  # a BPE file without the array: about one merge per token
+    bpe_cost = fit.vocab_bytes(info) - fit.BPE_VOCAB_BASE_BYTES
+    assert bpe_cost == 49152 * fit.BPE_BYTES_PER_TOKEN + 48900 * fit.BPE_BYTES_PER_MERGE
+    # while SmolLM2 loads, its merge strings are alive, but its 8k KV cache outweighs them
+    at_8k = fit.ram_resident_bytes(info, n_ctx=8192, n_tokens_used=96)
+    at_512 = fit.ram_resident_bytes(info, n_ctx=512, n_tokens_used=96)
+    assert at_8k - at_512 == fit.kv_cache_bytes(info, n_ctx=8192) - fit.kv_cache_bytes(info, n_ctx=512)
 
 
 def test_draft_model_adds_its_own_memory(info) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from conftest import llama_device, nvidia_gpus
 
 from localrun.chat import ChatSession
 from localrun.errors import UserError
@@ -45,10 +46,10 @@ def test_events_carry_cumulative_stats(llama_backend):
     first, last = events[0], events[-1]
     assert first.ttft_s is not None and first.ttft_s > 0 and first.decode_tps is None
     assert last.decode_tps > 0 and last.prompt_tps > 0 and last.peak_ram_bytes >= first.ram_bytes > 0
-    assert last.peak_vram_bytes is None  # no GPU on this machine
+    assert (last.peak_vram_bytes is not None) == bool(nvidia_gpus())  # a VRAM figure exactly when there is a GPU
     s = last.summary
     assert s.finish_reason == last.finish_reason and s.generated_tokens == last.generated_tokens
-    assert s.backend == "llamacpp" and s.device == "cpu" and s.text == "".join(e.text for e in events)
+    assert s.backend == "llamacpp" and s.device == llama_device() and s.text == "".join(e.text for e in events)
 
 
 def test_stop_string_across_token_boundaries(llama_backend):

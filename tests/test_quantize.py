@@ -51,12 +51,14 @@ def _run(src: Path | str | None, targets: list[str], out_dir: Path, **kw) -> tup
     return results, events
 
 
+def _smol_targets() -> list[str]:
+    targets = [t for t in quant_types() if t not in SLOW_TYPES and t not in FLOATS]
+    return targets + (sorted(SLOW_TYPES) if os.environ.get("LOCALRUN_TEST_ALL_QUANTS") else [])
+
+
 @pytest.fixture(scope="module")
 def smol_quants(tmp_path_factory: pytest.TempPathFactory, smollm2_f16: Path) -> dict[str, QuantResult]:
-    targets = [t for t in quant_types() if t not in SLOW_TYPES and t not in FLOATS]
-    if os.environ.get("LOCALRUN_TEST_ALL_QUANTS"):
-        targets += sorted(SLOW_TYPES)
-    results, _ = _run(smollm2_f16, targets, tmp_path_factory.mktemp("smol-quants"))
+    results, _ = _run(smollm2_f16, _smol_targets(), tmp_path_factory.mktemp("smol-quants"))
     return results
 
 
@@ -76,6 +78,7 @@ def _reader_types(path: Path) -> dict[str, str]:
 
 
 def test_every_type_loads_and_generates(smol_quants: dict[str, QuantResult]) -> None:
+    assert sorted(smol_quants) == sorted(_smol_targets()) and len(smol_quants) > 15  # one result per type asked for
     for target, result in smol_quants.items():
         assert result.path.is_file() and result.path.name.endswith(f"-{target}.gguf")
         assert _generates(result.path).strip(), f"{target} generated nothing"
@@ -190,9 +193,25 @@ def test_cli(tmp_path: Path, tiny_hf: Path, capsys: pytest.CaptureFixture[str]) 
     cli_quantize.register(parser.add_subparsers())
     args = parser.parse_args(["quantize", str(tiny_hf), "--to", "F16", "--to", "Q4_K_M", "-o", str(tmp_path)])
     assert args.func(args) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "Q4_K_M" in out and "bits/weight" in out and "tensor types:" in out
+    # stderr is not a terminal here: plain progress lines, no carriage returns or escape codes
+    assert "\r" not in err and "\033" not in err
+    progress = [line for line in err.splitlines() if line.startswith("[Q4_K_M quantize")]
+    assert 3 <= len(progress) <= 12, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny256-hf-F16.gguf", "tiny256-hf-Q4_K_M.gguf"]
     assert cli_quantize.main([str(tiny_hf), "--to", "Q7_X", "-o", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Unknown quantization type" in err
+
+
+def test_quantizer_failure_is_one_sentence(tmp_path: Path) -> None:
+    from test_gguf_info import write_tiny_gguf
+
+    # a llama GGUF without its hyperparameters: llama.cpp's quantizer refuses it
+    broken = write_tiny_gguf(tmp_path / "broken-F32.gguf", arch="llama")
+    with pytest.raises(UserError) as caught:
+        _run(broken, ["Q8_0"], tmp_path / "out")
+    message = str(caught.value)
+    assert message.startswith("llama.cpp could not quantize broken-F32.gguf to Q8_0 (") and "\n" not in message
+    assert not list((tmp_path / "out").iterdir())

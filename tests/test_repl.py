@@ -6,7 +6,7 @@ import sys
 
 import pexpect
 import pytest
-from conftest import REPO
+from conftest import REPO, llama_device
 
 PROMPT = ">>> "
 
@@ -21,7 +21,7 @@ def repl():
         timeout=120,
         dimensions=(40, 200),
     )
-    child.expect("Ready: llamacpp on cpu")
+    child.expect(f"Ready: llamacpp on {llama_device()}")
     child.expect_exact(PROMPT)
     yield child
     if child.isalive():

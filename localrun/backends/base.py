@@ -43,6 +43,7 @@ class LoadReport:
     warmup_s: float = 0.0
     weights_bytes: int | None = None
     details: dict[str, str] = field(default_factory=dict)
+    chat_template: bool = True  # False: the model ships none, and chat uses the plain User:/Assistant: fallback
 
     def describe(self) -> str:
         """One line, e.g. 'llamacpp on cpu · ctx 8192 · 2 threads · loaded in 0.21 s'."""
@@ -58,6 +59,8 @@ class LoadReport:
         parts.append(f"loaded in {self.load_s:.2f} s")
         if self.warmup_s:
             parts.append(f"warm-up {self.warmup_s:.2f} s")
+        if not self.chat_template:
+            parts.append("no chat template")
         return " · ".join(parts)
 
 

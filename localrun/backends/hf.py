@@ -141,6 +141,7 @@ class HFBackend:
             warmup_s=warmup_s,
             weights_bytes=int(self.model.get_memory_footprint()),
             details=self._details(loaded.source),
+            chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
         )
 
     @property

@@ -9,8 +9,8 @@ import contextlib
 import importlib.util
 import io
 import json
+import logging
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,12 +125,28 @@ def check_remote_code(directory: Path, *, trust_remote_code: bool) -> None:
     )
 
 
+class _DropInt8CastNotice(logging.Filter):
+    """bitsandbytes' CPU int8 matmul logs "inputs will be cast to float16" on every call, onto the
+    stderr that carries our status lines (and, with 2>&1, through the answer itself)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+def quiet_bitsandbytes() -> None:
+    """Install the filter once on bitsandbytes' matmul logger."""
+    bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropInt8CastNotice) for f in bnb_logger.filters):
+        bnb_logger.addFilter(_DropInt8CastNotice())
+
+
 def quant_config(quant: str, dtype: torch.dtype):
     """BitsAndBytesConfig for NF4 (double quant, compute in the chosen dtype) or INT8; None for none."""
     if quant == "none":
         return None
     from transformers import BitsAndBytesConfig
 
+    quiet_bitsandbytes()
     if quant == "nf4":
         return BitsAndBytesConfig(
             load_in_4bit=True,
@@ -138,9 +154,19 @@ def quant_config(quant: str, dtype: torch.dtype):
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
         )
-    # bitsandbytes' CPU int8 path casts fp32 inputs to fp16 and warns on every matmul
-    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def saved_quant(directory: Path) -> str | None:
+    """nf4 or int8 for a directory saved by bitsandbytes (its config carries the quantization), else None."""
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    quant = config.get("quantization_config") or {}
+    if not isinstance(quant, dict) or quant.get("quant_method") != "bitsandbytes":
+        return None
+    return "nf4" if quant.get("load_in_4bit") else "int8" if quant.get("load_in_8bit") else None
 
 
 def load_model(model: ResolvedModel, options: LoadOptions) -> Loaded:
@@ -159,17 +185,25 @@ def load_model(model: ResolvedModel, options: LoadOptions) -> Loaded:
     check_remote_code(directory, trust_remote_code=options.trust_remote_code)
     safetensors = check_weights(directory, allow_pickle=options.allow_pickle)
     tokenizer = _tokenizer(directory, trust_remote_code=options.trust_remote_code)
+    saved = saved_quant(directory)
+    if saved is not None and options.quant not in ("none", saved):
+        raise UserError(
+            f"{directory.name} is already quantized with bitsandbytes {saved.upper()}: load it without --quant."
+        )
+    if saved is not None:
+        quiet_bitsandbytes()
     hf_model = _from_pretrained(
         directory,
         options,
         device=device,
-        dtype=dtype,
+        # a saved NF4/INT8 model keeps the dtype it was saved with, as plain from_pretrained does
+        dtype="auto" if saved is not None and options.dtype == "auto" else dtype,
         attn=attn,
-        quantization=quant_config(options.quant, dtype),
+        quantization=None if saved is not None else quant_config(options.quant, dtype),
         use_safetensors=safetensors,
     )
-    source = "safetensors" if safetensors else "pickle"
-    return Loaded(hf_model, tokenizer, device, dtype, hf_model.config._attn_implementation, source)
+    source = ("safetensors" if safetensors else "pickle") + (f", saved {saved.upper()}" if saved else "")
+    return Loaded(hf_model, tokenizer, device, hf_model.dtype, hf_model.config._attn_implementation, source)
 
 
 def _tokenizer(directory: Path, *, trust_remote_code: bool, gguf_file: str | None = None):
@@ -198,9 +232,12 @@ def _from_pretrained(
         device_map={"": device},
         local_files_only=True,
         trust_remote_code=options.trust_remote_code,
-        quantization_config=quantization,
         **extra,
     )
+    # Only when there is one: an explicit quantization_config=None reaches AutoConfig as an override and
+    # erases the config's own, so a saved NF4/INT8 model would load as plain (mis-sized or garbage) weights.
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
     try:
         return AutoModelForCausalLM.from_pretrained(source, attn_implementation=attn, **kwargs)
     except ValueError as exc:

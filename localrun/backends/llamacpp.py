@@ -105,6 +105,7 @@ class LlamaCppBackend:
             load_s=load_s,
             weights_bytes=self.info.file_bytes,
             details=details,
+            chat_template=bool(self.info.chat_template),
         )
 
     def _gpu_layers(self, path: Path, options: LoadOptions, n_ctx: int) -> int:

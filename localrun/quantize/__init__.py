@@ -121,10 +121,13 @@ def run_quantize(
     pre_tokenizer: str | None = None,
     nthread: int | None = None,
     compute_dtype: str = "bfloat16",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
 ) -> Iterator[QuantProgress]:
     """Produce one output per target from an HF directory or a GGUF (None/"default": the default model).
 
     An HF source is converted to F16 once; every GGUF target is then quantized from that file.
+    allow_pickle and trust_remote_code apply to bitsandbytes targets, which load the model with transformers.
     """
     from localrun.catalog import resolve_model
 
@@ -139,7 +142,10 @@ def run_quantize(
     out.mkdir(parents=True, exist_ok=True)
     stem = output_stem(source)
     if resolved.kind == "hf_dir":
-        yield from _from_hf(source, wanted, out, stem, allow_requantize, pre_tokenizer, nthread, compute_dtype)
+        bnb_checks = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+        yield from _from_hf(
+            source, wanted, out, stem, allow_requantize, pre_tokenizer, nthread, compute_dtype, bnb_checks
+        )
         return
     if any(t in BNB_TYPES for t in wanted):
         raise UserError("NF4 and INT8 (bitsandbytes) need a Hugging Face model directory as the source, not a GGUF.")
@@ -166,11 +172,12 @@ def _from_hf(
     pre_tokenizer: str | None,
     nthread: int | None,
     compute_dtype: str,
+    bnb_checks: dict[str, bool],
 ) -> Iterator[QuantProgress]:
     from localrun.quantize.gguf_quant import describe_gguf
 
     for target in [t for t in wanted if t in BNB_TYPES]:
-        yield from _bnb_one(source, target, out / f"{stem}-{target.lower()}", compute_dtype)
+        yield from _bnb_one(source, target, out / f"{stem}-{target.lower()}", compute_dtype, bnb_checks)
     for target in [t for t in wanted if t in FLOAT_TYPES]:
         dest = out / f"{stem}-{target}.gguf"
         yield from _convert_events(source, dest, target, pre_tokenizer)
@@ -197,11 +204,17 @@ def _convert_events(source: Path, dest: Path, out_type: str, pre_tokenizer: str 
         yield QuantProgress("convert", out_type, step.fraction, step.message)
 
 
-def _bnb_one(source: Path, target: str, dest: Path, compute_dtype: str) -> Iterator[QuantProgress]:
+def _bnb_one(
+    source: Path, target: str, dest: Path, compute_dtype: str, checks: dict[str, bool]
+) -> Iterator[QuantProgress]:
+    from localrun.backends.hf_load import check_remote_code, check_weights
     from localrun.quantize.bnb import quantize_bnb
 
+    # refused before any progress line: pickles and repository code only when asked for, as in chat
+    check_remote_code(source, trust_remote_code=checks["trust_remote_code"])
+    check_weights(source, allow_pickle=checks["allow_pickle"])
     yield QuantProgress("bnb", target, 0.0, f"loading {source.name} with bitsandbytes {target}")
-    result = quantize_bnb(source, dest, mode=target.lower(), compute_dtype=compute_dtype)
+    result = quantize_bnb(source, dest, mode=target.lower(), compute_dtype=compute_dtype, **checks)
     qr = QuantResult(target, result.path, result.size_bytes, result.bits_per_weight, result.n_weights)
     yield QuantProgress(
         "done", target, 1.0, f"wrote {dest} (memory footprint {result.footprint_bytes / 2**20:.1f} MiB)", qr

@@ -59,21 +59,43 @@ def _count_weights(model: object) -> int:
 
 
 def quantize_bnb(
-    model_dir: str | Path, out_dir: str | Path, *, mode: str = "nf4", compute_dtype: str = "bfloat16"
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    mode: str = "nf4",
+    compute_dtype: str = "bfloat16",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
 ) -> BnbResult:
-    """Load `model_dir` quantized by bitsandbytes and save_pretrained it to `out_dir` (atomically)."""
-    from transformers import AutoModelForCausalLM
+    """Load `model_dir` quantized by bitsandbytes and save_pretrained it to `out_dir` (atomically).
 
+    The same checks as chat: pickle weights only with allow_pickle, repository code only with trust_remote_code."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir} is not a Hugging Face model directory (no config.json).")
     config = bnb_config(mode, compute_dtype=compute_dtype)
+    from localrun.backends.hf_load import check_remote_code, check_weights, quiet_bitsandbytes
+
+    check_remote_code(model_dir, trust_remote_code=trust_remote_code)
+    safetensors = check_weights(model_dir, allow_pickle=allow_pickle)
     check_disk_space(out_dir.parent, dir_size(model_dir) // 2 + (64 << 20))
     import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # stderr carries our own progress lines
+    quiet_bitsandbytes()
     # unquantized parts (embeddings, norms) are kept in the compute dtype rather than the checkpoint's F32
     dtype = getattr(torch, compute_dtype) if mode == "nf4" else torch.float16
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, device_map="cpu", dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        quantization_config=config,
+        device_map="cpu",
+        dtype=dtype,
+        local_files_only=True,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=safetensors,
+    )
     footprint = int(model.get_memory_footprint())
     n_weights = _count_weights(model)
     with atomic_output(out_dir, directory=True) as tmp:

@@ -189,7 +189,11 @@ def _run_worker(
         detail = next((t for t in reversed(tail) if "error" in t.lower() or "failed" in t.lower()), "".join(tail[-1:]))
         if "imatrix" in detail:
             raise UserError(f"{target} needs an importance matrix for this model, which localrun does not make yet.")
-        raise RuntimeError(f"llama.cpp failed to quantize {src.name} to {target} (exit {rc}): {detail}")
+        detail = " ".join(detail.split()).rstrip(".") or "no message"
+        raise UserError(
+            f"llama.cpp could not quantize {src.name} to {target} ({detail}): "
+            "check that the source is a complete GGUF of a model type llama.cpp supports."
+        )
     return fallbacks
 
 

@@ -1,0 +1,71 @@
+"""A model without a chat template: one-shot prompts are plain completions; the REPL keeps the fallback
+User:/Assistant: template, stops where the model starts the user's next turn, and says so when ready."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_localrun
+
+from localrun.settings import LoadOptions, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def bare_gguf(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model copied with its `tokenizer.chat_template` key removed (all else byte-identical)."""
+    import gguf
+
+    reader = gguf.GGUFReader(default_gguf)
+    path = tmp_path_factory.mktemp("bare") / "SmolLM2-no-template.gguf"
+    writer = gguf.GGUFWriter(str(path), str(reader.fields["general.architecture"].contents()))
+    for fld in reader.fields.values():
+        if fld.name.startswith("GGUF.") or fld.name in ("general.architecture", "tokenizer.chat_template"):
+            continue
+        kind = fld.types[0]
+        sub = fld.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(fld.name, fld.contents(), kind, sub_type=sub)
+    for tensor in reader.tensors:
+        writer.add_tensor_info(
+            tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type
+        )
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for tensor in reader.tensors:
+        writer.write_tensor_data(tensor.data)
+    writer.close()
+    return path
+
+
+def test_one_shot_is_a_plain_completion(bare_gguf: Path) -> None:
+    from localrun.backends import load_backend
+    from localrun.generate import generate
+
+    prompt = "The capital of France is"
+    done = run_localrun("chat", str(bare_gguf), "-p", prompt, "--temperature", "0", "--max-tokens", "16", "--no-stats")
+    assert done.returncode == 0, done.stderr
+    backend = load_backend(bare_gguf, LoadOptions(n_ctx=512))
+    try:
+        assert not backend.report.chat_template and "no chat template" in backend.report.describe()
+        expected = generate(backend, backend.tokenize(prompt), SamplingParams(temperature=0.0, max_tokens=16)).text
+    finally:
+        backend.close()
+    # the continuation of the bare text: no "User:" role was put around it
+    assert done.stdout == expected + "\n" and expected.strip()
+
+
+def test_repl_says_no_chat_template(bare_gguf: Path) -> None:
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(
+        sys.executable, ["-m", "localrun.cli", "chat", str(bare_gguf)], cwd=str(REPO), encoding="utf-8", timeout=120
+    )
+    try:
+        child.expect(r"Ready: .*no chat template")
+        child.expect_exact(">>> ")
+        child.sendline("/bye")
+        child.expect(pexpect.EOF)
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
