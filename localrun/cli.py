@@ -11,7 +11,13 @@ from localrun import __version__
 from localrun.errors import UserError
 
 # Engine commands; other packages (the web UI) plug in through the "localrun.commands" entry points.
-_COMMAND_MODULES = ("localrun.cli_chat", "localrun.cli_bench", "localrun.cli_models", "localrun.cli_quantize")
+_COMMAND_MODULES = (
+    "localrun.cli_chat",
+    "localrun.cli_bench",
+    "localrun.cli_models",
+    "localrun.cli_quantize",
+    "localrun.cli_serve",
+)
 
 
 def _plugins() -> list:

@@ -33,6 +33,7 @@ class SamplingParams(BaseModel):
     seed: int | None = Field(None, description="Random seed; unset means a fresh one each request.")
     stop: tuple[str, ...] = Field((), description="Stop strings: generation ends before any of them.")
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token (for benchmarks).")
+    grammar: str | None = Field(None, description="GBNF grammar that constrains sampling (llama.cpp backend).")
 
     def replace(self, **changes: Any) -> SamplingParams:
         """A copy with some fields changed, validated (raises UserError on a bad value)."""

@@ -24,6 +24,7 @@ class LlamaCppBackend:
 
     name = "llamacpp"
     supports_draft = False
+    supports_grammar = True
 
     def __init__(self, path: str | Path, options: LoadOptions | None = None) -> None:
         from localrun.gguf_info import inspect_gguf
@@ -108,12 +109,13 @@ class LlamaCppBackend:
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._llm.detokenize(list(ids)).decode("utf-8", errors="replace")
 
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+    def render_chat(self, messages: Sequence[dict[str, str]], *, tools: Sequence[dict] | None = None) -> str:
         return render_chat(
             self.info.chat_template,
             messages,
             bos_token=self._token_text(self._llm.token_bos()),
             eos_token=self._token_text(self._llm.token_eos()),
+            tools=tools,
         )
 
     def generate_tokens(
@@ -133,6 +135,7 @@ class LlamaCppBackend:
         llm.set_seed(params.seed if params.seed is not None else random.randrange(2**31))
         vocab = llm._model.vocab
         budget = n_ctx - len(prompt_ids)
+        grammar = llama_cpp.LlamaGrammar.from_string(params.grammar) if params.grammar else None
         tokens = llm.generate(
             list(prompt_ids),
             top_k=params.top_k,
@@ -140,6 +143,7 @@ class LlamaCppBackend:
             min_p=params.min_p,
             temp=params.temperature,
             repeat_penalty=params.repeat_penalty,
+            grammar=grammar,
         )
         try:
             for i, token in enumerate(tokens):
