@@ -51,7 +51,12 @@ def run(args: argparse.Namespace) -> int:
     engine = LocalEngine(args.model, options, max_queue=args.max_queue)
     print(f"localrun: {engine.model_name} loaded ({engine.report.describe()})", file=sys.stderr)
     config = uvicorn.Config(
-        create_app(engine, api_key=key), host=args.host, port=args.port, log_level="warning", lifespan="off"
+        create_app(engine, api_key=key),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        lifespan="off",
+        timeout_graceful_shutdown=5,
     )
     server = uvicorn.Server(config)
     try:

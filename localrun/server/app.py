@@ -190,7 +190,13 @@ class Api:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _sse(_stream(pump, first, reply, cancel, include_usage))
-        return await _whole(pump, first, reply)
+        try:
+            return await _whole(pump, first, reply, request)
+        except ClientGone:
+            cancel.set()
+            return _empty()
+        finally:
+            pump.close()
 
     def routes(self) -> list[Any]:
         from starlette.routing import Route
@@ -217,11 +223,11 @@ def _empty() -> Any:
     return Response(status_code=499)
 
 
-async def _whole(pump: _Pump, event: Any, reply: Any) -> Any:
+async def _whole(pump: _Pump, event: Any, reply: Any, request: Any) -> Any:
     from starlette.responses import JSONResponse
 
     while event is not _END and event.summary is None:
-        event = await pump.next()
+        event = await pump.next(request)
     if event is _END or event.summary is None:
         raise ApiError(500, "The generation ended without a result.", type="server_error")
     if event.summary.error:

@@ -60,6 +60,8 @@ class LocalEngine:
         self._lock = threading.Lock()
         self._waiting = 0
         self._running = False
+        self._closing = False
+        self._current: _Job | None = None
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._load(model, resolve_model(model))
         self._thread = threading.Thread(target=self._dispatch, name="localrun-serve", daemon=True)
@@ -91,6 +93,11 @@ class LocalEngine:
             return {"model": self.model_name, "busy": self._running, "queued": self._waiting - self._running}
 
     def close(self) -> None:
+        """Stop what runs and what waits, then free the model."""
+        with self._lock:
+            self._closing = True
+            if self._current is not None:
+                self._current.cancel.set()
         self._jobs.put(None)
         self._thread.join(timeout=30)
         if self._backend is not None:
@@ -100,7 +107,9 @@ class LocalEngine:
     def _dispatch(self) -> None:
         while (job := self._jobs.get()) is not None:
             with self._lock:
-                self._running = True
+                self._running, self._current = True, job
+                if self._closing:
+                    job.cancel.set()
             try:
                 self._run(job)
             except UserError as exc:
@@ -109,7 +118,7 @@ class LocalEngine:
                 job.out.put(RuntimeError(f"{type(exc).__name__}: {exc}"))
             finally:
                 with self._lock:
-                    self._running = False
+                    self._running, self._current = False, None
                     self._waiting -= 1
                 job.out.put(_DONE)
 
