@@ -46,10 +46,10 @@ def build_models(names: list[str], workdir: Path) -> dict[str, Path]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from localrun.backends.hf import HFBackend
+    from localrun.backends import load_backend
     from localrun.settings import LoadOptions
 
-    smol = HFBackend(None, LoadOptions(backend="hf", device="cpu"))
+    smol = load_backend(None, LoadOptions(backend="hf", device="cpu"))
     tok = smol.tokenizer
     out: dict[str, Path] = {}
     if "smollm2" in names:
@@ -75,7 +75,7 @@ def run_variant(path: Path, variant: str, args: argparse.Namespace) -> dict:
     """Load one variant, bench it, free the GPU; errors are recorded, not raised."""
     import torch
 
-    from localrun.backends.hf import HFBackend
+    from localrun.backends import load_backend
     from localrun.bench import run_bench
     from localrun.settings import LoadOptions
 
@@ -86,7 +86,7 @@ def run_variant(path: Path, variant: str, args: argparse.Namespace) -> dict:
     torch.cuda.reset_peak_memory_stats()
     backend = None
     try:
-        backend = HFBackend(path, options)
+        backend = load_backend(path, options)
         result = run_bench(backend, n_prompt=args.n_prompt, n_gen=args.n_gen, reps=args.reps)
         report = backend.report
         return {

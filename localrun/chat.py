@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 
 from localrun.backends.base import Backend
 from localrun.errors import UserError
 from localrun.events import GenerationEvent, GenerationSummary
-from localrun.generate import stream_generate
+from localrun.generate import check_prompt_fits, stream_generate
 from localrun.settings import SamplingParams
 
 
@@ -38,15 +38,35 @@ class ChatSession:
         """Add a user message and stream the assistant's reply."""
         if not text.strip():
             raise UserError("The prompt is empty: type a message, or pass one with -p.")
-        self.messages.append({"role": "user", "content": text})
-        yield from self._reply(params, cancel, undo=self.messages.pop)
+        yield from self.answer([*self.messages, {"role": "user", "content": text}], params, cancel=cancel)
 
     def regenerate(self, params: SamplingParams, *, cancel: threading.Event | None = None) -> Iterator[GenerationEvent]:
         """Drop the last reply and answer the last user message again."""
-        previous = self.messages.pop() if self.messages and self.messages[-1]["role"] == "assistant" else None
-        if not self.messages:
-            raise UserError("There is nothing to regenerate yet: send a message first.")
-        yield from self._reply(params, cancel, undo=lambda: previous and self.messages.append(previous))
+        yield from self.answer(without_last_reply(self.messages), params, cancel=cancel)
+
+    def answer(
+        self, messages: Sequence[dict[str, str]], params: SamplingParams, *, cancel: threading.Event | None = None
+    ) -> Iterator[GenerationEvent]:
+        """Make messages the history and stream the reply to its last message (appended when it ends).
+
+        A turn that produces nothing is undone: the history goes back to what it was before the call."""
+        if not messages:
+            raise UserError("There is no message to answer: send one first.")
+        before = self.messages
+        self.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        parts: list[str] = []
+        try:
+            ids = self.prompt_ids(params)  # inside the try: a refused prompt is undone too
+            for event in stream_generate(self.backend, ids, params, cancel=cancel):
+                parts.append(event.text)
+                if event.summary is not None:
+                    self.last = event.summary
+                yield event
+        finally:
+            reply = "".join(parts)
+            self.messages = after_turn(
+                before, self.messages, {"role": "assistant", "content": reply} if reply else None
+            )
 
     def prompt_ids(self, params: SamplingParams) -> list[int]:
         """The rendered conversation as token ids, trimmed to leave room for the reply."""
@@ -59,26 +79,21 @@ class ChatSession:
             if len(ids) <= room or len(history) <= 1:
                 break
             history = history[2:] if len(history) > 2 else history[1:]
-        if len(ids) >= n_ctx:
-            raise UserError(
-                f"The message is {len(ids)} tokens, more than the context of {n_ctx}: shorten it or load with a larger --n-ctx."
-            )
+        check_prompt_fits(len(ids), n_ctx)
         return ids
 
-    def _reply(
-        self, params: SamplingParams, cancel: threading.Event | None, *, undo: Callable[[], object]
-    ) -> Iterator[GenerationEvent]:
-        parts: list[str] = []
-        try:
-            ids = self.prompt_ids(params)  # inside the try: a refused prompt is undone too
-            for event in stream_generate(self.backend, ids, params, cancel=cancel):
-                parts.append(event.text)
-                if event.summary is not None:
-                    self.last = event.summary
-                yield event
-        finally:
-            reply = "".join(parts)
-            if reply:
-                self.messages.append({"role": "assistant", "content": reply})
-            else:
-                undo()  # nothing came back: the turn did not happen
+
+def without_last_reply(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """What regenerating answers: the history without its trailing replies (UserError when nothing is left)."""
+    history = list(messages)
+    while history and history[-1]["role"] == "assistant":
+        history.pop()
+    if not history:
+        raise UserError("There is nothing to regenerate yet: send a message first.")
+    return history
+
+
+def after_turn(before: list[dict[str, str]], turn: list[dict[str, str]], reply: dict[str, str] | None) -> list:
+    """The history after a turn: the turn and its reply, or, when nothing came back, the history from before
+    the turn (it did not happen; a second user message in a row would be refused by some templates)."""
+    return [*turn, reply] if reply is not None else list(before)

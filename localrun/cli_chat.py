@@ -18,14 +18,12 @@ HELP = """Commands:
   /bye                  exit (Ctrl-D works too)
   /clear                forget the conversation
   /system TEXT          set the system prompt (and clear the conversation)
-  /set NAME VALUE       temperature, top_p, top_k, min_p, repeat_penalty, max_tokens, seed
+  /set NAME VALUE       change a sampling setting: {settable}
   /stats                the last reply's full figures
   /regen                answer the last message again
   /load MODEL           load another model (.gguf path, directory or catalog name)
   \"\"\"                   begin or end a multi-line message
 Ctrl-C stops a reply and keeps the session."""
-
-_SETTABLE = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens", "seed")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -205,7 +203,7 @@ class Repl:
         if name in ("/bye", "/exit", "/quit"):
             return "bye"
         if name in ("/help", "/?"):
-            print(HELP)
+            print(HELP.format(settable=", ".join(type(self.params).model_fields)))
         elif name == "/clear":
             self.session.clear()
             print("Conversation cleared.", file=sys.stderr)
@@ -226,19 +224,11 @@ class Repl:
         return None
 
     def _set(self, rest: str) -> None:
+        from localrun.settings import set_value
+
         key, _, value = rest.partition(" ")
-        if key not in _SETTABLE or not value.strip():
-            raise UserError(f"Usage: /set NAME VALUE, with NAME one of {', '.join(_SETTABLE)}.")
-        value = value.strip()
-        if key == "seed" and value.lower() in ("none", "random"):
-            parsed = None
-        else:
-            try:
-                parsed = int(value) if key in ("top_k", "max_tokens", "seed") else float(value)
-            except ValueError:
-                raise UserError(f"{key} needs a number, not {value!r}.") from None
-        self.params = self.params.replace(**{key: parsed})
-        print(f"{key} = {parsed}", file=sys.stderr)
+        self.params = set_value(self.params, key, value)
+        print(f"{key} = {getattr(self.params, key)}", file=sys.stderr)
 
     def _stats(self) -> None:
         from localrun.format import summary_table

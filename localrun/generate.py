@@ -170,6 +170,16 @@ class _Stats:
         )
 
 
+def check_prompt_fits(n_prompt: int, n_ctx: int) -> None:
+    """The one prompt-length rule: a prompt must leave room in the context for at least one new token."""
+    if n_prompt == 0:
+        raise UserError("The prompt is empty: there is nothing to answer.")
+    if n_prompt >= n_ctx:
+        raise UserError(
+            f"The prompt is {n_prompt} tokens, more than the context of {n_ctx} holds: shorten it, or load the model with a larger --n-ctx."
+        )
+
+
 def stream_generate(
     backend: Backend,
     prompt_ids: Sequence[int],
@@ -189,6 +199,7 @@ def stream_generate(
     steps = backend.generate_tokens(prompt_ids, params, drafter)
     finish, error, stop_hit = None, None, False
     try:
+        check_prompt_fits(len(prompt_ids), backend.report.n_ctx)
         while finish is None:
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"

@@ -23,10 +23,10 @@ def default_gguf() -> Path:
 def llama_backend(default_gguf):
     """One loaded llama.cpp backend for the session (loading takes a fraction of a second, but
     sharing it also exercises reuse across requests)."""
-    from localrun.backends.llamacpp import LlamaCppBackend
+    from localrun.backends import load_backend
     from localrun.settings import LoadOptions
 
-    backend = LlamaCppBackend(default_gguf, LoadOptions(n_ctx=2048))
+    backend = load_backend(default_gguf, LoadOptions(n_ctx=2048))
     yield backend
     backend.close()
 

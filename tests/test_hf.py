@@ -14,6 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from localrun.backends import load_backend  # noqa: E402
 from localrun.backends.hf import HFBackend  # noqa: E402
 from localrun.errors import UserError  # noqa: E402
 from localrun.generate import generate, stream_generate  # noqa: E402
@@ -34,7 +35,7 @@ def _tokens(backend: HFBackend, ids: list[int], params: SamplingParams = GREEDY)
 @pytest.fixture(scope="session")
 def smol() -> HFBackend:
     """SmolLM2-135M-Instruct from the default Q4_1 GGUF, dequantized to fp32."""
-    backend = HFBackend(None, LoadOptions(backend="hf"))
+    backend = load_backend(None, LoadOptions(backend="hf"))
     yield backend
     backend.close()
 
@@ -67,11 +68,11 @@ def tiny_dir(smol: HFBackend, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny(tiny_dir: Path) -> HFBackend:
-    return HFBackend(tiny_dir, LoadOptions(n_ctx=256))
+    return load_backend(tiny_dir, LoadOptions(n_ctx=256))
 
 
 def test_static_cache_gives_the_dynamic_cache_tokens(tiny: HFBackend, tiny_dir: Path) -> None:
-    static = HFBackend(tiny_dir, LoadOptions(n_ctx=256, static_cache=True))
+    static = load_backend(tiny_dir, LoadOptions(n_ctx=256, static_cache=True))
     assert (tiny.report.kv_cache, static.report.kv_cache) == ("dynamic", "static")
     ids = tiny.tokenize("The quick brown fox jumps over the lazy dog.")
     expected = _tokens(tiny, ids)
@@ -83,7 +84,7 @@ def test_static_cache_gives_the_dynamic_cache_tokens(tiny: HFBackend, tiny_dir: 
 
 
 def test_sdpa_and_eager_give_the_same_tokens(tiny: HFBackend, tiny_dir: Path) -> None:
-    eager = HFBackend(tiny_dir, LoadOptions(n_ctx=256, attn="eager"))
+    eager = load_backend(tiny_dir, LoadOptions(n_ctx=256, attn="eager"))
     assert (tiny.report.attn, eager.report.attn) == ("sdpa", "eager")
     ids = tiny.tokenize("Attention is all you need, they said.")
     assert _tokens(eager, ids) == _tokens(tiny, ids)
@@ -123,7 +124,7 @@ def test_chat_template_and_single_bos(smol: HFBackend, tiny_dir: Path) -> None:
 
 
 def test_nf4_from_gguf_is_small_and_answers(smol: HFBackend) -> None:
-    nf4 = HFBackend(None, LoadOptions(backend="hf", quant="nf4"))
+    nf4 = load_backend(None, LoadOptions(backend="hf", quant="nf4"))
     try:
         import bitsandbytes as bnb
 
@@ -145,8 +146,8 @@ def test_pickle_weights_are_refused(tiny_dir: Path, tmp_path: Path) -> None:
             shutil.copy(tiny_dir / name, tmp_path / name)
     torch.save(load_file(tiny_dir / "model.safetensors"), tmp_path / "pytorch_model.bin")
     with pytest.raises(UserError, match="--allow-pickle"):
-        HFBackend(tmp_path, LoadOptions())
-    allowed = HFBackend(tmp_path, LoadOptions(allow_pickle=True, n_ctx=64))
+        load_backend(tmp_path, LoadOptions())
+    allowed = load_backend(tmp_path, LoadOptions(allow_pickle=True, n_ctx=64))
     assert allowed.report.details["weights"] == "pickle"
 
 
@@ -157,7 +158,7 @@ def test_remote_code_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "modeling_mine.py").write_text("raise SystemExit('remote code ran')\n")
     shutil.copy(tiny_dir / "model.safetensors", tmp_path / "model.safetensors")
     with pytest.raises(UserError, match="--trust-remote-code"):
-        HFBackend(tmp_path, LoadOptions())
+        load_backend(tmp_path, LoadOptions())
 
 
 def test_cancel_stops_generate_and_frees_the_model(smol: HFBackend) -> None:
@@ -193,7 +194,7 @@ def test_generate_failure_reaches_the_caller(tiny: HFBackend, monkeypatch: pytes
 
 
 def test_full_context_finishes_with_length(tiny_dir: Path) -> None:
-    small = HFBackend(tiny_dir, LoadOptions(n_ctx=24))
+    small = load_backend(tiny_dir, LoadOptions(n_ctx=24))
     ids = small.tokenize("one two three four five six seven eight nine ten")
     summary = generate(small, ids, SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
     assert summary.finish_reason == "length" and summary.generated_tokens == 24 - len(ids)

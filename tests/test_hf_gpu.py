@@ -9,6 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from localrun.backends import load_backend  # noqa: E402
 from localrun.backends.hf import HFBackend  # noqa: E402
 from localrun.generate import generate, stream_generate  # noqa: E402
 from localrun.settings import LoadOptions, SamplingParams  # noqa: E402
@@ -28,7 +29,7 @@ def _tokens(backend: HFBackend, ids: list[int], params: SamplingParams = GREEDY)
 
 @pytest.fixture(scope="module")
 def gpu() -> HFBackend:
-    backend = HFBackend(None, LoadOptions(backend="hf"))
+    backend = load_backend(None, LoadOptions(backend="hf"))
     yield backend
     backend.close()
 
@@ -47,8 +48,8 @@ def test_defaults_pick_cuda_half_precision_and_fast_attention(gpu: HFBackend) ->
 
 
 def test_static_compiled_decode_matches_dynamic_in_fp32() -> None:
-    dynamic = HFBackend(None, LoadOptions(backend="hf", dtype="float32", attn="sdpa", n_ctx=512))
-    compiled = HFBackend(None, LoadOptions(backend="hf", dtype="float32", attn="sdpa", n_ctx=512, compile=True))
+    dynamic = load_backend(None, LoadOptions(backend="hf", dtype="float32", attn="sdpa", n_ctx=512))
+    compiled = load_backend(None, LoadOptions(backend="hf", dtype="float32", attn="sdpa", n_ctx=512, compile=True))
     try:
         assert compiled.report.kv_cache == "static" and compiled.report.details["compile"] == "reduce-overhead"
         assert compiled.report.warmup_s > 0
@@ -64,7 +65,7 @@ def test_static_compiled_decode_matches_dynamic_in_fp32() -> None:
 def test_nf4_and_int8_on_cuda_are_smaller() -> None:
     sizes = {}
     for quant in ("none", "nf4", "int8"):
-        backend = HFBackend(None, LoadOptions(backend="hf", dtype="float16", quant=quant))
+        backend = load_backend(None, LoadOptions(backend="hf", dtype="float16", quant=quant))
         try:
             sizes[quant] = backend.report.weights_bytes
             ids = backend.tokenize(backend.render_chat(QUESTION))

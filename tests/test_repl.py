@@ -35,7 +35,7 @@ def test_set_clear_stats_and_bye(repl):
     repl.sendline("/set max_tokens 12")
     repl.expect_exact("max_tokens = 12")
     repl.sendline("/set temperature hot")
-    repl.expect("temperature needs a number")
+    repl.expect("Invalid temperature: Input should be a valid number")
     repl.sendline("/set colour blue")
     repl.expect("Usage: /set NAME VALUE")
     repl.expect_exact(PROMPT)

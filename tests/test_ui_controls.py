@@ -8,21 +8,23 @@ import pytest
 
 from localrun.errors import UserError
 from localrun.events import GenerationEvent, GenerationSummary
-from localrun.settings import LoadOptions, SamplingParams
-from ui.controls import LOAD_FIELDS, SAMPLING_FIELDS, applies_to, load_options, sampling_params, visible_fields
+from localrun.settings import LoadOptions, SamplingParams, meta, ui_fields
+from ui.controls import load_options, sampling_params, visible_fields
 from ui.metrics import LiveSeries, metrics_html, reply_footer, turn_row
 from ui.tabs.chat import LOAD_ROWS, SAMPLING_ROWS
 
 
-def test_every_field_has_a_place_and_a_description() -> None:
-    assert sorted(sum(LOAD_ROWS, ())) == sorted(LOAD_FIELDS)
-    assert sorted(sum(SAMPLING_ROWS, ())) == sorted(SAMPLING_FIELDS)
-    assert all(LoadOptions.model_fields[n].description for n in LOAD_FIELDS)
-    assert all(SamplingParams.model_fields[n].description for n in SAMPLING_FIELDS)
+def test_every_field_has_a_place_a_label_and_a_description() -> None:
+    assert sorted(sum(LOAD_ROWS, ())) == sorted(ui_fields(LoadOptions))
+    assert sorted(sum(SAMPLING_ROWS, ())) == sorted(SamplingParams.model_fields)
+    assert "trust_remote_code" not in ui_fields(LoadOptions) and "allow_pickle" not in ui_fields(LoadOptions)
+    for model in (LoadOptions, SamplingParams):
+        assert all(model.model_fields[n].description and meta(model, n).label != n for n in model.model_fields)
 
 
 def test_options_for_another_backend_are_hidden() -> None:
-    assert applies_to("kv_type") == "llamacpp" and applies_to("static_cache") == "hf" and applies_to("n_ctx") is None
+    assert meta(LoadOptions, "kv_type").backend == "llamacpp" and meta(LoadOptions, "static_cache").backend == "hf"
+    assert meta(LoadOptions, "n_ctx").backend is None
     gguf = visible_fields("auto", "gguf")
     assert gguf["n_gpu_layers"] and gguf["kv_type"] and not gguf["quant"] and not gguf["attn"]
     hf = visible_fields("hf", "gguf")

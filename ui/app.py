@@ -6,7 +6,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from ui.worker import WorkerClient
+from localrun.worker import WorkerClient
 
 # Each module exposes TITLE, KEY (used in elem_ids: tab-KEY, tab-KEY-button) and build(ctx).
 TABS = ("ui.tabs.chat", "ui.tabs.models", "ui.tabs.system")

@@ -79,8 +79,8 @@ def run(args: argparse.Namespace) -> int:
     if (args.share or not _is_loopback(args.host)) and auth is None:
         print("localrun: warning: the UI is reachable from other machines without a login; add --auth USER:PASSWORD.",
               file=sys.stderr)  # fmt: skip
+    from localrun.worker import WorkerClient
     from ui.app import AppContext, launch
-    from ui.worker import WorkerClient
 
     print(f"localrun UI on http://{args.host}:{port}", file=sys.stderr)
     ctx = AppContext(worker=WorkerClient(), default_model=args.model)

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 from localrun.events import TokenStep
 from localrun.settings import SamplingParams
 
 # A drafter proposes the next tokens given everything so far (prompt + generated).
 Drafter = Callable[[Sequence[int]], Sequence[int]]
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedModel:
+    """A model the backends can load (what localrun.catalog.resolve_model returns): kind is "gguf", "hf_dir"
+    or "hub_id"; recommended is the catalog's Recommended settings for it, if any."""
+
+    name: str
+    path: Path | None
+    kind: str
+    hub_id: str | None = None
+    recommended: Any = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,18 +12,15 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
 import torch
 
-from localrun.backends.base import Drafter, LoadReport
+from localrun.backends.base import Drafter, LoadReport, ResolvedModel
 from localrun.backends.hf_load import DTYPE_NAMES, load_model
-from localrun.catalog import ResolvedModel, resolve_model
 from localrun.errors import UserError
 from localrun.events import TokenStep
-from localrun.settings import LoadOptions, SamplingParams
+from localrun.settings import LoadOptions, SamplingParams, effective_n_ctx
 
-DEFAULT_MAX_CTX = 8192
 _POLL_S = 0.1  # how often a waiting reader checks that the generate thread is still alive
 _JOIN_S = 30.0  # a cancelled generate() stops within one forward pass; this is only a safety net
 _DONE = object()
@@ -113,19 +110,15 @@ class HFBackend:
     name = "hf"
     supports_draft = False
 
-    def __init__(self, model: ResolvedModel | str | Path | None, options: LoadOptions | None = None) -> None:
+    def __init__(self, model: ResolvedModel, options: LoadOptions | None = None) -> None:
         options = options or LoadOptions()
-        if not isinstance(model, ResolvedModel):
-            model = resolve_model(None if model is None else str(model))
         self.options = options
         self._busy = threading.Lock()
         t0 = time.perf_counter()
         loaded = load_model(model, options)
         self.model, self.tokenizer, self.device = loaded.model, loaded.tokenizer, loaded.device
         self.model.eval()
-        self.n_ctx = options.n_ctx or min(
-            getattr(self.model.config, "max_position_embeddings", None) or DEFAULT_MAX_CTX, DEFAULT_MAX_CTX
-        )
+        self.n_ctx = effective_n_ctx(options.n_ctx, getattr(self.model.config, "max_position_embeddings", None))
         self._eos_ids = self._find_eos_ids()
         self._static_cache = self._make_static_cache() if self._wants_static else None
         load_s = time.perf_counter() - t0
@@ -261,11 +254,7 @@ class HFBackend:
         """Stream token ids from model.generate(); closing the iterator stops generate() and joins it."""
         if drafter is not None:
             raise UserError("Speculative decoding is not available on the transformers backend yet.")
-        budget = self.n_ctx - len(prompt_ids)
-        if budget <= 0 or not prompt_ids:
-            raise UserError(
-                f"The prompt is {len(prompt_ids)} tokens and the context {self.n_ctx}: it must be 1 to {self.n_ctx - 1} tokens."
-            )
+        budget = self.n_ctx - len(prompt_ids)  # stream_generate checked that the prompt leaves room
         if not self._busy.acquire(timeout=_JOIN_S):
             raise RuntimeError("the model is still busy with another request")
         run = None

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from localrun.catalog import ResolvedModel
+from localrun.backends.base import ResolvedModel
 from localrun.errors import UserError
 from localrun.settings import LoadOptions
 

@@ -7,14 +7,13 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from localrun.backends.base import Drafter, LoadReport
+from localrun.backends.base import Drafter, LoadReport, ResolvedModel
 from localrun.chat_template import render_chat
 from localrun.errors import UserError
 from localrun.events import TokenStep
 from localrun.hardware import llama_cpp_build, physical_cores
-from localrun.settings import LoadOptions, SamplingParams
+from localrun.settings import LoadOptions, SamplingParams, effective_n_ctx
 
-DEFAULT_MAX_CTX = 8192
 _KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # GGML_TYPE_* values
 
 
@@ -26,10 +25,11 @@ class LlamaCppBackend:
     supports_draft = False
     supports_grammar = True
 
-    def __init__(self, path: str | Path, options: LoadOptions | None = None) -> None:
+    def __init__(self, model: ResolvedModel, options: LoadOptions | None = None) -> None:
         from localrun.gguf_info import inspect_gguf
 
         options = options or LoadOptions()
+        path = model.path
         self.info = inspect_gguf(path)  # catches corrupt files before llama.cpp can crash on them
         self.options = options
         self._llm = None
@@ -47,7 +47,7 @@ class LlamaCppBackend:
             raise UserError(
                 f"This llama-cpp-python build has no {options.device} support: reinstall it with that backend, or use --device cpu."
             )
-        n_ctx = options.n_ctx or min(self.info.context_length or DEFAULT_MAX_CTX, DEFAULT_MAX_CTX)
+        n_ctx = effective_n_ctx(options.n_ctx, self.info.context_length)
         n_threads = options.n_threads or physical_cores()
         n_gpu_layers = self._gpu_layers(path, options, n_ctx)
         kv = _KV_TYPES[options.kv_type]
@@ -126,11 +126,7 @@ class LlamaCppBackend:
         if drafter is not None:
             raise UserError("Speculative decoding is not available on the llama.cpp backend yet.")
         llm = self._llm
-        n_ctx = llm.n_ctx()
-        if len(prompt_ids) >= n_ctx:
-            raise UserError(
-                f"The prompt is {len(prompt_ids)} tokens, more than the context of {n_ctx}: shorten it or load with a larger --n-ctx."
-            )
+        n_ctx = llm.n_ctx()  # stream_generate checked that the prompt leaves room
         prefill = self._prefill_count(prompt_ids)
         llm.set_seed(params.seed if params.seed is not None else random.randrange(2**31))
         vocab = llm._model.vocab

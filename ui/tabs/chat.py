@@ -7,16 +7,19 @@ by evaluating their annotations, and gradio is imported inside build() only.
 import html
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
 from localrun import catalog
+from localrun.chat import after_turn, without_last_reply
 from localrun.errors import UserError
 from localrun.events import GenerationEvent
 from localrun.format import stats_line
-from localrun.settings import LoadOptions, SamplingParams
+from localrun.requests import ChatRequest, Failed, Loaded, LoadRequest, Progress
+from localrun.settings import LoadOptions, SamplingParams, recommendable
 from ui import store
-from ui.controls import RECOMMENDABLE, load_options, make_control, recommended_values, sampling_params, visible_fields
+from ui.controls import load_options, make_control, recommended_values, rows, sampling_params, visible_fields
 from ui.metrics import (
     MEMORY_COLORS,
     RATE_COLORS,
@@ -27,23 +30,16 @@ from ui.metrics import (
     reply_footer,
     turn_row,
 )
-from ui.worker import Failed, Loaded, Progress
 
 TITLE = "Chat"
 KEY = "chat"
 _UI_INTERVAL_S = 0.1  # ~10 updates/s: smooth to the eye, light on the browser and a 2-core CPU
 _PLOT_INTERVAL_S = 0.3  # the charts redraw less often than the text
 _CURSOR = " ▍"
-# Related settings share a row: common load options, then llama.cpp's, then transformers'.
-LOAD_ROWS = (
-    ("backend", "device", "n_ctx", "n_threads"),
-    ("n_gpu_layers", "kv_type", "flash_attn"),
-    ("dtype", "attn", "quant", "static_cache", "compile"),
-)
-SAMPLING_ROWS = (
-    ("temperature", "top_p", "min_p", "repeat_penalty"),
-    ("max_tokens", "top_k", "seed", "stop", "ignore_eos"),
-)
+# Related settings share a row (their Meta group): common load options, then llama.cpp's, then transformers'.
+LOAD_ROWS = rows(LoadOptions)
+SAMPLING_ROWS = rows(SamplingParams)
+RECOMMENDABLE = recommendable(SamplingParams)
 
 
 def build(ctx: Any) -> None:
@@ -248,17 +244,29 @@ def load_model(ctx: Any, spec: str, values: dict[str, Any], *, owner: str) -> It
 
     busy, ready = gr.Button(interactive=False), gr.Button(interactive=True)
     try:
-        options = load_options(values)
-        for update in ctx.worker.load(spec or None, options, owner=owner):
-            if isinstance(update, Progress):
-                yield f"⏳ {update.text}…", busy
-            elif isinstance(update, Loaded):
-                yield _loaded_text(update), ready
-            elif isinstance(update, Failed):
-                gr.Warning(update.message)
-                yield f"⚠️ Could not load {spec or 'the default model'}: {update.message}", ready
+        request = LoadRequest(spec or None, load_options(values))
+        for update in ctx.worker.submit(request, owner=owner):
+            match update:
+                case Progress(text=text):
+                    yield f"⏳ {text}…", busy
+                case Loaded():
+                    yield _loaded_text(update), ready
+                case Failed(message=message):
+                    gr.Warning(message)
+                    yield f"⚠️ Could not load {spec or 'the default model'}: {message}", ready
     except UserError as exc:
         yield f"⚠️ {exc}", ready
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One turn as the chat tab sends it: the request, the history it answers as the page shows it, the
+    history from before (what stays when nothing comes back) and the typed message (None for Regenerate)."""
+
+    request: ChatRequest
+    history: list
+    before: list
+    message: str | None = None
 
 
 def send_reply(
@@ -268,31 +276,33 @@ def send_reply(
     if not (message or "").strip():
         yield _status_only("Type a message first.")
         return
-    history = [*history, {"role": "user", "content": message}]
-    yield from _reply(ctx, history, turns, spec, system, values, owner)
+    asked = [*history, {"role": "user", "content": message}]
+    yield from _reply(ctx, asked, history, message, turns, spec, system, values, owner)
 
 
 def regenerate_reply(
     ctx: Any, history: list, turns: list, spec: str, system: str, values: dict, *, owner: str
 ) -> Iterator[tuple]:
     """Answer the last user message again; the earlier reply's figures stay in the table."""
-    history = list(history)
-    while history and history[-1]["role"] == "assistant":
-        history.pop()
-    if not history:
-        yield _status_only("There is nothing to regenerate yet: send a message first.")
-        return
-    yield from _reply(ctx, history, turns, spec, system, values, owner)
-
-
-def _reply(ctx: Any, history: list, turns: list, spec: str, system: str, values: dict, owner: str) -> Iterator[tuple]:
-    """Read the form's settings (a wrong value is one sentence in the status line), then stream."""
     try:
-        params, options = sampling_params(values), load_options(values)
+        asked = without_last_reply(history)
+    except UserError as exc:
+        yield _status_only(str(exc))
+        return
+    yield from _reply(ctx, asked, history, None, turns, spec, system, values, owner)
+
+
+def _reply(
+    ctx: Any, asked: list, before: list, message: str | None, turns: list, spec: str, system: str, values: dict, owner: str
+) -> Iterator[tuple]:
+    """Build the request from the form (a wrong value is one sentence in the status line), then stream."""
+    try:
+        load = LoadRequest(spec or None, load_options(values))
+        request = ChatRequest(tuple(asked), sampling_params(values), system, load=load)
     except UserError as exc:
         yield _status_only(f"⚠️ {exc}")
         return
-    yield from _stream(ctx, history, turns, spec, options, params, system, owner)
+    yield from _stream(ctx, Turn(request, asked, before, message), turns, owner)
 
 
 def clear_chat(ctx: Any, owner: str) -> tuple:
@@ -336,26 +346,16 @@ def _display(history: list) -> list[dict[str, str]]:
     return shown
 
 
-def _stream(
-    ctx: Any,
-    history: list,
-    turns: list,
-    spec: str | None,
-    options: LoadOptions,
-    params: SamplingParams,
-    system: str | None,
-    owner: str,
-) -> Iterator[tuple]:
+def _stream(ctx: Any, turn: Turn, turns: list, owner: str) -> Iterator[tuple]:
     """Relay the worker's updates to the UI, at most every _UI_INTERVAL_S, then finish the turn."""
     import gradio as gr
 
     skip = gr.skip
     series, parts, event, failed, model = LiveSeries(), [], None, None, None
-    shown = _display(history) + [{"role": "assistant", "content": "…"}]
+    shown = _display(turn.history) + [{"role": "assistant", "content": "…"}]
     last_ui = last_plot = 0.0
     yield shown, skip(), skip(), metrics_html(None, state="waiting"), skip(), skip(), skip(), "Waiting…", ""
-    fallback = (spec or None, options)
-    for update in ctx.worker.chat(history, params=params, system=system, owner=owner, fallback=fallback):
+    for update in ctx.worker.submit(turn.request, owner=owner):
         if isinstance(update, Failed):
             failed = update
             continue
@@ -377,11 +377,11 @@ def _stream(
         rate, mem = _plots(series) if plots else (skip(), skip())
         yield shown, skip(), skip(), metrics_html(event, state="generating"), rate, mem, skip(), "Generating…", skip()
     model = model or (ctx.worker.loaded.name if ctx.worker.loaded else "?")
-    yield _finish(history, turns, parts, event, failed, series, model)
+    yield _finish(turn, turns, parts, event, failed, series, model)
 
 
 def _finish(
-    history: list,
+    turn: Turn,
     turns: list,
     parts: list[str],
     event: GenerationEvent | None,
@@ -394,17 +394,16 @@ def _finish(
 
     summary = event.summary if event is not None else None
     text = summary.text if summary is not None else "".join(parts)
-    history, turns = list(history), list(turns)
+    turns = list(turns)
     if summary is not None:
         turns.append(turn_row(len(turns) + 1, model, summary))
-    unanswered = gr.skip()
+    reply = None
     if text:
         footer = reply_footer(summary) if summary is not None else "interrupted: the model process stopped"
-        history.append({"role": "assistant", "content": text, "stats": footer})
-    elif history and history[-1]["role"] == "user":
-        # Nothing came back: undo the turn (templates that need alternating roles would refuse the
-        # next message) and hand the text back to the message box to send again.
-        unanswered = history.pop()["content"]
+        reply = {"role": "assistant", "content": text, "stats": footer}
+    history = after_turn(turn.before, turn.history, reply)  # nothing came back: the turn did not happen
+    # ...and a typed message goes back to the box, to send again
+    unanswered = turn.message if reply is None and turn.message is not None else gr.skip()
     if failed is not None:
         gr.Warning(failed.message)
         status = f"⚠️ {failed.message}"

@@ -1,0 +1,180 @@
+"""The model worker process: runs typed requests (localrun.requests) one at a time and answers with typed replies.
+
+A request kind is one dataclass in localrun.requests and one handler in HANDLERS below: `handler(request, task)`
+sends its replies with `task.send()`, reads Stop from `task.cancel`, and wraps long native steps (loading,
+prefill, a job) in `task.busy()` so heartbeats tell the parent's watchdog it is alive. Every request ends with Done.
+"""
+
+from __future__ import annotations
+
+import importlib
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from localrun.errors import UserError
+from localrun.requests import (
+    ChatRequest,
+    Done,
+    Failed,
+    Heartbeat,
+    Loaded,
+    LoadRequest,
+    Progress,
+    Reply,
+    Unloaded,
+)
+
+
+class CancelFlag:
+    """Stop for one request: the parent writes the id of the request to stop into a shared int64.
+
+    Reading it takes no lock, so a worker killed at any moment cannot leave the parent blocked, and the
+    value is created afresh for every worker process."""
+
+    def __init__(self, shared: Any, request_id: int) -> None:
+        self._shared, self._id = shared, request_id
+
+    def is_set(self) -> bool:
+        return self._shared.value == self._id
+
+
+@dataclass
+class _State:
+    backend: Any = None
+    loaded: Loaded | None = None
+
+
+class Task:
+    """What a handler gets: the worker's state, a way to reply, Stop, and heartbeats for long steps."""
+
+    def __init__(self, worker: _Worker, request_id: int) -> None:
+        self._worker = worker
+        self.state = worker.state
+        self.cancel = CancelFlag(worker.cancel_value, request_id)
+
+    def send(self, reply: Reply) -> None:
+        self._worker.send(reply)
+
+    @contextmanager
+    def busy(self) -> Iterator[Callable[[], None]]:
+        """Heartbeats while a long step runs; call the yielded function once replies flow on their own."""
+        self._worker.beating.set()
+        try:
+            yield self._worker.beating.clear
+        finally:
+            self._worker.beating.clear()
+
+
+class _Worker:
+    def __init__(self, conn: Any, cancel_value: Any, beat_s: float) -> None:
+        self.conn, self.cancel_value, self.beat_s = conn, cancel_value, beat_s
+        self.state = _State()
+        self.beating = threading.Event()
+        self._send_lock = threading.Lock()  # the heartbeat thread and the handler share the pipe
+        self._last_send = time.monotonic()
+        threading.Thread(target=self._beat, name="localrun-heartbeat", daemon=True).start()
+
+    def send(self, reply: Reply) -> None:
+        with self._send_lock:
+            self.conn.send(reply)
+            self._last_send = time.monotonic()
+
+    def _beat(self) -> None:
+        while True:
+            time.sleep(self.beat_s / 2)
+            if self.beating.is_set() and time.monotonic() - self._last_send >= self.beat_s:
+                try:
+                    self.send(Heartbeat())
+                except OSError:  # the parent went away
+                    return
+
+    def run(self, request_id: int, request: Any, handler: Callable[[Any, Task], None]) -> None:
+        task = Task(self, request_id)
+        try:
+            handler(request, task)
+        except UserError as exc:
+            self.send(Failed(str(exc), "user"))
+        except Exception as exc:  # an internal failure must not end the worker's loop
+            self.send(Failed(f"{type(exc).__name__}: {exc}", "internal"))
+        self.send(Done())
+
+
+def child_main(conn: Any, cancel_value: Any, beat_s: float, plugins: tuple[str, ...] = ()) -> None:
+    """Serve requests until the pipe closes or None arrives. plugins: modules whose HANDLERS add request kinds."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the terminal is the parent's to handle
+    handlers = dict(HANDLERS)
+    for name in plugins:
+        handlers.update(importlib.import_module(name).HANDLERS)
+    worker = _Worker(conn, cancel_value, beat_s)
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the UI process went away
+            break
+        match message:
+            case (int(request_id), request) if type(request) in handlers:
+                worker.run(request_id, request, handlers[type(request)])
+            case (int(request_id), request):
+                worker.send(Failed(f"The worker has no handler for {type(request).__name__}.", "internal"))
+                worker.send(Done())
+            case _:
+                break
+    if worker.state.backend is not None:
+        worker.state.backend.close()
+
+
+# ---- handlers -----------------------------------------------------------------------------------------
+
+
+def load(request: LoadRequest, task: Task) -> None:
+    """Load a model (a mistyped name or a corrupt file fails before the current model is unloaded)."""
+    from localrun.backends import load_backend
+    from localrun.catalog import resolve_model
+
+    state = task.state
+    if state.loaded is not None and state.loaded.request == request:
+        task.send(state.loaded)
+        return
+    resolved = resolve_model(request.model)
+    if resolved.kind == "gguf":
+        from localrun.gguf_info import inspect_gguf
+
+        inspect_gguf(resolved.path)  # a header read, no weights
+    if state.backend is not None:  # free the old model's memory before loading the next one
+        task.send(Progress("Unloading the previous model"))
+        state.backend.close()
+        state.backend = state.loaded = None
+        task.send(Unloaded())
+    task.send(Progress(f"Loading {resolved.name} from {resolved.path or resolved.hub_id}"))
+    with task.busy():
+        backend = load_backend(resolved, request.options)
+    state.backend = backend
+    state.loaded = Loaded(request, resolved.name, backend.report)
+    task.send(state.loaded)
+
+
+def chat(request: ChatRequest, task: Task) -> None:
+    """Answer the conversation's last message, loading request.load first when another model (or none) is loaded."""
+    from localrun.chat import ChatSession
+
+    state = task.state
+    if request.load is not None and (state.loaded is None or state.loaded.request != request.load):
+        load(request.load, task)
+    if state.backend is None:
+        raise UserError("No model is loaded: pick one and press Load.")
+    if task.cancel.is_set():  # Stop pressed while the model was loading
+        task.send(Progress("Stopped before it started."))
+        return
+    session = ChatSession(state.backend, system=request.system)
+    with task.busy() as streaming:  # the prompt is evaluated before the first token comes
+        for event in session.answer(request.messages, request.params, cancel=task.cancel):
+            streaming()  # each token is a reply now: the heartbeats stop
+            task.send(event)
+
+
+HANDLERS: dict[type, Callable[[Any, Task], None]] = {LoadRequest: load, ChatRequest: chat}

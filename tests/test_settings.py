@@ -1,0 +1,89 @@
+"""Settings describe themselves: one field definition reaches the CLI flags, the REPL's /set, the UI controls
+and the catalog's checks."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Annotated
+
+import pytest
+from pydantic import Field
+
+from localrun.catalog import Recommended
+from localrun.errors import UserError
+from localrun.settings import (
+    DEFAULT_CTX_CAP,
+    Meta,
+    SamplingParams,
+    add_flags,
+    effective_n_ctx,
+    from_args,
+    recommendable,
+    set_value,
+)
+
+
+class WithTypicalP(SamplingParams):
+    """A sampling setting added the way the next ones will be: one field."""
+
+    typical_p: Annotated[float, Meta("Typical-p", "sampling", slider=(0.0, 1.0, 0.01), recommend=True)] = Field(
+        1.0, gt=0.0, le=1.0, description="Locally typical sampling (1 = off)."
+    )
+
+
+def test_a_new_field_reaches_the_cli_flags() -> None:
+    parser = argparse.ArgumentParser()
+    add_flags(parser, WithTypicalP)
+    assert "--typical-p" in parser.format_help() and "Locally typical sampling" in parser.format_help()
+    params = from_args(WithTypicalP, parser.parse_args(["--typical-p", "0.5", "--temperature", "0"]))
+    assert params.typical_p == 0.5 and params.temperature == 0
+    with pytest.raises(UserError, match="Invalid typical_p"):
+        from_args(WithTypicalP, parser.parse_args(["--typical-p", "2"]))
+
+
+def test_a_new_field_reaches_set() -> None:
+    params = set_value(WithTypicalP(), "typical_p", " 0.25 ")
+    assert params.typical_p == 0.25 and isinstance(params, WithTypicalP)
+    with pytest.raises(UserError, match="Invalid typical_p: Input should be a valid number"):
+        set_value(params, "typical_p", "lots")
+    with pytest.raises(UserError, match="with NAME one of .*typical_p"):
+        set_value(params, "typicalp", "0.3")
+
+
+def test_a_new_field_reaches_the_ui_controls() -> None:
+    pytest.importorskip("gradio")
+    from ui.controls import make_control, recommended_values, rows, sampling_params
+
+    assert "typical_p" in rows(WithTypicalP)[0]  # the sampling row
+    control = make_control(WithTypicalP, "typical_p")
+    assert type(control).__name__ == "Slider" and control.label == "Typical-p" and control.maximum == 1.0
+    assert control.elem_id == "set-typical_p" and "Locally typical" in control.info
+    assert sampling_params({"typical_p": 0.4, "stop": ""}, WithTypicalP).typical_p == 0.4
+    assert "typical_p" in recommendable(WithTypicalP)
+    assert recommended_values(None, WithTypicalP)[1]["typical_p"] == 1.0
+
+
+def test_set_parses_every_kind_of_field() -> None:
+    params = SamplingParams()
+    assert set_value(params, "max_tokens", "12").max_tokens == 12
+    assert set_value(params, "ignore_eos", "yes").ignore_eos is True
+    assert set_value(set_value(params, "seed", "7"), "seed", "none").seed is None
+    assert set_value(params, "stop", "###").stop == ("###",)
+    with pytest.raises(UserError, match="Invalid max_tokens"):
+        set_value(params, "max_tokens", "0")
+
+
+def test_manifests_may_recommend_only_what_meta_allows_and_only_valid_values() -> None:
+    assert set(recommendable()) == {"temperature", "top_p", "top_k", "min_p", "repeat_penalty"}
+    assert Recommended(temperature=0.2, top_k=20).sampling() == {"temperature": 0.2, "top_k": 20}
+    with pytest.raises(ValueError, match="max_tokens"):
+        Recommended(max_tokens=10)  # not recommendable: a typo-proof manifest refuses it
+    with pytest.raises(ValueError, match="temperature"):
+        Recommended(temperature=9.0)  # outside SamplingParams' range
+
+
+def test_one_context_rule() -> None:
+    assert effective_n_ctx(None, 32768) == DEFAULT_CTX_CAP
+    assert effective_n_ctx(None, 2048) == 2048
+    assert effective_n_ctx(None, None) == DEFAULT_CTX_CAP
+    assert effective_n_ctx(4096, 32768) == 4096 and effective_n_ctx(20000, 2048) == 20000

@@ -1,0 +1,168 @@
+"""The model worker process (localrun.worker): load, queued typed requests from several owners, Stop, errors,
+and the watchdog. Real default model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from worker_stall import StallRequest
+
+from localrun.errors import UserError
+from localrun.events import GenerationEvent
+from localrun.requests import ChatRequest, Failed, Loaded, LoadRequest, Progress
+from localrun.settings import LoadOptions, SamplingParams
+from localrun.worker import WorkerClient
+
+HELLO = ({"role": "user", "content": "Hello"},)
+SHORT = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[WorkerClient]:
+    client = WorkerClient(start=False)
+    yield client
+    client.close()
+    assert not client.status()["alive"]
+
+
+def events(updates: list) -> list[GenerationEvent]:
+    return [u for u in updates if isinstance(u, GenerationEvent)]
+
+
+def collect(client: WorkerClient, request, owner: str = "", into: list | None = None) -> list:
+    out = [] if into is None else into
+    for update in client.submit(request, owner=owner):
+        out.append(update)
+    return out
+
+
+def in_thread(client: WorkerClient, request, owner: str) -> tuple[threading.Thread, list]:
+    got: list = []
+    thread = threading.Thread(target=collect, args=(client, request, owner, got), daemon=True)
+    thread.start()
+    return thread, got
+
+
+def wait_for(got: list, what, timeout_s: float = 120) -> None:
+    deadline = threading.Event()
+    for _ in range(int(timeout_s * 20)):
+        if any(what(u) for u in list(got)):
+            return
+        deadline.wait(0.05)
+    raise AssertionError(f"never saw it in {got}")
+
+
+def test_a_second_load_while_loading_is_refused(worker: WorkerClient) -> None:
+    first = worker.submit(LoadRequest())
+    assert isinstance(next(first), Progress)
+    with pytest.raises(UserError, match="loading already"):
+        next(worker.submit(LoadRequest()))
+    rest = list(first)
+    assert isinstance(rest[-1], Loaded) and rest[-1].report.backend == "llamacpp"
+    again = list(worker.submit(LoadRequest(None, LoadOptions())))  # the same model and options: nothing to do
+    assert again == [rest[-1]]
+
+
+def test_a_bad_model_is_a_user_error_and_the_model_stays(worker: WorkerClient, tmp_path: Path) -> None:
+    updates = list(worker.submit(LoadRequest("/no/such/model.gguf")))
+    assert isinstance(updates[-1], Failed) and updates[-1].kind == "user"
+    assert "/no/such/model.gguf" in updates[-1].message
+    assert worker.status()["alive"] and worker.loaded is not None  # the current model is kept
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + bytes(20))
+    updates = list(worker.submit(LoadRequest(str(corrupt))))
+    assert isinstance(updates[-1], Failed) and updates[-1].kind == "user" and worker.loaded is not None
+
+
+def test_chat_loads_its_model_when_none_is_loaded() -> None:
+    fresh = WorkerClient(start=False)
+    try:
+        updates = list(fresh.submit(ChatRequest(HELLO, SHORT, load=LoadRequest()), owner="x"))
+        assert fresh.loaded is not None and any(isinstance(u, Loaded) for u in updates)
+        final = events(updates)[-1]
+        assert final.finish_reason == "length" and final.generated_tokens == 4
+        again = list(fresh.submit(ChatRequest(HELLO, SHORT, load=LoadRequest()), owner="x"))
+        assert not any(isinstance(u, Loaded) for u in again)  # already loaded: straight to the answer
+    finally:
+        fresh.close()
+
+
+def test_requests_queue_and_stop_only_reaches_its_owner(worker: WorkerClient) -> None:
+    long = SamplingParams(max_tokens=3000, ignore_eos=True, temperature=0)
+    thread, got_a = in_thread(worker, ChatRequest(HELLO, long), "a")
+    wait_for(got_a, lambda u: isinstance(u, GenerationEvent))
+    b = worker.submit(ChatRequest(HELLO, SHORT), owner="b")
+    assert next(b) == Progress("Waiting for 1 earlier request(s) to finish")
+    assert worker.cancel("b")  # B is stopped while queued; A goes on
+    assert not any(isinstance(u, GenerationEvent) and u.is_final for u in got_a)
+    assert worker.cancel("a")
+    thread.join(120)
+    assert list(b) == [Progress("Stopped before it started.")]
+    a_events = events(got_a)
+    assert a_events[-1].finish_reason == "cancelled" and a_events[-1].generated_tokens < 3000
+    counts = [e.generated_tokens for e in a_events[:-1]]
+    assert counts == list(range(1, len(counts) + 1))  # one uninterrupted stream
+    assert not worker.cancel("a")  # nothing left to stop
+
+
+# ---- the watchdog --------------------------------------------------------------------------------------
+
+
+def _chat_works(client: WorkerClient, *, within_s: float) -> list:
+    """A chat (loading the default model) must end within within_s: a hang fails instead of blocking the suite."""
+    thread, got = in_thread(client, ChatRequest(HELLO, SHORT, load=LoadRequest()), "next")
+    thread.join(within_s)
+    assert not thread.is_alive(), f"the next chat did not finish in {within_s} s: {got}"
+    assert events(got)[-1].generated_tokens == 4, got
+    return got
+
+
+def test_a_worker_killed_inside_the_stop_check_does_not_block_the_next_chat() -> None:
+    client = WorkerClient(start=False, plugins=("worker_stall",))
+    try:
+        thread, got = in_thread(client, StallRequest(600, mode="cancel"), "a")
+        wait_for(got, lambda u: u == Progress("stalling"))
+        os.kill(client.status()["pid"], signal.SIGKILL)  # it spends all its time reading the Stop value
+        client.cancel("a")
+        thread.join(10)
+        assert not thread.is_alive() and isinstance(got[-1], Failed) and "SIGKILL" in got[-1].message
+        _chat_works(client, within_s=10)
+    finally:
+        client.close()
+
+
+def test_stop_frees_the_caller_of_a_worker_stuck_in_a_native_call() -> None:
+    client = WorkerClient(start=False, plugins=("worker_stall",), stop_grace_s=1.0)
+    try:
+        _chat_works(client, within_s=120)  # the model is loaded: the restart must reload it
+        thread, got = in_thread(client, StallRequest(600), "a")
+        wait_for(got, lambda u: u == Progress("stalling"))
+        pid = client.status()["pid"]
+        assert client.cancel("a")
+        thread.join(1.0 + 10)
+        assert not thread.is_alive()
+        failed = got[-1]
+        assert isinstance(failed, Failed) and failed.kind == "crash"
+        assert "did not stop within 1 s of Stop" in failed.message and "\n" not in failed.message
+        assert client.status()["crashes"] == 1 and client.loaded is None
+        got = _chat_works(client, within_s=120)
+        assert any(isinstance(u, Loaded) for u in got) and client.status()["pid"] != pid
+    finally:
+        client.close()
+
+
+def test_a_silent_worker_is_killed_and_a_beating_one_is_not() -> None:
+    client = WorkerClient(start=False, plugins=("worker_stall",), silence_s=1.0)
+    try:
+        got = collect(client, StallRequest(3, mode="job"), "a")  # 3 s busy, with heartbeats: left alone
+        assert got[-1] == Progress("done stalling") and client.status()["crashes"] == 0
+        got = collect(client, StallRequest(600), "a")  # no heartbeat, no reply
+        assert isinstance(got[-1], Failed) and "sent nothing for 1 s" in got[-1].message
+        assert client.status()["crashes"] == 1
+    finally:
+        client.close()
