@@ -50,10 +50,7 @@ class _RecommendedBase(BaseModel):
 Recommended = create_model(
     "Recommended",
     __base__=_RecommendedBase,
-    **{
-        name: (SamplingParams.model_fields[name].annotation | None, None)
-        for name in recommendable(SamplingParams)
-    },
+    **{name: (SamplingParams.model_fields[name].annotation | None, None) for name in recommendable(SamplingParams)},
 )
 
 

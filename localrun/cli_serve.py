@@ -46,10 +46,16 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from localrun.server.app import create_app
-    from localrun.server.engine import LocalEngine
+    from localrun.server.engine import WorkerEngine
+    from localrun.worker import WorkerClient
 
-    engine = LocalEngine(args.model, options, max_queue=args.max_queue)
-    print(f"localrun: {engine.model_name} loaded ({engine.report.describe()})", file=sys.stderr)
+    engine = WorkerEngine(WorkerClient(), options=options, max_queue=args.max_queue)
+    try:
+        loaded = engine.load(args.model)
+    except BaseException:
+        engine.close()
+        raise
+    print(f"localrun: {loaded.name} loaded ({loaded.report.describe()})", file=sys.stderr)
     config = uvicorn.Config(
         create_app(engine, api_key=key),
         host=args.host,

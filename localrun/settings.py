@@ -73,9 +73,9 @@ class SamplingParams(BaseModel):
     min_p: Annotated[float, Meta("Min-p", "sampling", slider=(0.0, 1.0, 0.01), recommend=True)] = Field(
         0.05, ge=0.0, le=1.0, description="Drop tokens less likely than min_p times the top token."
     )
-    repeat_penalty: Annotated[
-        float, Meta("Repeat penalty", "sampling", slider=(0.8, 2.0, 0.01), recommend=True)
-    ] = Field(1.0, gt=0.0, le=5.0, description="Penalty for repeating recent tokens (1 = off).")
+    repeat_penalty: Annotated[float, Meta("Repeat penalty", "sampling", slider=(0.8, 2.0, 0.01), recommend=True)] = (
+        Field(1.0, gt=0.0, le=5.0, description="Penalty for repeating recent tokens (1 = off).")
+    )
     max_tokens: Annotated[int, Meta("Max new tokens", "output")] = Field(
         512, ge=1, description="Most tokens to generate in one reply."
     )
@@ -110,7 +110,8 @@ class LoadOptions(BaseModel):
         Meta("Backend", "load", choices=(("auto", "auto"), ("llama.cpp", "llamacpp"), ("transformers", "hf"))),
     ] = Field("auto", description="Inference backend: llamacpp for GGUF, hf for transformers; auto picks by the model.")
     device: Annotated[
-        DeviceName, Meta("Device", "load", choices=(("auto", "auto"), ("CUDA", "cuda"), ("Metal", "mps"), ("CPU", "cpu")))
+        DeviceName,
+        Meta("Device", "load", choices=(("auto", "auto"), ("CUDA", "cuda"), ("Metal", "mps"), ("CPU", "cpu"))),
     ] = Field("auto", description="Where to run: cuda, mps (Metal), cpu; auto picks the best available.")
     n_ctx: Annotated[int | None, Meta("Context size", "load")] = Field(
         None, ge=16, description=f"Context length in tokens (default: the model's, capped at {DEFAULT_CTX_CAP})."
@@ -141,7 +142,12 @@ class LoadOptions(BaseModel):
     )
     quant: Annotated[
         Literal["none", "nf4", "int8"],
-        Meta("Quantize on load (NF4 / INT8)", _HF, _HF, choices=(("none", "none"), ("NF4 (4-bit)", "nf4"), ("INT8", "int8"))),
+        Meta(
+            "Quantize on load (NF4 / INT8)",
+            _HF,
+            _HF,
+            choices=(("none", "none"), ("NF4 (4-bit)", "nf4"), ("INT8", "int8")),
+        ),
     ] = Field("none", description="transformers: load quantized with bitsandbytes.")
     allow_pickle: Annotated[bool, Meta("Allow pickle weights", _HF, _HF, ui=False)] = Field(
         False, description="transformers: allow .bin/.pt pickle weights (they can run code)."

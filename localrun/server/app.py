@@ -13,8 +13,7 @@ from typing import Any
 
 from localrun.errors import UserError
 from localrun.events import GenerationEvent
-from localrun.server.engine import Engine, QueueFull
-from localrun.server.jobs import CancelWatch
+from localrun.server.engine import CancelWatch, QueueFull, WorkerEngine
 from localrun.server.metrics import Metrics, process_gauges
 from localrun.server.protocol import ApiError, ChatBody, CompletionBody, parse_body
 
@@ -79,7 +78,7 @@ class _Pump:
 class Api:
     """Routes and their shared state: the engine, the key, the metrics."""
 
-    def __init__(self, engine: Engine, *, api_key: str | None = None, metrics: Metrics | None = None) -> None:
+    def __init__(self, engine: WorkerEngine, *, api_key: str | None = None, metrics: Metrics | None = None) -> None:
         self.engine = engine
         self.api_key = api_key
         self.metrics = metrics or Metrics()
@@ -159,8 +158,8 @@ class Api:
     async def _generate(self, request: Any, route: str, body_type: type, convert: Callable) -> Any:
         self._authorize(request)
         body = parse_body(await request.body(), body_type)
-        spec = self._model_spec(body.model)
-        job, reply = convert(body, model_name=body.model, spec=spec)
+        load = self.engine.load_request(self._model_spec(body.model))
+        job, reply = convert(body, model_name=body.model, load=load)
         t0 = time.perf_counter()
         cancel = CancelWatch()
 
@@ -268,7 +267,9 @@ def _sse(chunks: AsyncIterator[str]) -> Any:
     return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-def create_app(engine: Engine, *, api_key: str | None = None, metrics: Metrics | None = None, app: Any = None) -> Any:
+def create_app(
+    engine: WorkerEngine, *, api_key: str | None = None, metrics: Metrics | None = None, app: Any = None
+) -> Any:
     """A FastAPI app serving the API (or the API's routes added to an existing app, e.g. Gradio's)."""
     from fastapi import FastAPI
     from starlette.exceptions import HTTPException

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from localrun.errors import UserError
-from localrun.server.jobs import ApiChatRequest, CompletionRequest
+from localrun.requests import ApiChatRequest, CompletionRequest, LoadRequest
 from localrun.server.protocol import ApiError, ChatBody, CompletionBody, _Sampling
 from localrun.server.replies import ChatReply, CompletionReply
 from localrun.settings import SamplingParams, validated
@@ -29,7 +29,7 @@ def sampling(body: _Sampling, *, grammar: str | None = None) -> SamplingParams:
         raise ApiError(400, str(exc)) from None
 
 
-def chat_request(body: ChatBody, *, model_name: str, spec: str | None) -> tuple[ApiChatRequest, ChatReply]:
+def chat_request(body: ChatBody, *, model_name: str, load: LoadRequest | None) -> tuple[ApiChatRequest, ChatReply]:
     """The engine request and the reply builder for a chat body (400 for conflicting options)."""
     tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
     choice = body.tool_choice
@@ -52,7 +52,7 @@ def chat_request(body: ChatBody, *, model_name: str, spec: str | None) -> tuple[
         params=params,
         max_tokens=body.max_completion_tokens or body.max_tokens,
         tools=tuple(tools),
-        model=spec,
+        load=load,
     )
     names = [t["function"]["name"] for t in tools]
     return request, ChatReply(model_name, tool_names=names, parse_tools=bool(tools))
@@ -80,12 +80,12 @@ def _user_error_as_400(build: Any, param: str) -> str:
 
 
 def completion_request(
-    body: CompletionBody, *, model_name: str, spec: str | None
+    body: CompletionBody, *, model_name: str, load: LoadRequest | None
 ) -> tuple[CompletionRequest, CompletionReply]:
     prompt = body.prompt
     if isinstance(prompt, list):
         if len(prompt) != 1:
             raise ApiError(400, "prompt takes one string here (batches of prompts are not supported).", param="prompt")
         prompt = prompt[0]
-    request = CompletionRequest(prompt=prompt, params=sampling(body), max_tokens=body.max_tokens, model=spec)
+    request = CompletionRequest(prompt=prompt, params=sampling(body), max_tokens=body.max_tokens, load=load)
     return request, CompletionReply(model_name)
