@@ -28,13 +28,10 @@ def api_key(*, key: str | None, key_file: str | None) -> str | None:
         raise UserError("Pass the API key once: --api-key or --api-key-file, not both.")
     if key_file is not None:
         try:
-            key = (
-                Path(key_file).read_text(encoding="utf-8").strip().splitlines()[0]
-                if Path(key_file).stat().st_size
-                else ""
-            )
+            lines = Path(key_file).read_text(encoding="utf-8").strip().splitlines()
         except OSError as exc:
             raise UserError(f"Cannot read the API key file {key_file}: {exc.strerror}.") from None
+        key = lines[0] if lines else ""
     elif key is None:
         key = os.environ.get(ENV_KEY)
     if key is not None and not key.strip():
