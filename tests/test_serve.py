@@ -226,8 +226,9 @@ def test_disconnect_cancels_and_frees_the_model(server, client, model):
     while _metric(server, "localrun_cancelled_total") <= cancelled_before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _metric(server, "localrun_cancelled_total") == cancelled_before + 1
-    # stopped between two tokens: at most the token in flight came out after the cancel
-    assert _metric(server, "localrun_cancel_overrun_tokens_sum") <= 1
+    # stopped between two tokens: after the cancel, at most the token being computed when Stop landed came
+    # out, plus one already in the pipe from the model process
+    assert _metric(server, "localrun_cancel_overrun_tokens_sum") <= 2
     assert httpx.get(f"{server}/health").json()["busy"] is False
     after = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
     assert after.usage.completion_tokens >= 1

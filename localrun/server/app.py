@@ -200,14 +200,33 @@ class Api:
     def routes(self) -> list[Any]:
         from starlette.routing import Route
 
-        return [
-            Route("/health", self.health, methods=["GET"]),
-            Route("/metrics", self.prometheus, methods=["GET"]),
-            Route("/v1/models", self.models, methods=["GET"]),
-            Route("/v1/models/{model:path}", self.model, methods=["GET"]),
-            Route("/v1/chat/completions", self.chat, methods=["POST"]),
-            Route("/v1/completions", self.completions, methods=["POST"]),
+        def answering_errors(endpoint: Callable) -> Callable:
+            """ApiError -> OpenAI's error JSON, inside the route (a host app's handlers are not ours to add)."""
+
+            async def wrapped(request: Any) -> Any:
+                try:
+                    return await endpoint(request)
+                except ApiError as exc:
+                    return self.error_response(request, exc)
+
+            return wrapped
+
+        table = [
+            ("/health", self.health, "GET"),
+            ("/metrics", self.prometheus, "GET"),
+            ("/v1/models", self.models, "GET"),
+            ("/v1/models/{model:path}", self.model, "GET"),
+            ("/v1/chat/completions", self.chat, "POST"),
+            ("/v1/completions", self.completions, "POST"),
         ]
+        return [Route(path, answering_errors(fn), methods=[method]) for path, fn, method in table]
+
+    def error_response(self, request: Any, exc: ApiError) -> Any:
+        from starlette.responses import JSONResponse
+
+        path = request.url.path
+        self.metrics.count_request(path if path in _ROUTE_PATHS else "other", str(exc.status))
+        return JSONResponse(exc.body(), status_code=exc.status)
 
 
 def _local_models() -> list[Any]:
@@ -270,7 +289,7 @@ def _sse(chunks: AsyncIterator[str]) -> Any:
 def create_app(
     engine: WorkerEngine, *, api_key: str | None = None, metrics: Metrics | None = None, app: Any = None
 ) -> Any:
-    """A FastAPI app serving the API (or the API's routes added to an existing app, e.g. Gradio's)."""
+    """A FastAPI app serving the API, or the API's routes added in front of an existing app's (Gradio's)."""
     from fastapi import FastAPI
     from starlette.exceptions import HTTPException
 
@@ -278,20 +297,14 @@ def create_app(
     own_app = app is None
     app = app or FastAPI(title="localrun", docs_url=None, redoc_url=None, openapi_url=None)
     app.router.routes[0:0] = api.routes()  # ahead of any catch-all route of a host app
+    if own_app:  # unknown paths get OpenAI-style JSON too; a host app keeps its own 404 pages
 
-    async def api_error(request: Any, exc: ApiError) -> Any:
-        from starlette.responses import JSONResponse
+        async def http_error(request: Any, exc: HTTPException) -> Any:
+            code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+            return api.error_response(
+                request, ApiError(exc.status_code, f"{exc.detail}: {request.url.path}", code=code)
+            )
 
-        path = request.url.path
-        api.metrics.count_request(path if path in _ROUTE_PATHS else "other", str(exc.status))
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    async def http_error(request: Any, exc: HTTPException) -> Any:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return await api_error(request, ApiError(exc.status_code, f"{exc.detail}: {request.url.path}", code=code))
-
-    app.add_exception_handler(ApiError, api_error)
-    if own_app:  # a host app (Gradio) keeps its own 404 pages
         app.add_exception_handler(HTTPException, http_error)
     app.state.localrun_api = api
     return app
