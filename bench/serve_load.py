@@ -22,11 +22,34 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_common import serve, stream_chat  # noqa: E402
 
-TOPICS = ["rivers", "bread", "owls", "trains", "tea", "glaciers", "violins", "bees", "deserts", "comets",
-          "libraries", "bicycles", "coral", "volcanoes", "chess", "lighthouses", "maple trees", "kites",
-          "submarines", "honey"]  # fmt: skip
-ASKS = ["Tell me one fact about {}.", "Write a short sentence about {}.", "Why do people like {}?",
-        "Describe {} in a few words."]  # fmt: skip
+TOPICS = [
+    "rivers",
+    "bread",
+    "owls",
+    "trains",
+    "tea",
+    "glaciers",
+    "violins",
+    "bees",
+    "deserts",
+    "comets",
+    "libraries",
+    "bicycles",
+    "coral",
+    "volcanoes",
+    "chess",
+    "lighthouses",
+    "maple trees",
+    "kites",
+    "submarines",
+    "honey",
+]
+ASKS = [
+    "Tell me one fact about {}.",
+    "Write a short sentence about {}.",
+    "Why do people like {}?",
+    "Describe {} in a few words.",
+]
 
 
 def prompts(n: int) -> list[list[dict]]:
@@ -81,7 +104,12 @@ def main() -> int:
             t.join()
         wall_s = time.perf_counter() - t0
     done = [r for r in results if r is not None]
-    mismatches = [i for i, r in enumerate(results) if r is not None and (r["text"], r["completion_tokens"]) != (reference[i]["text"], reference[i]["completion_tokens"])]  # fmt: skip
+    mismatches = [
+        i
+        for i, r in enumerate(results)
+        if r is not None
+        and (r["text"], r["completion_tokens"]) != (reference[i]["text"], reference[i]["completion_tokens"])
+    ]
     ttft = [r["ttft_s"] for r in done if r["ttft_s"] is not None]
     latency = [r["latency_s"] for r in done]
     report = {

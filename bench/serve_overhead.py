@@ -26,8 +26,22 @@ PROMPT = "Write a long story about a lighthouse keeper."
 
 def chat_rate(model: str | None, max_tokens: int) -> float:
     """Decode tok/s from `localrun chat -p` (same prompt, no system prompt, greedy, fixed length)."""
-    cmd = [sys.executable, "-m", "localrun.cli", "chat", *([model] if model else []), "-p", PROMPT, "-s", "",
-           "--temperature", "0", "--max-tokens", str(max_tokens), "--ignore-eos"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "localrun.cli",
+        "chat",
+        *([model] if model else []),
+        "-p",
+        PROMPT,
+        "-s",
+        "",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        str(max_tokens),
+        "--ignore-eos",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=True)
     match = re.search(r"gen ([\d.]+) tok/s", done.stderr)
     if not match:

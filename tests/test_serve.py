@@ -392,3 +392,36 @@ def test_non_loopback_host_needs_a_key(tmp_path):
     empty.write_text("\n")
     result = run_localrun("serve", "--api-key-file", str(empty), env=env)
     assert result.returncode == 2 and "empty" in result.stderr
+
+
+def test_ui_api_serves_both_on_one_port():
+    """`localrun ui --api`: the Gradio page and the OpenAI API on one port, on the UI's model worker."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "LOCALRUN_API_KEY"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "localrun.cli", "ui", "--api", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert httpx.get(f"{base}/", timeout=30).status_code == 200  # the UI
+        api = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=600)
+        model = api.models.list().data[0].id  # the UI has loaded nothing yet: the default model is on disk
+        reply = api.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+        assert reply.usage.completion_tokens >= 1
+        assert httpx.get(f"{base}/health").json()["model"] == model  # the worker the UI uses has it loaded now
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    refused = run_localrun("ui", "--api", "--host", "0.0.0.0", "--auth", "a:b", env=env)
+    assert refused.returncode == 2 and "api-key" in refused.stderr

@@ -100,8 +100,8 @@ class Api:
         if name == self.engine.status().get("model"):
             return None
         for row in _local_models():
-            if name == row.name:
-                return str(row.path)
+            if name == row.name:  # by name where the catalog knows it, so the loaded model keeps its name
+                return str(row.path) if ":" in row.name else row.name
         raise ApiError(
             404,
             f"The model {name!r} does not exist on this machine: GET /v1/models lists the ones that do.",
@@ -139,7 +139,9 @@ class Api:
 
     def _model_rows(self) -> list[dict[str, Any]]:
         loaded = self.engine.status().get("model")
-        rows = [{"id": loaded, "object": "model", "created": 0, "owned_by": "localrun", "loaded": True}]
+        rows = (
+            [{"id": loaded, "object": "model", "created": 0, "owned_by": "localrun", "loaded": True}] if loaded else []
+        )
         for row in _local_models():
             if row.name != loaded and row.quant != "corrupt":
                 rows.append({"id": row.name, "object": "model", "created": 0, "owned_by": "localrun", "loaded": False})
