@@ -64,3 +64,16 @@ def _convert(schema: dict[str, Any], *, prop_order: Sequence[str] = ()) -> str:
     except Exception as exc:  # the converter raises bare ValueError/KeyError/AssertionError on schemas it rejects
         raise UserError(f"The JSON schema cannot be turned into a grammar: {exc or type(exc).__name__}.") from None
     return re.sub(r"^char ::= .*$", lambda _: _CHAR_RULE, grammar, count=1, flags=re.MULTILINE)
+
+
+def with_json_schema(params: Any, schema_text: str | None) -> Any:
+    """SamplingParams whose grammar makes replies follow a JSON schema given as text (blank: unchanged).
+
+    The chat tab's "JSON schema" field uses this; the API's response_format takes the same path."""
+    if not schema_text or not schema_text.strip():
+        return params
+    try:
+        schema = json.loads(schema_text)
+    except ValueError as exc:
+        raise UserError(f"The JSON schema is not valid JSON: {exc}.") from None
+    return params.replace(grammar=json_schema_grammar(schema))

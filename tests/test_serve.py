@@ -425,3 +425,20 @@ def test_ui_api_serves_both_on_one_port():
         proc.wait(timeout=60)
     refused = run_localrun("ui", "--api", "--host", "0.0.0.0", "--auth", "a:b", env=env)
     assert refused.returncode == 2 and "api-key" in refused.stderr
+
+
+def test_chat_tab_json_schema_field_uses_the_grammar(llama_backend):
+    """The UI's "JSON schema" field: the same grammar path, straight on the engine."""
+    from localrun.errors import UserError
+    from localrun.generate import generate
+    from localrun.settings import SamplingParams
+    from localrun.structured import with_json_schema
+
+    params = with_json_schema(SamplingParams(temperature=0, max_tokens=120), json.dumps(PERSON_SCHEMA))
+    prompt = llama_backend.render_chat([{"role": "user", "content": "Describe a fisherman."}])
+    summary = generate(llama_backend, llama_backend.tokenize(prompt), params)
+    assert summary.finish_reason == "stop"
+    _validate(json.loads(summary.text))
+    assert with_json_schema(params.replace(grammar=None), "  ").grammar is None
+    with pytest.raises(UserError, match="not valid JSON"):
+        with_json_schema(params, "{type: object}")
