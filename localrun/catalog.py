@@ -192,10 +192,30 @@ def hf_cache_dir() -> Path:
     return (Path(hf_home).expanduser() if hf_home else Path.home() / ".cache" / "huggingface") / "hub"
 
 
+_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
 def store_path(repo: str, filename: str) -> Path:
-    """Where a pulled GGUF file lives in the store."""
-    owner, name = repo.split("/", 1)
-    return models_dir() / owner / name / filename
+    """Where a pulled GGUF file lives in the store: <store>/<owner>/<repo>/<the file's path in the repo>.
+
+    Names come from a hub listing, so they are checked as untrusted: no absolute path, no `..`, no backslash.
+    """
+    parts = filename.split("/")
+    if (
+        not _REPO_ID.fullmatch(repo)
+        or any(part in ("", ".", "..") for part in (*repo.split("/"), *parts))
+        or "\\" in filename
+        or ":" in filename
+        or any(not part.isprintable() for part in parts)
+    ):
+        raise UserError(
+            f"Refusing the hub file name {filename!r} in {repo!r}: it is not a plain relative path inside the repo."
+        )
+    root = models_dir()
+    dest = root.joinpath(*repo.split("/"), *parts)
+    if not dest.resolve().is_relative_to(root.resolve()):  # a symlink in the store pointing elsewhere
+        raise UserError(f"Refusing to write {filename!r}: its place in the store leads outside {root}.")
+    return dest
 
 
 def package_path(package_file: str) -> Path | None:
@@ -275,15 +295,31 @@ def _resolve_hub_id(spec: str) -> ResolvedModel | None:
     if base.count("/") != 1 or Path(base).exists():
         return None
     owner_dir = models_dir() / base
-    ggufs = sorted(owner_dir.glob("*.gguf")) if owner_dir.is_dir() else []
+    ggufs = sorted(owner_dir.rglob("*.gguf")) if owner_dir.is_dir() else []
     if quant:
-        ggufs = [p for p in ggufs if quant.lower() in p.name.lower()]
+        ggufs = [p for p in ggufs if quant.lower() in p.relative_to(owner_dir).as_posix().lower()]
     if ggufs:
         return ResolvedModel(ggufs[0].stem, ggufs[0], "gguf", base)
     snapshot = hf_snapshot(base)
     if snapshot is not None and not quant:
         return ResolvedModel(base.split("/")[1], snapshot, "hf_dir", base)
     return None
+
+
+def _resolve_stored_file(spec: str) -> ResolvedModel | None:
+    """OWNER/REPO:FILE.gguf, as `models list` names a pulled file, when that file is in the store."""
+    base, filename = split_quant(spec)
+    if not filename or not filename.lower().endswith(".gguf") or not _REPO_ID.fullmatch(base):
+        return None
+    try:
+        path = store_path(base, filename)
+    except UserError:
+        return None
+    return (
+        ResolvedModel(path.name, path, "gguf", base, recommended=_recommended_for_file(path))
+        if path.is_file()
+        else None
+    )
 
 
 def _recommended_for_file(path: Path) -> Recommended | None:
@@ -311,6 +347,9 @@ def resolve_model(spec: str | None) -> ResolvedModel:
         raise UserError(
             f"{spec} is a directory, not a model file: pass a .gguf file or a Hugging Face model directory with a config.json."
         )
+    stored = None if path.exists() else _resolve_stored_file(spec)
+    if stored is not None:
+        return stored
     if path.exists() or spec.lower().endswith(".gguf"):
         return ResolvedModel(path.name, path, "gguf", recommended=_recommended_for_file(path))
     resolved = _resolve_catalog(spec) or _resolve_hub_id(spec)

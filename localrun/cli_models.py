@@ -78,7 +78,11 @@ def cmd_rm(args: argparse.Namespace) -> int:
     for target in targets:
         print(f"will delete {target}")
     if not args.yes:
-        answer = input("Delete? [y/N] ").strip().lower()
+        try:
+            answer = input("Delete? [y/N] ").strip().lower()
+        except EOFError:  # no terminal, or Ctrl-D: the answer is no
+            answer = ""
+            print()
         if answer not in ("y", "yes"):
             print("Nothing deleted.")
             return 1

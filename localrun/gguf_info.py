@@ -6,7 +6,6 @@ so every failure becomes a one-sentence `UserError`.
 
 from __future__ import annotations
 
-import functools
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,9 +15,6 @@ from typing import Any
 from localrun.errors import UserError
 
 GGUF_MAGIC_BYTES = b"GGUF"
-# String arrays longer than this (token lists, merges) are skipped, not parsed: GGUFReader makes one
-# numpy view per string, which takes ~2 s on a 49k-token vocabulary.
-_MAX_PARSED_STRINGS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,82 +63,27 @@ class GGUFInfo:
         return max(self.quant_histogram, key=self.quant_histogram.__getitem__) if self.quant_histogram else "?"
 
 
-class _Truncated(Exception):
-    """The tensor table points past the end of the file."""
+def _open_header(path: Path) -> Any:
+    """Parse the header, turning every failure into one sentence."""
+    from localrun.gguf_header import CorruptHeader, Truncated, UnsupportedVersion, read_header
 
-    def __init__(self, tensor: str, end: int, size: int) -> None:
-        super().__init__(tensor)
-        self.tensor, self.end, self.size = tensor, end, size
-
-
-@functools.cache
-def _reader_class() -> type:
-    """GGUFReader with fast array parsing and a tensor-extent check (built lazily: gguf imports numpy)."""
-    import numpy as np
-    from gguf import GGUFReader, GGUFValueType
-
-    class _FastReader(GGUFReader):
-        def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list, list[int], list]:
-            if GGUFValueType(raw_type) != GGUFValueType.ARRAY:
-                return super()._get_field_parts(orig_offs, raw_type)
-            raw_itype = self._get(orig_offs, np.uint32)
-            alen = self._get(orig_offs + 4, np.uint64)
-            itype, count = GGUFValueType(int(raw_itype[0])), int(alen[0])
-            offs = orig_offs + 12
-            nptype = self.gguf_scalar_to_np.get(itype)
-            if nptype is not None:
-                # One numpy view for the whole array instead of one per element.
-                values = self._get(offs, nptype, count)
-                if len(values) != count:
-                    raise ValueError("array runs past the end of the file")
-                return 12 + int(values.nbytes), [raw_itype, alen, values], [2], [GGUFValueType.ARRAY, itype]
-            if itype == GGUFValueType.STRING and count > _MAX_PARSED_STRINGS:
-                end = self._skip_strings(offs, count)
-                return end - orig_offs, [raw_itype, alen], [], [GGUFValueType.ARRAY, itype]
-            return super()._get_field_parts(orig_offs, raw_type)
-
-        def _skip_strings(self, offs: int, count: int) -> int:
-            view, size = memoryview(self.data), len(self.data)
-            fmt = ">Q" if (self.byte_order == "S") == (np.little_endian) else "<Q"
-            unpack = struct.Struct(fmt).unpack_from
-            for _ in range(count):
-                if offs + 8 > size:
-                    raise ValueError("string array runs past the end of the file")
-                offs += 8 + unpack(view, offs)[0]
-            if offs > size:
-                raise ValueError("string array runs past the end of the file")
-            return offs
-
-        def _build_tensors(self, start_offs: int, fields: list) -> None:
-            size = len(self.data)
-            from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
-            for fld in fields:
-                _len, name, _ndims, dims, raw_dtype, offset = fld.parts
-                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_dtype[0]))]
-                n_elements = int(np.prod(dims.astype(np.int64)))
-                end = start_offs + int(offset[0]) + n_elements * type_size // block
-                if end > size:
-                    raise _Truncated(bytes(name).decode("utf-8", "replace"), end, size)
-            super()._build_tensors(start_offs, fields)
-
-    return _FastReader
-
-
-def _open_reader(path: Path) -> Any:
-    """Run the reader, turning every parse failure into one sentence."""
     try:
-        return _reader_class()(path)
-    except _Truncated as exc:
+        return read_header(path)
+    except Truncated as exc:
+        raise UserError(f"{path} is truncated: {exc}; download it again.") from None
+    except UnsupportedVersion as exc:
+        if exc.version < 2:
+            raise UserError(
+                f"{path} uses GGUF version {exc.version}, which llama.cpp no longer reads; convert the model again."
+            ) from None
+        raise UserError(f"{path} uses a GGUF version this reader cannot handle ({exc}); update localrun.") from None
+    except CorruptHeader as exc:
+        raise UserError(f"{path} is truncated or corrupt: {exc}; download it again.") from None
+    except OSError as exc:
+        raise UserError(f"Cannot read {path}: {exc.strerror or type(exc).__name__}.") from None
+    except (ValueError, OverflowError, MemoryError, RecursionError, struct.error) as exc:  # a check we lack
         raise UserError(
-            f"{path} is truncated: tensor {exc.tensor} ends at byte {exc.end:,} but the file has only "
-            f"{exc.size:,} bytes; download it again."
-        ) from None
-    except (ValueError, IndexError, KeyError, OverflowError, struct.error, UnicodeDecodeError) as exc:
-        if "version" in str(exc):
-            raise UserError(f"{path} uses a GGUF version this reader cannot handle ({exc}); update localrun.") from None
-        raise UserError(
-            f"{path} is truncated or corrupt: its GGUF header or tensor table cannot be read ({exc}); download it again."
+            f"{path} is truncated or corrupt: its GGUF header cannot be read ({type(exc).__name__}); download it again."
         ) from None
 
 
@@ -162,35 +103,13 @@ def _check_path(path: Path) -> int:
     return path.stat().st_size
 
 
-def _field_value(fld: Any) -> Any:
-    """A field as a Python value; long arrays come back as a short description."""
-    from gguf import GGUFValueType
-
-    if not fld.types:
-        return None
-    if fld.types[0] == GGUFValueType.ARRAY:
-        count = int(fld.parts[-1][0])  # the length, for a skipped array
-        if not fld.data:
-            return f"<array of {count} {fld.types[-1].name.lower()}>"
-        return fld.contents()
-    return fld.contents()
-
-
-def _metadata(reader: Any) -> dict[str, Any]:
+def _metadata(header: Any) -> dict[str, Any]:
     """Every key/value pair, with arrays elided to a description so the dict stays small."""
-    out: dict[str, Any] = {}
-    for key, fld in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        value = _field_value(fld)
-        if isinstance(value, list):
-            value = f"<array of {len(value)} {fld.types[-1].name.lower()}>"
-        out[key] = value
-    return out
+    return {key: header.array_descriptions.get(key, value) for key, value in header.fields.items()}
 
 
 def _int_or_none(value: Any) -> int | None:
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 # Architectures whose llama.cpp loader applies a default sliding-window interleave when the file carries
@@ -221,11 +140,6 @@ def _file_type_name(value: Any) -> str | None:
     return name.removeprefix("MOSTLY_").removeprefix("ALL_")
 
 
-def _raw_fields(reader: Any) -> dict[str, Any]:
-    """Parsed values of every key, including the short arrays (per-layer head counts, SWA patterns)."""
-    return {key: _field_value(fld) for key, fld in reader.fields.items()}
-
-
 def _kv_heads(raw: dict[str, Any], arch: str, n_layers: int | None) -> tuple[int | None, tuple[int, ...]]:
     """KV head count, and the per-layer list when the file stores one (OpenELM, some hybrids)."""
     value = raw.get(f"{arch}.attention.head_count_kv", raw.get(f"{arch}.attention.head_count"))
@@ -235,35 +149,110 @@ def _kv_heads(raw: dict[str, Any], arch: str, n_layers: int | None) -> tuple[int
     return _int_or_none(value), ()
 
 
-def _tensor_bytes(reader: Any, n_layers: int | None) -> tuple[tuple[int, ...], int, int]:
+# Sizes the loader and the fit estimate compute with: whole numbers in a sane range, or per-layer lists of them.
+_COUNT_KEYS = (
+    "context_length",
+    "block_count",
+    "embedding_length",
+    "feed_forward_length",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "attention.key_length",
+    "attention.value_length",
+    "attention.sliding_window",
+    "vocab_size",
+    "expert_count",
+    "expert_used_count",
+)
+_PER_LAYER_KEYS = {"feed_forward_length", "attention.head_count", "attention.head_count_kv"}
+_GLOBAL_COUNT_KEYS = ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "general.file_type")
+_TEXT_KEYS = ("general.architecture", "general.name", "tokenizer.chat_template", "tokenizer.ggml.model")
+_MAX_COUNT = 2**31 - 1
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_COUNT
+
+
+def _validate_fields(raw: dict[str, Any], arch: str) -> None:
+    """Refuse values the loader would misread: NaN or negative sizes, text where a number belongs, and so on."""
+    from localrun.gguf_header import CorruptHeader
+
+    for key in _TEXT_KEYS:
+        if key in raw and not isinstance(raw[key], str):
+            raise CorruptHeader(f"metadata key {key} should be text but holds {_short(raw[key])}")
+    if not (arch.isprintable() and len(arch) <= 64):
+        raise CorruptHeader(f"general.architecture {_short(arch)} is not an architecture name")
+    checks = [(f"{arch}.{name}", name in _PER_LAYER_KEYS) for name in _COUNT_KEYS]
+    for key, per_layer in checks + [(k, False) for k in _GLOBAL_COUNT_KEYS]:
+        value = raw.get(key)
+        if value is None or _whole(value) or (per_layer and isinstance(value, list) and all(map(_whole, value))):
+            continue
+        raise CorruptHeader(f"metadata key {key} holds {_short(value)}, not a whole number from 0 to {_MAX_COUNT:,}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _block_indices(tensors: Any, n_layers: int | None) -> set[int]:
+    """The N of every blk.N tensor; refuse a block_count the tensors do not back, before anything is sized by it."""
+    from localrun.gguf_header import CorruptHeader
+
+    blocks = {int(t.name.split(".", 2)[1]) for t in tensors if t.name.startswith("blk.")}
+    if n_layers is None:
+        return blocks
+    if n_layers > len(blocks):
+        raise CorruptHeader(f"block_count says {n_layers:,} layers but the file has tensors for only {len(blocks):,}")
+    if blocks and max(blocks) >= n_layers:
+        raise CorruptHeader(f"it has tensors for layer {max(blocks):,} but block_count says {n_layers:,} layers")
+    return blocks
+
+
+def _tensor_bytes(tensors: Any, n_layers: int | None) -> tuple[tuple[int, ...], int, int]:
     """Bytes of each block's tensors, of the output head (0 when tied to the embedding), and of the embedding."""
     per_layer = [0] * (n_layers or 0)
     output = embd = 0
-    for tensor in reader.tensors:
+    for tensor in tensors:
         name = tensor.name
         if name.startswith("blk."):
-            index = int(name.split(".")[1])
+            index = int(name.split(".", 2)[1])
             if index < len(per_layer):
-                per_layer[index] += int(tensor.n_bytes)
+                per_layer[index] += tensor.n_bytes
         elif name.startswith("output."):
-            output += int(tensor.n_bytes)
+            output += tensor.n_bytes
         elif name == "token_embd.weight":
-            embd = int(tensor.n_bytes)
+            embd = tensor.n_bytes
     return tuple(per_layer), output, embd
+
+
+def _checked(path: Path) -> tuple[Any, str, int | None]:
+    """The parsed header, its architecture and its layer count, after every consistency check."""
+    from localrun.gguf_header import CorruptHeader
+
+    header = _open_header(path)
+    raw = header.fields
+    try:
+        arch = raw.get("general.architecture") or "unknown"
+        _validate_fields(raw, arch)
+        n_layers = raw.get(f"{arch}.block_count")
+        _block_indices(header.tensors, n_layers)
+    except CorruptHeader as exc:
+        raise UserError(f"{path} is truncated or corrupt: {exc}; download it again.") from None
+    return header, arch, n_layers
 
 
 def inspect_gguf(path: str | Path) -> GGUFInfo:
     """Read and validate a GGUF file's header and tensor table (weights are memory-mapped, not read)."""
     path = Path(path).expanduser()
     file_bytes = _check_path(path)
-    reader = _open_reader(path)
-    raw = _raw_fields(reader)
-    arch = str(raw.get("general.architecture") or "unknown")
+    header, arch, n_layers = _checked(path)
+    raw = header.fields
 
     def key(name: str) -> Any:
         return raw.get(f"{arch}.{name}")
 
-    n_layers = _int_or_none(key("block_count"))
     n_heads = _int_or_none(key("attention.head_count"))
     if isinstance(key("attention.head_count"), list):
         n_heads = max(key("attention.head_count") or [0]) or None
@@ -273,19 +262,18 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
     value_length = _int_or_none(key("attention.value_length"))
     head_dim = key_length or (embedding // n_heads if embedding and n_heads else None)
     window = _int_or_none(key("attention.sliding_window"))
-    histogram = Counter(t.tensor_type.name for t in reader.tensors)
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    histogram = Counter(t.type_name for t in header.tensors)
     add_bos = raw.get("tokenizer.ggml.add_bos_token")
-    layer_bytes, output_bytes, embd_bytes = _tensor_bytes(reader, n_layers)
+    layer_bytes, output_bytes, embd_bytes = _tensor_bytes(header.tensors, n_layers)
     return GGUFInfo(
         path=path,
         file_bytes=file_bytes,
-        version=int(reader.fields["GGUF.version"].parts[0][0]),
+        version=header.version,
         architecture=arch,
         name=raw.get("general.name"),
-        parameter_count=sum(int(t.n_elements) for t in reader.tensors),
-        tensor_count=len(reader.tensors),
-        tensor_data_bytes=sum(int(t.n_bytes) for t in reader.tensors),
+        parameter_count=sum(t.n_elements for t in header.tensors),
+        tensor_count=len(header.tensors),
+        tensor_data_bytes=sum(t.n_bytes for t in header.tensors),
         context_length=_int_or_none(key("context_length")),
         n_layers=n_layers,
         n_heads=n_heads,
@@ -295,7 +283,7 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
         key_length=key_length,
         value_length=value_length,
         feed_forward_length=_int_or_none(key("feed_forward_length")),
-        vocab_size=_int_or_none(key("vocab_size")) or (int(tokens.parts[-1][0]) if tokens else None),
+        vocab_size=_int_or_none(key("vocab_size")) or header.array_lengths.get("tokenizer.ggml.tokens"),
         expert_count=_int_or_none(key("expert_count")),
         sliding_window=window,
         swa_layers=_swa_layers(arch, raw, n_layers, window),
@@ -310,5 +298,5 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
         layer_tensor_bytes=layer_bytes,
         output_tensor_bytes=output_bytes,
         token_embd_bytes=embd_bytes,
-        metadata=_metadata(reader),
+        metadata=_metadata(header),
     )

@@ -7,10 +7,13 @@ The endpoint is read from HF_ENDPOINT at call time, not at import, so tests can 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,35 +237,71 @@ def _download(url: str, part: Path, *, size: int | None, label: str) -> None:
             ) from None
 
 
+@contextlib.contextmanager
+def _destination_lock(dest: Path) -> Iterator[None]:
+    """Hold dest's lock file: a second pull of the same file waits here, then finds the file complete."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with dest.with_name(dest.name + ".lock").open("a") as handle:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; pulls of one file are not serialised there
+            yield
+            return
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"Another pull of {dest.name} is running: waiting for it to finish.", file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _inspect_landed(part: Path, label: str) -> None:
+    """A pulled GGUF is validated before it takes its place in the store; a bad one is removed."""
+    from localrun.gguf_info import inspect_gguf
+
+    try:
+        inspect_gguf(part)
+    except UserError as exc:
+        part.unlink(missing_ok=True)
+        reason = str(exc).removeprefix(str(part)).strip().rstrip(".")
+        raise UserError(f"The download of {label} is not a usable GGUF file, so it was removed ({reason}).") from None
+
+
 def pull_gguf(target: PullTarget) -> Path:
-    """Download one GGUF into the store: disk check, resumable transfer, sha256 check, atomic rename."""
+    """Download one GGUF into the store: name check, lock, disk check, resumable transfer, sha256, validation,
+    atomic rename."""
     from huggingface_hub import hf_hub_url
 
     assert target.filename is not None
-    dest = catalog.store_path(target.repo, target.filename)
+    dest = catalog.store_path(target.repo, target.filename)  # refuses ../, absolute and backslash names
     remote = _remote_file(target)
-    expected_sha = target.sha256 or remote.sha256
-    size = remote.size_bytes or target.size_bytes
-    if dest.is_file() and (expected_sha is None or catalog.read_sidecar(dest).get("sha256") == expected_sha):
-        return dest
-    part = dest.with_name(dest.name + ".part")
-    have = part.stat().st_size if part.exists() else 0
-    if size:
-        check_disk_space(dest.parent, size - have)
-    url = hf_hub_url(target.repo, target.filename, revision=target.revision, endpoint=endpoint())
-    _download(url, part, size=size, label=target.filename)
-    actual = sha256_file(part)
-    if expected_sha and actual != expected_sha:
-        part.unlink(missing_ok=True)
-        raise UserError(
-            f"Checksum mismatch for {target.filename}: expected sha256 {expected_sha[:12]}..., got {actual[:12]}...; "
-            "the file was removed, pull it again."
-        )
-    os.replace(part, dest)
-    sidecar = {"repo": target.repo, "filename": target.filename, "revision": target.revision, "sha256": actual}
-    if target.name:
-        sidecar["catalog_name"] = target.name
-    catalog.write_atomic(dest.with_name(dest.name + catalog.SIDECAR_SUFFIX), json.dumps(sidecar).encode())
+    with _destination_lock(dest):
+        expected_sha = target.sha256 or remote.sha256
+        if dest.is_file() and (expected_sha is None or catalog.read_sidecar(dest).get("sha256") == expected_sha):
+            return dest
+        size = remote.size_bytes or target.size_bytes
+        part = dest.with_name(dest.name + ".part")
+        have = part.stat().st_size if part.exists() else 0
+        if size:
+            check_disk_space(dest.parent, size - have)
+        url = hf_hub_url(target.repo, target.filename, revision=target.revision, endpoint=endpoint())
+        _download(url, part, size=size, label=target.filename)
+        actual = sha256_file(part)
+        if expected_sha and actual != expected_sha:
+            part.unlink(missing_ok=True)
+            raise UserError(
+                f"Checksum mismatch for {target.filename}: expected sha256 {expected_sha[:12]}..., "
+                f"got {actual[:12]}...; the file was removed, pull it again."
+            )
+        _inspect_landed(part, target.filename)
+        os.replace(part, dest)
+        sidecar = {"repo": target.repo, "filename": target.filename, "revision": target.revision, "sha256": actual}
+        if target.name:
+            sidecar["catalog_name"] = target.name
+        catalog.write_atomic(dest.with_name(dest.name + catalog.SIDECAR_SUFFIX), json.dumps(sidecar).encode())
     return dest
 
 

@@ -77,10 +77,10 @@ class SamplingParams(BaseModel):
         Field(1.0, gt=0.0, le=5.0, description="Penalty for repeating recent tokens (1 = off).")
     )
     max_tokens: Annotated[int, Meta("Max new tokens", "output")] = Field(
-        512, ge=1, description="Most tokens to generate in one reply."
+        512, ge=1, le=1 << 20, description="Most tokens to generate in one reply."
     )
     seed: Annotated[int | None, Meta("Seed", "output")] = Field(
-        None, description="Random seed; unset means a fresh one each request."
+        None, ge=0, le=2**31 - 1, description="Random seed; unset means a fresh one each request."
     )
     stop: Annotated[tuple[str, ...], Meta("Stop strings (one per line)", "output")] = Field(
         (), description="Stop strings: generation ends before any of them."
@@ -114,7 +114,10 @@ class LoadOptions(BaseModel):
         Meta("Device", "load", choices=(("auto", "auto"), ("CUDA", "cuda"), ("Metal", "mps"), ("CPU", "cpu"))),
     ] = Field("auto", description="Where to run: cuda, mps (Metal), cpu; auto picks the best available.")
     n_ctx: Annotated[int | None, Meta("Context size", "load")] = Field(
-        None, ge=16, description=f"Context length in tokens (default: the model's, capped at {DEFAULT_CTX_CAP})."
+        None,
+        ge=16,
+        le=1 << 24,
+        description=f"Context length in tokens (default: the model's, capped at {DEFAULT_CTX_CAP}).",
     )
     n_threads: Annotated[int | None, Meta("CPU threads", "load")] = Field(
         None, ge=1, description="CPU threads (default: physical cores)."

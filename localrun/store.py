@@ -46,53 +46,115 @@ def _hf_row(name: str, snapshot: Path) -> LocalModel:
     return LocalModel(name, "safetensors", dtype, dir_size(snapshot), config.get("max_position_embeddings"), snapshot)
 
 
-def local_models() -> list[LocalModel]:
-    """The default model, every GGUF in the store, and catalog safetensors repos in the HF cache."""
-    rows = [_gguf_row(catalog.DEFAULT_MODEL_NAME, catalog.default_model_path())]
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    name: str
+    kind: str  # "gguf" (a file) or "hf" (a snapshot folder in the HF cache)
+    path: Path
+    removable: Path | None  # what rm deletes: the store file, the repo's cache folder; None outside the store
+
+
+def _entries() -> list[_Entry]:
+    """What `models list` shows, without opening any file: the default model, store GGUFs, cached repos."""
+    entries = [_Entry(catalog.DEFAULT_MODEL_NAME, "gguf", catalog.default_model_path(), None)]
     by_file = {(v.repo, v.filename): m.name for m in catalog.catalog() for v in m.variants}
     store = catalog.models_dir()
-    for path in sorted(store.glob("*/*/*.gguf")) if store.is_dir() else []:
-        repo = f"{path.parent.parent.name}/{path.parent.name}"
-        rows.append(_gguf_row(by_file.get((repo, path.name), f"{repo}:{path.name}"), path))
+    for path in sorted(store.glob("*/*/**/*.gguf")) if store.is_dir() else []:
+        parts = path.relative_to(store).parts
+        repo, filename = f"{parts[0]}/{parts[1]}", "/".join(parts[2:])
+        if path.is_file():
+            entries.append(_Entry(by_file.get((repo, filename), f"{repo}:{filename}"), "gguf", path, path))
     cache = catalog.hf_cache_dir()
     for folder in sorted(cache.glob("models--*")) if cache.is_dir() else []:
         repo = folder.name.removeprefix("models--").replace("--", "/", 1)
         snapshot = catalog.hf_snapshot(repo)
         if snapshot is not None:
-            rows.append(_hf_row(by_file.get((repo, None), repo), snapshot))
-    return rows
+            entries.append(_Entry(by_file.get((repo, None), repo), "hf", snapshot, folder))
+    return entries
 
 
-def _store_roots() -> list[Path]:
-    return [catalog.models_dir().resolve(), catalog.hf_cache_dir().resolve()]
+def local_models() -> list[LocalModel]:
+    """The default model, every GGUF in the store (subfolders included), and safetensors repos in the HF cache.
+
+    A file that fails validation is listed with quant "corrupt", never raised.
+    """
+    return [_gguf_row(e.name, e.path) if e.kind == "gguf" else _hf_row(e.name, e.path) for e in _entries()]
 
 
-def removable(spec: str) -> list[Path]:
-    """The files or cache folders rm would delete for a name, never anything outside the store."""
-    matches = [r.path for r in local_models() if spec in (r.name, str(r.path))]
-    if not matches and Path(spec).exists():
-        matches = [Path(spec)]
+def display_path(path: Path) -> str:
+    """A path as the UI shows it to a browser: relative to the store or the HF cache, never the home folder."""
+    for label, root in (("store", catalog.models_dir()), ("hf-cache", catalog.hf_cache_dir())):
+        if path.is_relative_to(root):
+            return f"{label}/{path.relative_to(root).as_posix()}"
+    return path.name
+
+
+def _same_file(spec: str, path: Path) -> bool:
+    given = Path(spec).expanduser()
+    try:
+        return given.exists() and given.resolve() == path.resolve()
+    except OSError:
+        return False
+
+
+def _match(spec: str, *, by_path: bool) -> list[_Entry]:
+    """Listed entries named spec, or (by_path) whose path is spec."""
+    entries = _entries()
+    by_name = [e for e in entries if spec == e.name]
+    return by_name or ([e for e in entries if _same_file(spec, e.path)] if by_path else [])
+
+
+def _inside(path: Path, root: Path) -> bool:
+    real, base = path.resolve(), root.resolve()
+    return real != base and real.is_relative_to(base)
+
+
+def removable(spec: str, *, by_path: bool = True) -> list[Path]:
+    """What rm would delete for a name (or, by_path, a path) that `models list` shows; never a folder of the
+    store or anything else. The UI passes by_path=False: a browser names models, it does not send paths."""
+    matches = _match(spec, by_path=by_path)
     if not matches:
+        if by_path and Path(spec).expanduser().exists():
+            raise UserError(
+                f"{spec} is not a model that `localrun models list` shows: rm deletes only those, "
+                "never folders of the store, the cache or files outside it."
+            )
         raise UserError(f"No downloaded model {spec!r}: see `localrun models list`.{catalog.suggest(spec)}")
     targets = []
-    for path in matches:
-        real = path.resolve()
-        if not any(real.is_relative_to(root) for root in _store_roots()):
-            raise UserError(f"{path} is outside the model store ({catalog.models_dir()}): delete it yourself.")
-        if real.is_relative_to(_store_roots()[1]):
-            targets.append(next(p for p in real.parents if p.name.startswith("models--")))
-        else:
-            targets.append(real)
+    for entry in matches:
+        target = entry.removable
+        root = catalog.models_dir() if entry.kind == "gguf" else catalog.hf_cache_dir()
+        if target is None or not _inside(target, root):
+            raise UserError(f"{entry.path} is outside the model store ({catalog.models_dir()}): delete it yourself.")
+        if entry.kind == "gguf" and not target.is_file():
+            raise UserError(f"{spec} is not a model file: rm deletes only what `localrun models list` shows.")
+        targets.append(target)
     return targets
 
 
+def allowed_spec(spec: str | None, *, loopback: bool) -> None:
+    """Raise unless spec may be loaded or inspected from a browser: on loopback anything, else only catalog
+    names and models that `models list` shows (a UI on the network must not open arbitrary server paths)."""
+    if loopback or not spec or not spec.strip() or spec == catalog.DEFAULT_MODEL_NAME:
+        return
+    names = {m.name.lower() for m in catalog.catalog()}
+    if catalog.split_quant(spec)[0].lower() in names:
+        return
+    if any(spec in (e.name, str(e.path)) for e in _entries()):
+        return
+    raise UserError(
+        f"{spec!r} is not a catalog model or a model on this machine's list: over the network the UI "
+        "opens only those (pick one in the Models tab)."
+    )
+
+
 def delete(targets: list[Path]) -> list[Path]:
-    """Delete what removable() returned: a file with its sidecar and partial download, or a cache folder."""
+    """Delete what removable() returned: a file with its sidecar, partial download and lock, or a cache folder."""
     for target in targets:
         if target.is_dir():
             shutil.rmtree(target)
             continue
         target.unlink()
-        for extra in (target.with_name(target.name + catalog.SIDECAR_SUFFIX), target.with_name(target.name + ".part")):
-            extra.unlink(missing_ok=True)
+        for suffix in (catalog.SIDECAR_SUFFIX, ".part", ".lock"):
+            target.with_name(target.name + suffix).unlink(missing_ok=True)
     return targets

@@ -88,6 +88,15 @@ def test_bad_setting_value(cli):
     _one_sentence_error(result, contains="temperature")
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--max-tokens", "2000000"), ("--n-ctx", "100000000"), ("--seed", "4294967296"), ("--seed", "-1")],
+)
+def test_settings_have_upper_bounds(cli, flag, value):
+    result = cli("chat", "-p", "hi", flag, value)
+    _one_sentence_error(result, contains=flag.removeprefix("--").replace("-", "_"))
+
+
 def test_cli_imports_no_heavy_library_until_needed():
     code = (
         "import sys; from localrun.cli import build_parser; build_parser(); "

@@ -22,6 +22,7 @@ class AppContext:
     default_model: str | None = None
     demo: Any = None
     components: dict[str, Any] = field(default_factory=dict)
+    loopback: bool = False  # served on loopback only: Load and Info may open any path, not just listed models
 
 
 def build_app(ctx: AppContext) -> Any:

@@ -4,14 +4,15 @@ this module must stay cheap (no gradio) so `localrun --help` is instant."""
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import socket
 import sys
 
 from localrun.cli_serve import add_server_flags
 from localrun.errors import UserError
+from localrun.netpolicy import credential_text, is_loopback, require_auth
 
 DEFAULT_PORT = 7860
+AUTH_ENV = "LOCALRUN_AUTH"
 _PORT_TRIES = 100
 
 
@@ -20,12 +21,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "ui",
         help="serve the web UI (chat with live metrics, models, system)",
-        description="Serve the localrun web UI. It listens on 127.0.0.1 only, unless --host or --share say otherwise.",
+        description="Serve the localrun web UI. It listens on 127.0.0.1 only; another --host, or --share, needs a "
+        "login (--auth-file FILE or $LOCALRUN_AUTH, as USER:PASSWORD).",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=None, help=f"port (default {DEFAULT_PORT}, or the next free one)")
     p.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
-    p.add_argument("--auth", metavar="USER:PASSWORD", default=None, help="require this login")
+    p.add_argument(
+        "--auth",
+        metavar="USER:PASSWORD",
+        default=None,
+        help="require this login (visible in `ps`: prefer --auth-file or $LOCALRUN_AUTH)",
+    )
+    p.add_argument(
+        "--auth-file", metavar="FILE", default=None, help="require the login USER:PASSWORD on FILE's first line"
+    )
     p.add_argument("--model", default=None, help="model to preselect in the Chat tab (default: the default model)")
     p.add_argument("--open", action="store_true", help="open the UI in a browser")
     p.add_argument("--api", action="store_true", help="also serve the OpenAI API (/v1/...) on the same port and model")
@@ -39,8 +49,16 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
         return None
     user, sep, password = value.partition(":")
     if not sep or not user or not password:
-        raise UserError("--auth takes USER:PASSWORD, e.g. --auth alice:s3cret.")
+        raise UserError("The login (--auth, --auth-file or $LOCALRUN_AUTH) takes USER:PASSWORD, e.g. alice:s3cret.")
     return user, password
+
+
+def login(args: argparse.Namespace) -> tuple[str, str] | None:
+    """The login from --auth-file, --auth or $LOCALRUN_AUTH, or None."""
+    text = credential_text(
+        inline=args.auth, file=args.auth_file, env_var=AUTH_ENV, inline_flag="--auth", file_flag="--auth-file"
+    )
+    return parse_auth(text)
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -68,26 +86,18 @@ def pick_port(host: str, port: int | None) -> int:
     raise UserError(f"No free port between {DEFAULT_PORT} and {DEFAULT_PORT + _PORT_TRIES - 1}: pass one with --port.")
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def run(args: argparse.Namespace) -> int:
     """Serve the UI until Ctrl-C; user mistakes in the flags raise UserError before anything starts."""
-    auth = parse_auth(args.auth)
+    auth = login(args)
+    require_auth(args.host, share=args.share, credentials=auth)
     port = pick_port(args.host, args.port)
-    if (args.share or not _is_loopback(args.host)) and auth is None:
-        print("localrun: warning: the UI is reachable from other machines without a login; add --auth USER:PASSWORD.",
-              file=sys.stderr)  # fmt: skip
     api_key = _api_key(args)
     from localrun.worker import WorkerClient
     from ui.app import AppContext, launch
 
     print(f"localrun UI on http://{args.host}:{port}", file=sys.stderr)
-    ctx = AppContext(worker=WorkerClient(), default_model=args.model)
+    loopback = is_loopback(args.host) and not args.share
+    ctx = AppContext(worker=WorkerClient(), default_model=args.model, loopback=loopback)
     mount = None
     if args.api:
         print(f"localrun: OpenAI API on http://{args.host}:{port}/v1", file=sys.stderr)
@@ -111,5 +121,5 @@ def _api_key(args: argparse.Namespace) -> str | None:
     from localrun.server.access import api_key, check_exposure
 
     key = api_key(key=args.api_key, key_file=args.api_key_file)
-    check_exposure("0.0.0.0" if args.share else args.host, key)
+    check_exposure(args.host, key, share=args.share)
     return key

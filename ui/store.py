@@ -127,9 +127,12 @@ def catalog_rows(*, n_ctx: int | None = None, kv_type: str = "f16") -> list[list
 
 
 def local_table() -> list[list[Any]]:
-    """The models on disk as rows for the Models tab."""
+    """The models on disk as rows for the Models tab (paths relative to the store: the browser may be remote)."""
+    from localrun.store import display_path
+
     return [
-        [r.name, r.format, r.quant, fmt_bytes(r.size_bytes), r.context_length or "?", str(r.path)] for r in local_rows()
+        [r.name, r.format, r.quant, fmt_bytes(r.size_bytes), r.context_length or "?", display_path(r.path)]
+        for r in local_rows()
     ]
 
 
@@ -183,7 +186,7 @@ def delete_model(spec: str) -> list[Path]:
     """Delete a downloaded model (file and sidecars, or its HF-cache folder); never anything outside the store."""
     from localrun.store import delete, removable
 
-    return delete(removable(spec))
+    return delete(removable(spec, by_path=False))
 
 
 def search_rows(query: str) -> tuple[list[list[Any]], list[str]]:

@@ -40,6 +40,10 @@ def load_backend(model: str | Path | ResolvedModel | None, options: LoadOptions 
         from localrun.backends.llamacpp import LlamaCppBackend
 
         return LlamaCppBackend(resolved, options)
+    if resolved.kind == "gguf" and resolved.path is not None:
+        from localrun.gguf_info import inspect_gguf
+
+        inspect_gguf(resolved.path)  # transformers reads GGUF headers too: refuse corrupt ones first, as llama.cpp does
     from localrun.backends.hf import HFBackend
 
     return HFBackend(resolved, options)

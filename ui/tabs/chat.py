@@ -18,6 +18,7 @@ from localrun.events import GenerationEvent
 from localrun.format import stats_line
 from localrun.requests import ChatRequest, Failed, Loaded, LoadRequest, Progress
 from localrun.settings import LoadOptions, SamplingParams, recommendable
+from localrun.store import allowed_spec
 from localrun.structured import with_json_schema
 from ui import store
 from ui.controls import load_options, make_control, recommended_values, rows, sampling_params, visible_fields
@@ -252,6 +253,7 @@ def load_model(ctx: Any, spec: str, values: dict[str, Any], *, owner: str) -> It
 
     busy, ready = gr.Button(interactive=False), gr.Button(interactive=True)
     try:
+        allowed_spec(spec, loopback=ctx.loopback)
         request = LoadRequest(spec or None, load_options(values))
         for update in ctx.worker.submit(request, owner=owner):
             match update:
@@ -301,10 +303,19 @@ def regenerate_reply(
 
 
 def _reply(
-    ctx: Any, asked: list, before: list, message: str | None, turns: list, spec: str, system: str, values: dict, owner: str
+    ctx: Any,
+    asked: list,
+    before: list,
+    message: str | None,
+    turns: list,
+    spec: str,
+    system: str,
+    values: dict,
+    owner: str,
 ) -> Iterator[tuple]:
     """Build the request from the form (a wrong value is one sentence in the status line), then stream."""
     try:
+        allowed_spec(spec, loopback=ctx.loopback)
         load = LoadRequest(spec or None, load_options(values))
         params = with_json_schema(sampling_params(values), values.get("json_schema"))
         request = ChatRequest(tuple(asked), params, system, load=load)

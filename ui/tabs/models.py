@@ -6,6 +6,7 @@ from typing import Any
 
 from localrun import catalog
 from localrun.errors import UserError
+from localrun.store import allowed_spec
 from ui import store
 from ui.controls import parse_int
 
@@ -33,9 +34,10 @@ def catalog_table(n_ctx: str | None = None, kv_type: str = "f16") -> Any:
         raise gr.Error(str(exc)) from None
 
 
-def info_table(spec: str, n_ctx: str | None = None, kv_type: str = "f16") -> tuple[Any, str]:
+def info_table(spec: str, n_ctx: str | None = None, kv_type: str = "f16", *, loopback: bool = False) -> tuple[Any, str]:
     """(field/value rows, status) for one model; a user mistake becomes the status line."""
     try:
+        allowed_spec(spec, loopback=loopback)
         rows = store.model_info(spec, n_ctx=_ctx_value(n_ctx), kv_type=kv_type)
         return _frame(rows, ["field", "value"]), f"Info for **{spec}**"
     except UserError as exc:
@@ -82,7 +84,11 @@ def delete(spec: str, confirm: bool) -> tuple[str, Any, Any]:
     except UserError as exc:
         return f"⚠️ {exc}", gr.skip(), gr.skip()
     local = _frame(store.local_table(), store.LOCAL_HEADERS)
-    return f"Deleted {', '.join(str(t) for t in targets)}", local, gr.Checkbox(value=False)
+    return (
+        f"Deleted {spec} ({len(targets)} item{'s' * (len(targets) != 1)} in the store)",
+        local,
+        gr.Checkbox(value=False),
+    )
 
 
 def _local_names() -> list[str]:
@@ -101,7 +107,7 @@ def build(ctx: Any) -> None:
         refresh = gr.Button("Refresh", elem_id="catalog-refresh", scale=0)
     table = gr.Dataframe(catalog_table(), label="Catalog", interactive=False, wrap=True, elem_id="catalog-table")
     refresh.click(catalog_table, inputs=[n_ctx, kv_type], outputs=[table], api_name="catalog")
-    _build_info(table, n_ctx, kv_type)
+    _build_info(table, n_ctx, kv_type, loopback=ctx.loopback)
     local, target = _build_local(*_build_hub())
 
     def fresh(n: str | None, kv: str) -> tuple[Any, Any, Any]:
@@ -116,8 +122,11 @@ def build(ctx: Any) -> None:
         trigger(fresh, inputs=[n_ctx, kv_type], outputs=[table, local, target], api_visibility="private")
 
 
-def _build_info(table: Any, n_ctx: Any, kv_type: Any) -> None:
+def _build_info(table: Any, n_ctx: Any, kv_type: Any, *, loopback: bool) -> None:
     import gradio as gr
+
+    def show(spec: str, n_ctx: str | None = None, kv_type: str = "f16") -> tuple[Any, str]:
+        return info_table(spec, n_ctx, kv_type, loopback=loopback)
 
     gr.Markdown("### Model info\nPick a model (or click a catalog row) for its metadata and memory estimate.")
     with gr.Row():
@@ -127,11 +136,11 @@ def _build_info(table: Any, n_ctx: Any, kv_type: Any) -> None:
         button = gr.Button("Show info", elem_id="info-btn", scale=1)
     status = gr.Markdown("", elem_id="info-status")
     info = gr.Dataframe(_frame([], ["field", "value"]), interactive=False, wrap=True, elem_id="model-info")
-    button.click(info_table, inputs=[spec, n_ctx, kv_type], outputs=[info, status], api_name="model_info")
+    button.click(show, inputs=[spec, n_ctx, kv_type], outputs=[info, status], api_name="model_info")
 
     def on_select(evt: gr.SelectData, n: str | None, kv: str) -> tuple[Any, Any, str]:
         name = evt.row_value[0] if evt.row_value else ""
-        frame, line = info_table(name, n, kv)
+        frame, line = show(name, n, kv)
         return name, frame, line
 
     table.select(on_select, inputs=[n_ctx, kv_type], outputs=[spec, info, status], api_visibility="private")
