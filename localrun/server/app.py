@@ -29,11 +29,17 @@ class ClientGone(Exception):
 class _Pump:
     """Moves one request's events from the engine's thread to the event loop; records metrics at the end."""
 
-    def __init__(self, events: Iterator[GenerationEvent], on_final: Callable[[GenerationEvent, float | None], None]):
+    def __init__(
+        self,
+        events: Iterator[GenerationEvent],
+        on_final: Callable[[GenerationEvent, float | None], None],
+        on_abort: Callable[[], None],
+    ):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.t_first: float | None = None
-        self._events, self._on_final = events, on_final
+        self._events, self._on_final, self._on_abort = events, on_final, on_abort
+        self._finished = False
         self._get: asyncio.Future | None = None
         threading.Thread(target=self._run, name="localrun-pump", daemon=True).start()
 
@@ -43,11 +49,14 @@ class _Pump:
                 if self.t_first is None and event.token_ids:
                     self.t_first = time.perf_counter()
                 if event.summary is not None:
+                    self._finished = True
                     self._on_final(event, self.t_first)
                 self._put(event)
         except BaseException as exc:  # handed to the route, which answers with the right status
             self._put(exc)
         finally:
+            if not self._finished:  # e.g. the watchdog ended a model process that was slow to stop
+                self._on_abort()
             self._put(_END)
 
     def _put(self, item: Any) -> None:
@@ -172,8 +181,13 @@ class Api:
             self.metrics.observe(summary, ttft_s=ttft, latency_s=latency, overrun_tokens=cancel.overrun_tokens)
             self.metrics.count_request(route, summary.finish_reason)
 
+        def on_abort() -> None:
+            self.metrics.count_request(route, "cancelled" if cancel.is_set() else "error")
+            if cancel.is_set():
+                self.metrics.count_cancel(cancel.overrun_tokens)
+
         try:
-            pump = _Pump(self.engine.submit(job, cancel), on_final)
+            pump = _Pump(self.engine.submit(job, cancel), on_final, on_abort)
         except QueueFull as exc:
             raise ApiError(429, f"The server is busy: {exc}", type="rate_limit_error", code="queue_full") from None
         try:

@@ -65,6 +65,12 @@ class Metrics:
         with self._lock:
             self.requests[(route, status)] += 1
 
+    def count_cancel(self, overrun_tokens: int) -> None:
+        """A cancelled generation that ended without a summary (its model process was ended)."""
+        with self._lock:
+            self.cancelled += 1
+            self.cancel_overrun.observe(overrun_tokens)
+
     def observe(
         self, summary: GenerationSummary, *, ttft_s: float | None, latency_s: float, overrun_tokens: int = 0
     ) -> None:
