@@ -36,16 +36,21 @@ def render_chat(
     bos_token: str = "",
     eos_token: str = "",
     add_generation_prompt: bool = True,
+    tools: Sequence[dict] | None = None,
 ) -> str:
-    """Render messages to prompt text with the model's template (or a plain fallback)."""
+    """Render messages to prompt text with the model's template (or a plain fallback).
+
+    tools (OpenAI function schemas) are passed only when given: templates test `tools is defined`."""
     from jinja2 import TemplateError
 
+    extra = {"tools": list(tools)} if tools else {}
     try:
         return _compile(template or FALLBACK_TEMPLATE).render(
             messages=list(messages),
             bos_token=bos_token,
             eos_token=eos_token,
             add_generation_prompt=add_generation_prompt,
+            **extra,
         )
     except TemplateError as exc:
         raise UserError(f"The model's chat template could not be rendered: {exc}.") from None

@@ -17,6 +17,7 @@ _COMMAND_MODULES = (
     "localrun.cli_models",
     "localrun.cli_quantize",
     "localrun.cli_compare",
+    "localrun.cli_serve",
 )
 
 

@@ -49,6 +49,33 @@ class ChatRequest:
         object.__setattr__(self, "system", self.system or None)
 
 
+@dataclass(frozen=True, slots=True)
+class ApiChatRequest:
+    """An OpenAI-style chat (`localrun serve`): messages may carry tool calls and tool results, tools are
+    OpenAI function schemas. max_tokens None means the rest of the context, as the OpenAI API does."""
+
+    messages: tuple[dict[str, Any], ...]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int | None = None
+    tools: tuple[dict[str, Any], ...] = ()
+    load: LoadRequest | None = None
+    stoppable: ClassVar[bool] = True
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRequest:
+    """A plain completion (`localrun serve`'s /v1/completions): the prompt text as it is, no chat template."""
+
+    prompt: str
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int | None = None
+    load: LoadRequest | None = None
+    stoppable: ClassVar[bool] = True
+
+
+Request = LoadRequest | ChatRequest | ApiChatRequest | CompletionRequest
+
+
 # ---- replies ----------------------------------------------------------------------------------------
 
 

@@ -18,7 +18,9 @@ from typing import Any
 
 from localrun.errors import UserError
 from localrun.requests import (
+    ApiChatRequest,
     ChatRequest,
+    CompletionRequest,
     Done,
     Failed,
     Heartbeat,
@@ -178,4 +180,24 @@ def chat(request: ChatRequest, task: Task) -> None:
             task.send(event)
 
 
-HANDLERS: dict[type, Callable[[Any, Task], None]] = {LoadRequest: load, ChatRequest: chat}
+def api_generate(request: ApiChatRequest | CompletionRequest, task: Task) -> None:
+    """An API chat or completion (`localrun serve`), loading request.load first like chat()."""
+    from localrun.server.jobs import run_api
+
+    state = task.state
+    if request.load is not None and (state.loaded is None or state.loaded.request != request.load):
+        load(request.load, task)
+    if state.backend is None:
+        raise UserError("No model is loaded: name one in the request's model field.")
+    with task.busy() as streaming:
+        for event in run_api(state.backend, request, task.cancel):
+            streaming()
+            task.send(event)
+
+
+HANDLERS: dict[type, Callable[[Any, Task], None]] = {
+    LoadRequest: load,
+    ChatRequest: chat,
+    ApiChatRequest: api_generate,
+    CompletionRequest: api_generate,
+}

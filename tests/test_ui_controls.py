@@ -17,6 +17,7 @@ from ui.tabs.chat import LOAD_ROWS, SAMPLING_ROWS
 def test_every_field_has_a_place_a_label_and_a_description() -> None:
     assert sorted(sum(LOAD_ROWS, ())) == sorted(ui_fields(LoadOptions))
     assert sorted(sum(SAMPLING_ROWS, ())) == sorted(ui_fields(SamplingParams))
+    assert "grammar" not in ui_fields(SamplingParams)  # the chat tab takes a JSON schema instead
     assert "trust_remote_code" not in ui_fields(LoadOptions) and "allow_pickle" not in ui_fields(LoadOptions)
     for model in (LoadOptions, SamplingParams):
         assert all(model.model_fields[n].description and meta(model, n).label != n for n in model.model_fields)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,8 +49,11 @@ def launch(
     share: bool = False,
     auth: tuple[str, str] | None = None,
     open_browser: bool = False,
+    mount: Callable[[Any], None] | None = None,
 ) -> None:
-    """Build the app and serve it until interrupted; the worker process stops with it."""
+    """Build the app and serve it until interrupted; the worker process stops with it.
+
+    mount(app) adds routes to the running FastAPI app (`localrun ui --api`)."""
     from ui.metrics import CSS
 
     demo = build_app(ctx)
@@ -67,6 +71,10 @@ def launch(
             footer_links=["api", "settings"],
             run_history=False,  # never record prompts in the browser
             ssr_mode=False,
+            prevent_thread_lock=True,
         )
+        if mount is not None:
+            mount(demo.server_app)
+        demo.block_thread()
     finally:
         ctx.worker.close()

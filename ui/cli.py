@@ -7,6 +7,7 @@ import argparse
 import socket
 import sys
 
+from localrun.cli_serve import add_server_flags
 from localrun.errors import UserError
 from localrun.netpolicy import credential_text, is_loopback, require_auth
 
@@ -37,6 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default=None, help="model to preselect in the Chat tab (default: the default model)")
     p.add_argument("--open", action="store_true", help="open the UI in a browser")
+    p.add_argument("--api", action="store_true", help="also serve the OpenAI API (/v1/...) on the same port and model")
+    add_server_flags(p)
     p.set_defaults(func=run)
 
 
@@ -88,11 +91,35 @@ def run(args: argparse.Namespace) -> int:
     auth = login(args)
     require_auth(args.host, share=args.share, credentials=auth)
     port = pick_port(args.host, args.port)
+    api_key = _api_key(args)
     from localrun.worker import WorkerClient
     from ui.app import AppContext, launch
 
     print(f"localrun UI on http://{args.host}:{port}", file=sys.stderr)
     loopback = is_loopback(args.host) and not args.share
     ctx = AppContext(worker=WorkerClient(), default_model=args.model, loopback=loopback)
-    launch(ctx, host=args.host, port=port, share=args.share, auth=auth, open_browser=args.open)
+    mount = None
+    if args.api:
+        print(f"localrun: OpenAI API on http://{args.host}:{port}/v1", file=sys.stderr)
+
+        def mount(app):  # the API's routes in front of Gradio's, on the UI's own worker
+            from localrun.server.app import create_app
+            from localrun.server.engine import WorkerEngine
+
+            create_app(WorkerEngine(ctx.worker, max_queue=args.max_queue), api_key=api_key, app=app)
+
+    launch(ctx, host=args.host, port=port, share=args.share, auth=auth, open_browser=args.open, mount=mount)
     return 0
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """With --api: the key, and the refusal to expose the API without one (Gradio's --auth does not cover it)."""
+    if not args.api:
+        if args.api_key or args.api_key_file:
+            raise UserError("--api-key and --api-key-file need --api.")
+        return None
+    from localrun.server.access import api_key, check_exposure
+
+    key = api_key(key=args.api_key, key_file=args.api_key_file)
+    check_exposure(args.host, key, share=args.share)
+    return key

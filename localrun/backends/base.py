@@ -83,8 +83,8 @@ class Backend(Protocol):
 
     def detokenize(self, ids: Sequence[int]) -> str: ...
 
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
-        """The prompt text for a chat, from the model's own chat template."""
+    def render_chat(self, messages: Sequence[dict[str, str]], *, tools: Sequence[dict] | None = None) -> str:
+        """The prompt text for a chat, from the model's own chat template (tools: OpenAI function schemas)."""
         ...
 
     def generate_tokens(

@@ -239,16 +239,18 @@ class HFBackend:
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+    def render_chat(self, messages: Sequence[dict[str, str]], *, tools: Sequence[dict] | None = None) -> str:
         """The prompt text from the tokenizer's own chat template (a plain fallback when it has none)."""
         if not getattr(self.tokenizer, "chat_template", None):
             from localrun.chat_template import render_chat
 
-            return render_chat(None, messages)
+            return render_chat(None, messages, tools=tools)
         from jinja2 import TemplateError
 
         try:
-            return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(
+                list(messages), tools=list(tools) if tools else None, tokenize=False, add_generation_prompt=True
+            )
         except TemplateError as exc:  # e.g. "System role not supported": the user can change the messages
             raise UserError(f"The model's chat template refused the conversation: {exc}.") from None
 

@@ -39,6 +39,7 @@ class LlamaCppBackend:
 
     name = "llamacpp"
     supports_draft = True
+    supports_grammar = True
 
     def __init__(self, model: ResolvedModel, options: LoadOptions | None = None) -> None:
         from localrun.gguf_info import inspect_gguf
@@ -132,12 +133,13 @@ class LlamaCppBackend:
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._model.detokenize(list(ids)).decode("utf-8", errors="replace")
 
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+    def render_chat(self, messages: Sequence[dict[str, str]], *, tools: Sequence[dict] | None = None) -> str:
         return render_chat(
             self.info.chat_template,
             messages,
             bos_token=self._token_text(self._model.token_bos()),
             eos_token=self._token_text(self._model.token_eos()),
+            tools=tools,
         )
 
     def generate_tokens(

@@ -19,6 +19,7 @@ from localrun.format import stats_line
 from localrun.requests import ChatRequest, Failed, Loaded, LoadRequest, Progress
 from localrun.settings import LoadOptions, SamplingParams, recommendable
 from localrun.store import allowed_spec
+from localrun.structured import with_json_schema
 from ui import store
 from ui.controls import load_options, make_control, recommended_values, rows, sampling_params, visible_fields
 from ui.metrics import MEMORY_COLORS, RATE_COLORS, LiveSeries, metrics_html, plots, reply_footer, turn_row, turns_frame
@@ -67,6 +68,13 @@ def _layout(ctx: Any) -> SimpleNamespace:
         c.recommended_note = gr.Markdown(_recommended_note(c.picker.value), elem_id="recommended-note")
         c.sampling = _rows(SamplingParams, SAMPLING_ROWS, values)
         c.system = gr.Textbox(system, label="System prompt", lines=2, elem_id="system-prompt")
+        c.json_schema = gr.Textbox(
+            "",
+            label="JSON schema",
+            lines=2,
+            elem_id="json-schema",
+            info="Replies follow this schema, enforced while sampling (llama.cpp backend). Blank: free text.",
+        )
     with gr.Row():
         with gr.Column(scale=3):
             _layout_chat(c)
@@ -175,7 +183,7 @@ def _owner(request: Any) -> str:
 def _wire(ctx: Any, c: SimpleNamespace) -> None:
     import gradio as gr
 
-    settings = {**c.load_controls, **c.sampling}
+    settings = {**c.load_controls, **c.sampling, "json_schema": c.json_schema}
     outputs = [getattr(c, name) for name in _OUTPUTS]
 
     def on_send(message: str, history: list, turns: list, picker: str, system: str, request: gr.Request, **values):
@@ -333,7 +341,8 @@ def _reply(
     try:
         allowed_spec(spec, loopback=ctx.loopback)
         load = LoadRequest(spec or None, load_options(values))
-        request = ChatRequest(tuple(asked), sampling_params(values), system, load=load)
+        params = with_json_schema(sampling_params(values), values.get("json_schema"))
+        request = ChatRequest(tuple(asked), params, system, load=load)
     except UserError as exc:
         yield _status_only(f"⚠️ {exc}")
         return

@@ -1,0 +1,87 @@
+"""`localrun serve`: the OpenAI-compatible API on one loaded model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from localrun.settings import LoadOptions, add_flags, from_args
+
+DEFAULT_PORT = 8000
+
+
+def add_server_flags(p: argparse.ArgumentParser) -> None:
+    """--api-key and --api-key-file (shared with `localrun ui --api`)."""
+    p.add_argument("--api-key", default=None, help="require this key (visible in `ps`: prefer --api-key-file)")
+    p.add_argument("--api-key-file", default=None, metavar="FILE", help="read the key from the first line of FILE")
+    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait for the model before 429 (16)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /metrics)",
+        description="Serve the OpenAI API on 127.0.0.1. Another host needs an API key (flag, file or $LOCALRUN_API_KEY).",
+    )
+    p.add_argument("model", nargs="?", help="a .gguf file, a model directory, or a catalog name (default: SmolLM2)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    add_server_flags(p)
+    add_flags(p, LoadOptions)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from localrun.errors import UserError
+    from localrun.server.access import api_key, check_exposure
+
+    key = api_key(key=args.api_key, key_file=args.api_key_file)
+    check_exposure(args.host, key)
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"--port {args.port} is not a port number: use 1-65535.")
+    if args.max_queue < 1:
+        raise UserError("--max-queue must be at least 1.")
+    options = from_args(LoadOptions, args)
+    _bind_check(args.host, args.port)
+    import uvicorn
+
+    from localrun.server.app import create_app
+    from localrun.server.engine import WorkerEngine
+    from localrun.worker import WorkerClient
+
+    engine = WorkerEngine(WorkerClient(), options=options, max_queue=args.max_queue)
+    try:
+        loaded = engine.load(args.model)
+    except BaseException:
+        engine.close()
+        raise
+    print(f"localrun: {loaded.name} loaded ({loaded.report.describe()})", file=sys.stderr)
+    config = uvicorn.Config(
+        create_app(engine, api_key=key),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        lifespan="off",
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    try:
+        print(f"localrun: OpenAI API on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+        server.run()
+    finally:
+        engine.close()
+    return 0
+
+
+def _bind_check(host: str, port: int) -> None:
+    """A port in use is one sentence, not uvicorn's log line and exit."""
+    import socket
+
+    from localrun.errors import UserError
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            raise UserError(f"Port {port} on {host} is in use: pick another with --port.") from None

@@ -1,0 +1,326 @@
+"""The ASGI app: thin routes over an Engine. Each generation runs in the engine's thread; a pump thread
+hands its events to the event loop, and a client that goes away sets the cancel flag at once."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+from localrun.errors import UserError
+from localrun.events import GenerationEvent
+from localrun.server.engine import CancelWatch, QueueFull, WorkerEngine
+from localrun.server.metrics import Metrics, process_gauges
+from localrun.server.protocol import ApiError, ChatBody, CompletionBody, parse_body
+
+_DISCONNECT_POLL_S = 0.1
+_END = object()
+_ROUTE_PATHS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+
+
+class ClientGone(Exception):
+    pass
+
+
+class _Pump:
+    """Moves one request's events from the engine's thread to the event loop; records metrics at the end."""
+
+    def __init__(
+        self,
+        events: Iterator[GenerationEvent],
+        on_final: Callable[[GenerationEvent, float | None], None],
+        on_abort: Callable[[], None],
+    ):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.t_first: float | None = None
+        self._events, self._on_final, self._on_abort = events, on_final, on_abort
+        self._finished = False
+        self._get: asyncio.Future | None = None
+        threading.Thread(target=self._run, name="localrun-pump", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            for event in self._events:
+                if self.t_first is None and event.token_ids:
+                    self.t_first = time.perf_counter()
+                if event.summary is not None:
+                    self._finished = True
+                    self._on_final(event, self.t_first)
+                self._put(event)
+        except BaseException as exc:  # handed to the route, which answers with the right status
+            self._put(exc)
+        finally:
+            if not self._finished:  # e.g. the watchdog ended a model process that was slow to stop
+                self._on_abort()
+            self._put(_END)
+
+    def _put(self, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop has shut down
+            pass
+
+    async def next(self, request: Any = None) -> Any:
+        """The next event (or _END); with request, watch for the client going away meanwhile."""
+        if self._get is None:
+            self._get = asyncio.ensure_future(self.queue.get())
+        while True:
+            done, _ = await asyncio.wait({self._get}, timeout=_DISCONNECT_POLL_S if request else None)
+            if done:
+                item, self._get = self._get.result(), None
+                if isinstance(item, BaseException):
+                    raise item
+                return item
+            if await request.is_disconnected():
+                raise ClientGone
+
+    def close(self) -> None:
+        if self._get is not None:
+            self._get.cancel()
+
+
+class Api:
+    """Routes and their shared state: the engine, the key, the metrics."""
+
+    def __init__(self, engine: WorkerEngine, *, api_key: str | None = None, metrics: Metrics | None = None) -> None:
+        self.engine = engine
+        self.api_key = api_key
+        self.metrics = metrics or Metrics()
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _authorize(self, request: Any) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if not header:
+            raise ApiError(401, "No API key: send it as 'Authorization: Bearer KEY'.", code="invalid_api_key")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "Incorrect API key.", code="invalid_api_key")
+
+    def _model_spec(self, name: str) -> str | None:
+        """None for the loaded model, else a model on disk to load; 404 for anything else."""
+        if name == self.engine.status().get("model"):
+            return None
+        for row in _local_models():
+            if name == row.name:  # by name where the catalog knows it, so the loaded model keeps its name
+                return str(row.path) if ":" in row.name else row.name
+        raise ApiError(
+            404,
+            f"The model {name!r} does not exist on this machine: GET /v1/models lists the ones that do.",
+            param="model",
+            code="model_not_found",
+        )
+
+    # -- routes -------------------------------------------------------------------------------
+
+    async def health(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({"status": "ok", **self.engine.status()})
+
+    async def prometheus(self, request: Any) -> Any:
+        from starlette.responses import PlainTextResponse
+
+        self._authorize(request)
+        text = self.metrics.render(process_gauges(self.engine.status))
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    async def models(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        self._authorize(request)
+        return JSONResponse({"object": "list", "data": self._model_rows()})
+
+    async def model(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        self._authorize(request)
+        name = request.path_params["model"]
+        self._model_spec(name)  # 404 for a model that is not here
+        return JSONResponse(next(r for r in self._model_rows() if r["id"] == name))
+
+    def _model_rows(self) -> list[dict[str, Any]]:
+        loaded = self.engine.status().get("model")
+        rows = (
+            [{"id": loaded, "object": "model", "created": 0, "owned_by": "localrun", "loaded": True}] if loaded else []
+        )
+        for row in _local_models():
+            if row.name != loaded and row.quant != "corrupt":
+                rows.append({"id": row.name, "object": "model", "created": 0, "owned_by": "localrun", "loaded": False})
+        return rows
+
+    async def chat(self, request: Any) -> Any:
+        from localrun.server.convert import chat_request
+
+        return await self._generate(request, "/v1/chat/completions", ChatBody, chat_request)
+
+    async def completions(self, request: Any) -> Any:
+        from localrun.server.convert import completion_request
+
+        return await self._generate(request, "/v1/completions", CompletionBody, completion_request)
+
+    async def _generate(self, request: Any, route: str, body_type: type, convert: Callable) -> Any:
+        self._authorize(request)
+        body = parse_body(await request.body(), body_type)
+        load = self.engine.load_request(self._model_spec(body.model))
+        job, reply = convert(body, model_name=body.model, load=load)
+        t0 = time.perf_counter()
+        cancel = CancelWatch()
+
+        def on_final(event: GenerationEvent, t_first: float | None) -> None:
+            summary = event.summary
+            ttft = t_first - t0 if t_first is not None else None
+            latency = time.perf_counter() - t0
+            self.metrics.observe(summary, ttft_s=ttft, latency_s=latency, overrun_tokens=cancel.overrun_tokens)
+            self.metrics.count_request(route, summary.finish_reason)
+
+        def on_abort() -> None:
+            self.metrics.count_request(route, "cancelled" if cancel.is_set() else "error")
+            if cancel.is_set():
+                self.metrics.count_cancel(cancel.overrun_tokens)
+
+        try:
+            pump = _Pump(self.engine.submit(job, cancel), on_final, on_abort)
+        except QueueFull as exc:
+            raise ApiError(429, f"The server is busy: {exc}", type="rate_limit_error", code="queue_full") from None
+        try:
+            first = await pump.next(request)
+        except ClientGone:
+            cancel.set()
+            pump.close()
+            return _empty()
+        except UserError as exc:
+            raise ApiError(400, str(exc)) from None
+        except Exception as exc:
+            raise ApiError(500, str(exc), type="server_error") from None
+        if first is not _END and first.summary is not None and first.summary.error:
+            raise ApiError(500, f"Generation failed: {first.summary.error}", type="server_error")
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _sse(_stream(pump, first, reply, cancel, include_usage))
+        try:
+            return await _whole(pump, first, reply, request)
+        except ClientGone:
+            cancel.set()
+            return _empty()
+        finally:
+            pump.close()
+
+    def routes(self) -> list[Any]:
+        from starlette.routing import Route
+
+        def answering_errors(endpoint: Callable) -> Callable:
+            """ApiError -> OpenAI's error JSON, inside the route (a host app's handlers are not ours to add)."""
+
+            async def wrapped(request: Any) -> Any:
+                try:
+                    return await endpoint(request)
+                except ApiError as exc:
+                    return self.error_response(request, exc)
+
+            return wrapped
+
+        table = [
+            ("/health", self.health, "GET"),
+            ("/metrics", self.prometheus, "GET"),
+            ("/v1/models", self.models, "GET"),
+            ("/v1/models/{model:path}", self.model, "GET"),
+            ("/v1/chat/completions", self.chat, "POST"),
+            ("/v1/completions", self.completions, "POST"),
+        ]
+        return [Route(path, answering_errors(fn), methods=[method]) for path, fn, method in table]
+
+    def error_response(self, request: Any, exc: ApiError) -> Any:
+        from starlette.responses import JSONResponse
+
+        path = request.url.path
+        self.metrics.count_request(path if path in _ROUTE_PATHS else "other", str(exc.status))
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def _local_models() -> list[Any]:
+    from localrun.store import local_models
+
+    return local_models()
+
+
+def _empty() -> Any:
+    from starlette.responses import Response
+
+    return Response(status_code=499)
+
+
+async def _whole(pump: _Pump, event: Any, reply: Any, request: Any) -> Any:
+    from starlette.responses import JSONResponse
+
+    while event is not _END and event.summary is None:
+        event = await pump.next(request)
+    if event is _END or event.summary is None:
+        raise ApiError(500, "The generation ended without a result.", type="server_error")
+    if event.summary.error:
+        raise ApiError(500, f"Generation failed: {event.summary.error}", type="server_error")
+    return JSONResponse(reply.whole(event.summary))
+
+
+async def _stream(pump: _Pump, event: Any, reply: Any, cancel: CancelWatch, include_usage: bool) -> AsyncIterator[str]:
+    """SSE lines; if the client goes away, this generator is cancelled and sets the cancel flag."""
+    try:
+        first = reply.first_chunk()
+        if first is not None:
+            yield _data(first)
+        while event is not _END:
+            if event.summary is not None and event.summary.error:
+                yield _data(ApiError(500, f"Generation failed: {event.summary.error}", type="server_error").body())
+                break
+            for chunk in reply.chunks(event):
+                yield _data(chunk)
+            if event.summary is not None:
+                if include_usage:
+                    yield _data(reply.usage_chunk(event.summary))
+                break
+            event = await pump.next()
+        yield "data: [DONE]\n\n"
+    finally:
+        cancel.set()  # a no-op when the generation is over; stops it when the client left mid-stream
+        pump.close()
+
+
+def _data(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _sse(chunks: AsyncIterator[str]) -> Any:
+    from starlette.responses import StreamingResponse
+
+    return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def create_app(
+    engine: WorkerEngine, *, api_key: str | None = None, metrics: Metrics | None = None, app: Any = None
+) -> Any:
+    """A FastAPI app serving the API, or the API's routes added in front of an existing app's (Gradio's)."""
+    from fastapi import FastAPI
+    from starlette.exceptions import HTTPException
+
+    api = Api(engine, api_key=api_key, metrics=metrics)
+    own_app = app is None
+    app = app or FastAPI(title="localrun", docs_url=None, redoc_url=None, openapi_url=None)
+    app.router.routes[0:0] = api.routes()  # ahead of any catch-all route of a host app
+    if own_app:  # unknown paths get OpenAI-style JSON too; a host app keeps its own 404 pages
+
+        async def http_error(request: Any, exc: HTTPException) -> Any:
+            code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+            return api.error_response(
+                request, ApiError(exc.status_code, f"{exc.detail}: {request.url.path}", code=code)
+            )
+
+        app.add_exception_handler(HTTPException, http_error)
+    app.state.localrun_api = api
+    return app

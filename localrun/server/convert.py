@@ -1,0 +1,91 @@
+"""Checked OpenAI bodies -> engine requests (sampling, grammar, tools) and the reply builder for each."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from localrun.errors import UserError
+from localrun.requests import ApiChatRequest, CompletionRequest, LoadRequest
+from localrun.server.protocol import ApiError, ChatBody, CompletionBody, _Sampling
+from localrun.server.replies import ChatReply, CompletionReply
+from localrun.settings import SamplingParams, validated
+
+
+def sampling(body: _Sampling, *, grammar: str | None = None) -> SamplingParams:
+    values: dict[str, Any] = {
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "min_p": body.min_p,
+        "repeat_penalty": body.repetition_penalty,
+        "seed": body.seed,
+        "stop": body.stops(),
+        "ignore_eos": body.ignore_eos,
+        "grammar": grammar,
+    }
+    try:
+        return validated(SamplingParams, {k: v for k, v in values.items() if v is not None})
+    except UserError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+def chat_request(body: ChatBody, *, model_name: str, load: LoadRequest | None) -> tuple[ApiChatRequest, ChatReply]:
+    """The engine request and the reply builder for a chat body (400 for conflicting options)."""
+    tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
+    choice = body.tool_choice
+    if choice not in (None, "none") and not tools:
+        raise ApiError(400, "tool_choice needs tools: add the tools the model may call.", param="tool_choice")
+    if choice == "none":
+        tools = []
+    grammar = _format_grammar(body)
+    forced = choice == "required" or (choice is not None and not isinstance(choice, str))
+    if forced:
+        if grammar is not None:
+            raise ApiError(400, "response_format cannot be combined with a forced tool call.", param="response_format")
+        from localrun.structured import tool_call_grammar
+
+        name = None if choice == "required" else choice.function.name
+        grammar = _user_error_as_400(lambda: tool_call_grammar(tools, name=name), "tool_choice")
+    params = sampling(body, grammar=grammar)
+    request = ApiChatRequest(
+        messages=tuple(m.plain() for m in body.messages),
+        params=params,
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        tools=tuple(tools),
+        load=load,
+    )
+    names = [t["function"]["name"] for t in tools]
+    return request, ChatReply(model_name, tool_names=names, parse_tools=bool(tools))
+
+
+def _format_grammar(body: ChatBody) -> str | None:
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    from localrun.structured import json_schema_grammar
+
+    if fmt.type == "json_object":
+        return json_schema_grammar(None)
+    if fmt.json_schema is None:
+        raise ApiError(400, "response_format json_schema needs a json_schema object.", param="response_format")
+    schema = fmt.json_schema.schema_
+    return _user_error_as_400(lambda: json_schema_grammar(schema), "response_format")
+
+
+def _user_error_as_400(build: Any, param: str) -> str:
+    try:
+        return build()
+    except UserError as exc:
+        raise ApiError(400, str(exc), param=param) from None
+
+
+def completion_request(
+    body: CompletionBody, *, model_name: str, load: LoadRequest | None
+) -> tuple[CompletionRequest, CompletionReply]:
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise ApiError(400, "prompt takes one string here (batches of prompts are not supported).", param="prompt")
+        prompt = prompt[0]
+    request = CompletionRequest(prompt=prompt, params=sampling(body), max_tokens=body.max_tokens, load=load)
+    return request, CompletionReply(model_name)

@@ -1,0 +1,103 @@
+"""What the routes talk to: the model worker process (localrun.worker), shared with the UI under `ui --api`.
+
+Requests queue in the worker in arrival order and never interleave. The API bounds its own share of
+that queue: past max_queue waiting requests, submit() raises QueueFull (HTTP 429) and queues nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from localrun.errors import UserError
+from localrun.events import GenerationEvent
+from localrun.requests import Failed, Loaded, LoadRequest
+from localrun.settings import LoadOptions
+
+DEFAULT_MAX_QUEUE = 16
+
+
+class QueueFull(Exception):
+    """Every place in the queue is taken: the client should retry later (HTTP 429)."""
+
+
+@dataclass
+class CancelWatch:
+    """Stop for one API request; counts the tokens that still arrive after it was set."""
+
+    stop: Any = None  # called once, by set()
+    overrun_tokens: int = 0
+    _event: threading.Event = field(default_factory=threading.Event)
+
+    def set(self) -> None:
+        if not self._event.is_set():
+            self._event.set()
+            if self.stop is not None:
+                self.stop()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+
+class WorkerEngine:
+    """API requests on a WorkerClient: model names to LoadRequests, Failed to exceptions, a bounded queue."""
+
+    def __init__(self, worker: Any, *, options: LoadOptions | None = None, max_queue: int = DEFAULT_MAX_QUEUE):
+        self.worker = worker
+        self.options = options or LoadOptions()
+        self.max_queue = max_queue
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._ids = itertools.count(1)
+        self._last: LoadRequest | None = None  # what to reload after a crash
+
+    def load(self, model: str | None) -> Loaded:
+        """Load a model now (at start-up); a user mistake raises UserError."""
+        self._last = LoadRequest(model, self.options)
+        for update in self.worker.submit(self._last):
+            if isinstance(update, Failed):
+                raise UserError(update.message) if update.kind == "user" else RuntimeError(update.message)
+            if isinstance(update, Loaded):
+                return update
+        raise RuntimeError("The model process ended the load without a result.")
+
+    def load_request(self, spec: str | None) -> LoadRequest | None:
+        """The LoadRequest for a model on disk, or for the loaded model when spec is None."""
+        if spec is not None:
+            self._last = LoadRequest(spec, self.options)
+            return self._last
+        loaded = self.worker.loaded
+        return loaded.request if loaded is not None else self._last
+
+    def submit(self, request: Any, cancel: CancelWatch) -> Iterator[GenerationEvent]:
+        """Queue a request (QueueFull when the API's share is full) and return its events."""
+        with self._lock:
+            if self._in_flight > self.max_queue:
+                raise QueueFull(f"{self._in_flight - 1} API requests are waiting already: retry in a moment.")
+            self._in_flight += 1
+        owner = f"api-{next(self._ids)}"
+        cancel.stop = lambda: self.worker.cancel(owner)
+        return self._events(request, owner, cancel)
+
+    def _events(self, request: Any, owner: str, cancel: CancelWatch) -> Iterator[GenerationEvent]:
+        try:
+            for update in self.worker.submit(request, owner=owner):
+                if isinstance(update, Failed):
+                    raise UserError(update.message) if update.kind == "user" else RuntimeError(update.message)
+                if isinstance(update, GenerationEvent):
+                    if cancel.is_set() and update.token_ids:
+                        cancel.overrun_tokens += len(update.token_ids)
+                    yield update
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def status(self) -> dict[str, Any]:
+        state = self.worker.status()
+        return {"model": state["model"], "busy": state["busy"], "queued": state["queued"]}
+
+    def close(self) -> None:
+        self.worker.close()

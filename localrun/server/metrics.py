@@ -1,0 +1,151 @@
+"""Prometheus text exposition for /metrics, written by hand (counters, gauges, histograms)."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+from localrun.events import GenerationSummary
+
+TTFT_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+OVERRUN_BUCKETS = (0, 1, 2, 4, 8, 16)
+
+
+class Histogram:
+    """Cumulative buckets, sum and count, as Prometheus wants them."""
+
+    def __init__(self, buckets: Sequence[float]) -> None:
+        self.buckets = tuple(buckets)
+        self.counts = [0] * len(self.buckets)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+    def lines(self, name: str) -> list[str]:
+        out = [f'{name}_bucket{{le="{_num(b)}"}} {c}' for b, c in zip(self.buckets, self.counts, strict=True)]
+        out += [
+            f'{name}_bucket{{le="+Inf"}} {self.count}',
+            f"{name}_sum {_num(self.sum)}",
+            f"{name}_count {self.count}",
+        ]
+        return out
+
+
+def _num(value: float) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+class Metrics:
+    """Everything /metrics shows; updated from request threads, so every change holds the lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, str], int] = defaultdict(int)
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.draft_tokens = 0
+        self.accepted_tokens = 0
+        self.cancelled = 0
+        self.ttft = Histogram(TTFT_BUCKETS_S)
+        self.latency = Histogram(LATENCY_BUCKETS_S)
+        self.cancel_overrun = Histogram(OVERRUN_BUCKETS)
+        self.peak_ram_bytes = 0
+        self.peak_vram_bytes: int | None = None
+        self.last_decode_tps: float | None = None
+
+    def count_request(self, route: str, status: str) -> None:
+        with self._lock:
+            self.requests[(route, status)] += 1
+
+    def count_cancel(self, overrun_tokens: int) -> None:
+        """A cancelled generation that ended without a summary (its model process was ended)."""
+        with self._lock:
+            self.cancelled += 1
+            self.cancel_overrun.observe(overrun_tokens)
+
+    def observe(
+        self, summary: GenerationSummary, *, ttft_s: float | None, latency_s: float, overrun_tokens: int = 0
+    ) -> None:
+        """Record a finished generation (a cancelled one too); times from the request's arrival."""
+        with self._lock:
+            self.prompt_tokens += summary.prompt_tokens
+            self.completion_tokens += summary.generated_tokens
+            self.draft_tokens += summary.draft_tokens
+            self.accepted_tokens += summary.accepted_tokens
+            if ttft_s is not None:
+                self.ttft.observe(ttft_s)
+            self.latency.observe(latency_s)
+            if summary.finish_reason == "cancelled":
+                self.cancelled += 1
+                self.cancel_overrun.observe(overrun_tokens)
+            self.peak_ram_bytes = max(self.peak_ram_bytes, summary.peak_ram_bytes)
+            if summary.peak_vram_bytes is not None:
+                self.peak_vram_bytes = max(self.peak_vram_bytes or 0, summary.peak_vram_bytes)
+            self.last_decode_tps = summary.decode_tps or self.last_decode_tps
+
+    def render(self, gauges: dict[str, tuple[str, float | None]] | None = None) -> str:
+        """The exposition text; gauges adds name -> (help, value) read at scrape time."""
+        with self._lock:
+            out: list[str] = []
+            add = _Writer(out)
+            add.metric("localrun_requests_total", "counter", "HTTP requests by route and outcome.")
+            for (route, status), n in sorted(self.requests.items()):
+                out.append(f'localrun_requests_total{{route="{route}",status="{status}"}} {n}')
+            add.simple("localrun_prompt_tokens_total", "counter", "Prompt tokens processed.", self.prompt_tokens)
+            add.simple("localrun_completion_tokens_total", "counter", "Tokens generated.", self.completion_tokens)
+            add.simple("localrun_cancelled_total", "counter", "Generations stopped by a client.", self.cancelled)
+            add.histogram("localrun_ttft_seconds", "Request arrival to first token (queue wait included).", self.ttft)
+            add.histogram("localrun_request_latency_seconds", "Request arrival to last token.", self.latency)
+            add.histogram(
+                "localrun_cancel_overrun_tokens", "Tokens generated after a cancel was requested.", self.cancel_overrun
+            )
+            add.simple("localrun_draft_tokens_total", "counter", "Draft tokens proposed.", self.draft_tokens)
+            add.simple("localrun_accepted_tokens_total", "counter", "Draft tokens accepted.", self.accepted_tokens)
+            rate = self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
+            add.simple("localrun_draft_acceptance_ratio", "gauge", "Accepted / proposed draft tokens.", rate)
+            add.simple(
+                "localrun_decode_tokens_per_second", "gauge", "Last request's decode rate.", self.last_decode_tps
+            )
+            add.simple("localrun_model_peak_ram_bytes", "gauge", "Peak RSS of the model process.", self.peak_ram_bytes)
+            add.simple("localrun_model_peak_vram_bytes", "gauge", "Peak GPU memory.", self.peak_vram_bytes)
+            for name, (help_text, value) in (gauges or {}).items():
+                add.simple(name, "gauge", help_text, value)
+        return "\n".join(out) + "\n"
+
+
+class _Writer:
+    def __init__(self, out: list[str]) -> None:
+        self.out = out
+
+    def metric(self, name: str, kind: str, help_text: str) -> None:
+        self.out += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+
+    def simple(self, name: str, kind: str, help_text: str, value: float | None) -> None:
+        if value is None:  # unknown (no GPU, no drafting yet): leave the series out
+            return
+        self.metric(name, kind, help_text)
+        self.out.append(f"{name} {_num(value)}")
+
+    def histogram(self, name: str, help_text: str, hist: Histogram) -> None:
+        self.metric(name, "histogram", help_text)
+        self.out += hist.lines(name)
+
+
+def process_gauges(status: Callable[[], dict]) -> dict[str, tuple[str, float | None]]:
+    """Scrape-time gauges: this server's RSS and the queue."""
+    import psutil
+
+    state = status()
+    return {
+        "localrun_server_ram_bytes": ("RSS of the server process.", psutil.Process().memory_info().rss),
+        "localrun_queue_waiting": ("Requests waiting for the model.", state.get("queued", 0)),
+        "localrun_busy": ("1 while a request runs.", 1 if state.get("busy") else 0),
+    }

@@ -1,0 +1,184 @@
+"""The OpenAI request bodies we accept, checked strictly: a field we do not support is a 400, never ignored.
+
+A few fields clients send by habit (presence_penalty 0, logprobs false, n 1, user) are accepted when
+they ask for nothing. top_k, min_p, repetition_penalty and ignore_eos are accepted as extensions, as
+vLLM and llama-server accept them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# Fields that are fine when they ask for the default behaviour, and refused otherwise.
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "presence_penalty": (0, 0.0, None),
+    "frequency_penalty": (0, 0.0, None),
+    "logprobs": (False, None),
+    "top_logprobs": (None, 0),
+    "logit_bias": (None, {}),
+    "parallel_tool_calls": (None, True, False),
+    "user": (),  # any value: an end-user id for abuse tracking, which a local server has no use for
+    "store": (None, False),
+    "metadata": (None, {}),
+    "echo": (False, None),
+    "best_of": (1, None),
+    "suffix": (None, ""),
+}
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's error JSON."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str
+
+
+class ToolCallIn(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+
+    def plain(self) -> dict[str, Any]:
+        """The message as the engine takes it: content as one string."""
+        content = self.content if not isinstance(self.content, list) else "".join(p.text for p in self.content)
+        out: dict[str, Any] = {"role": self.role, "content": content or ""}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+class FunctionDef(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Strict):
+    name: str
+    schema_: dict[str, Any] = Field(alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    model: str
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1)
+    # extensions (vLLM and llama-server accept these too)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=5.0)
+    ignore_eos: bool = False
+
+    def stops(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4:
+            raise ApiError(400, "stop takes at most 4 strings.", param="stop")
+        return tuple(stops)
+
+
+class ChatBody(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+
+
+class CompletionBody(_Sampling):
+    prompt: str | list[str]
+
+
+def parse_body(raw: bytes, model: type[_Sampling]) -> Any:
+    """Parse and check a request body, raising ApiError(400) with the offending parameter."""
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ApiError(400, f"The request body is not valid JSON: {exc}.") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "The request body must be a JSON object.")
+    for key in [k for k in data if k not in model.model_fields]:
+        neutral = _NEUTRAL.get(key)
+        if neutral is None or (neutral and data[key] not in neutral):
+            raise ApiError(
+                400,
+                f"localrun does not support the parameter {key!r} (value {data[key]!r}): leave it out.",
+                param=key,
+                code="unsupported_parameter",
+            )
+        del data[key]
+    try:
+        return model.model_validate_json(json.dumps(data))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = ".".join(str(p) for p in err["loc"])
+        raise ApiError(400, f"Invalid {param}: {err['msg']}.", param=param) from None

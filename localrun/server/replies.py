@@ -1,0 +1,186 @@
+"""OpenAI response shapes built from GenerationEvents: chunks for streaming, whole objects otherwise."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from localrun.events import GenerationEvent, GenerationSummary
+from localrun.structured import TOOL_CALL_OPEN
+from localrun.tools import ParsedReply, parse_reply
+
+
+def usage(summary: GenerationSummary) -> dict[str, int]:
+    return {
+        "prompt_tokens": summary.prompt_tokens,
+        "completion_tokens": summary.generated_tokens,
+        "total_tokens": summary.prompt_tokens + summary.generated_tokens,
+    }
+
+
+def figures(summary: GenerationSummary, *, tool_call_error: str | None = None) -> dict[str, Any]:
+    """Our own figures, in an extra field standard clients ignore."""
+    out = {
+        "ttft_s": summary.ttft_s,
+        "prompt_tps": summary.prompt_tps,
+        "decode_tps": summary.decode_tps,
+        "cached_tokens": summary.cached_tokens,
+        "draft_tokens": summary.draft_tokens,
+        "accepted_tokens": summary.accepted_tokens,
+        "acceptance_rate": summary.acceptance_rate,
+        "peak_ram_bytes": summary.peak_ram_bytes,
+        "peak_vram_bytes": summary.peak_vram_bytes,
+        "backend": summary.backend,
+        "device": summary.device,
+    }
+    if tool_call_error:
+        out["tool_call_error"] = tool_call_error
+    return out
+
+
+class ToolCallSplitter:
+    """Streams content until a <tool_call> tag starts, then holds the rest back to parse at the end."""
+
+    def __init__(self, tool_names: Sequence[str]) -> None:
+        self.tool_names = tuple(tool_names)
+        self._buf = ""
+        self._in_call = False
+
+    def feed(self, text: str) -> str:
+        """The text that is safe to stream as content now."""
+        if self._in_call:
+            self._buf += text
+            return ""
+        buf = self._buf + text
+        start = buf.find(TOOL_CALL_OPEN)
+        if start >= 0:
+            self._in_call, self._buf = True, buf[start:]
+            return buf[:start]
+        hold = next(
+            (k for k in range(min(len(TOOL_CALL_OPEN) - 1, len(buf)), 0, -1) if buf.endswith(TOOL_CALL_OPEN[:k])), 0
+        )
+        self._buf = buf[len(buf) - hold :]
+        return buf[: len(buf) - hold]
+
+    def finish(self) -> ParsedReply:
+        """The held-back tail: parsed calls, or the raw text with the reason it did not parse."""
+        if not self._in_call:
+            return ParsedReply(self._buf)
+        return parse_reply(self._buf, self.tool_names)
+
+
+class ChatReply:
+    """Builds chat.completion chunks (and the whole object) for one request."""
+
+    def __init__(self, model: str, *, tool_names: Sequence[str] = (), parse_tools: bool = False) -> None:
+        self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        self.model = model
+        self.created = int(time.time())
+        self.splitter = ToolCallSplitter(tool_names) if parse_tools else None
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            **extra,
+        }
+
+    def first_chunk(self) -> dict[str, Any]:
+        return self._chunk({"role": "assistant", "content": ""})
+
+    def chunks(self, event: GenerationEvent) -> list[dict[str, Any]]:
+        """The chunks one event produces (the last event adds tool calls and the finish reason)."""
+        text = self.splitter.feed(event.text) if self.splitter else event.text
+        out = [self._chunk({"content": text})] if text else []
+        if event.summary is None:
+            return out
+        parsed = self.splitter.finish() if self.splitter else ParsedReply("")
+        if parsed.content:
+            out.append(self._chunk({"content": parsed.content}))
+        for i, call in enumerate(parsed.tool_calls):
+            head = {"index": i, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+            out.append(self._chunk({"tool_calls": [head]}))
+            out.append(self._chunk({"tool_calls": [{"index": i, "function": {"arguments": call.arguments}}]}))
+        finish = "tool_calls" if parsed.tool_calls else event.summary.finish_reason
+        out.append(self._chunk({}, finish, localrun=figures(event.summary, tool_call_error=parsed.error)))
+        return out
+
+    def usage_chunk(self, summary: GenerationSummary) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": usage(summary),
+            "localrun": figures(summary),
+        }
+
+    def whole(self, summary: GenerationSummary) -> dict[str, Any]:
+        parsed = parse_reply(summary.text, self.splitter.tool_names) if self.splitter else ParsedReply(summary.text)
+        message: dict[str, Any] = {"role": "assistant", "content": parsed.content or None, "refusal": None}
+        if parsed.tool_calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in parsed.tool_calls
+            ]
+        else:
+            message["content"] = parsed.content
+        finish = "tool_calls" if parsed.tool_calls else summary.finish_reason
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+            "usage": usage(summary),
+            "localrun": figures(summary, tool_call_error=parsed.error),
+        }
+
+
+class CompletionReply:
+    """Builds text_completion chunks and objects."""
+
+    def __init__(self, model: str) -> None:
+        self.id = f"cmpl-{uuid.uuid4().hex[:24]}"
+        self.model = model
+        self.created = int(time.time())
+
+    def _obj(self, text: str, finish: str | None, **extra: Any) -> dict[str, Any]:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            **extra,
+        }
+
+    def first_chunk(self) -> None:
+        return None
+
+    def chunks(self, event: GenerationEvent) -> list[dict[str, Any]]:
+        if event.summary is None:
+            return [self._obj(event.text, None)] if event.text else []
+        return [self._obj(event.text, event.summary.finish_reason, localrun=figures(event.summary))]
+
+    def usage_chunk(self, summary: GenerationSummary) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": usage(summary),
+            "localrun": figures(summary),
+        }
+
+    def whole(self, summary: GenerationSummary) -> dict[str, Any]:
+        return self._obj(summary.text, summary.finish_reason, usage=usage(summary), localrun=figures(summary))

@@ -1,0 +1,79 @@
+"""Structured output: JSON schemas and tool calls turned into GBNF grammars for llama.cpp's grammar sampler.
+
+The conversion itself is llama-cpp-python's `json_schema_to_gbnf`; this module decides what to constrain
+(any JSON object, one schema, or a tool call wrapped in <tool_call> tags) and names the rules so that
+grammars can be combined.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from localrun.errors import UserError
+
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+
+_ANY_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
+# The converter's string characters allow raw control characters (a newline inside a string), which
+# JSON forbids; llama.cpp's own converter now excludes them, and so do we.
+_CHAR_RULE = (
+    r"""char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])"""
+)
+
+
+def json_schema_grammar(schema: dict[str, Any] | None) -> str:
+    """GBNF for JSON text that validates against schema (None: any JSON object)."""
+    return _convert(_ANY_OBJECT_SCHEMA if schema is None else schema)
+
+
+def tool_call_grammar(tools: Sequence[dict[str, Any]], *, name: str | None = None) -> str:
+    """GBNF for exactly one tool call: <tool_call>{"name": ..., "arguments": {...}}</tool_call>.
+
+    name picks one function (tool_choice naming it); None allows any of the tools.
+    """
+    functions = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
+    if not functions:
+        raise UserError(f"tool_choice names {name!r}, which is not among the tools of the request.")
+    calls = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": f["name"]},
+                "arguments": f.get("parameters") or {"type": "object", "properties": {}},
+            },
+            "required": ["name", "arguments"],
+        }
+        for f in functions
+    ]
+    body = _convert(calls[0] if len(calls) == 1 else {"anyOf": calls}, prop_order=["name", "arguments"])
+    body = re.sub(r"^root ::=", "tool-call ::=", body, count=1, flags=re.MULTILINE)
+    return f'root ::= "{TOOL_CALL_OPEN}\\n" tool-call "\\n{TOOL_CALL_CLOSE}"\n{body}'
+
+
+def _convert(schema: dict[str, Any], *, prop_order: Sequence[str] = ()) -> str:
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    if not isinstance(schema, dict):
+        raise UserError("The JSON schema must be a JSON object.")
+    try:
+        grammar = json_schema_to_gbnf(json.dumps(schema), list(prop_order))
+    except Exception as exc:  # the converter raises bare ValueError/KeyError/AssertionError on schemas it rejects
+        raise UserError(f"The JSON schema cannot be turned into a grammar: {exc or type(exc).__name__}.") from None
+    return re.sub(r"^char ::= .*$", lambda _: _CHAR_RULE, grammar, count=1, flags=re.MULTILINE)
+
+
+def with_json_schema(params: Any, schema_text: str | None) -> Any:
+    """SamplingParams whose grammar makes replies follow a JSON schema given as text (blank: unchanged).
+
+    The chat tab's "JSON schema" field uses this; the API's response_format takes the same path."""
+    if not schema_text or not schema_text.strip():
+        return params
+    try:
+        schema = json.loads(schema_text)
+    except ValueError as exc:
+        raise UserError(f"The JSON schema is not valid JSON: {exc}.") from None
+    return params.replace(grammar=json_schema_grammar(schema))

@@ -1,0 +1,444 @@
+"""`localrun serve` against the official openai client, on the default model, on a free loopback port."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import REPO, run_localrun
+
+openai = pytest.importorskip("openai")
+
+KEY = "test-key-5b1c"
+N_CTX = 1024
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A real `localrun serve` process with an API key; yields its base URL."""
+    port = _free_port()
+    env = {**os.environ, "LOCALRUN_API_KEY": KEY}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "localrun.cli", "serve", "--port", str(port), "--n-ctx", str(N_CTX)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"localrun serve exited: {proc.stderr.read()}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("localrun serve did not come up")
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id
+
+
+def _metric(server: str, name: str) -> float:
+    text = httpx.get(f"{server}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_models(client, model):
+    from localrun.catalog import DEFAULT_MODEL_NAME
+
+    ids = [m.id for m in client.models.list().data]
+    assert ids[0] == model == DEFAULT_MODEL_NAME
+    assert client.models.retrieve(model).id == model
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("no-such-model-anywhere")
+    assert err.value.code == "model_not_found"
+
+
+def test_chat_streaming_matches_whole_reply(client, model):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    whole = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=24)
+    text = whole.choices[0].message.content
+    assert text and whole.choices[0].finish_reason in ("stop", "length")
+    assert whole.usage.completion_tokens <= 24 and whole.usage.prompt_tokens > 5
+    assert whole.model_extra["localrun"]["ttft_s"] > 0
+    stream = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        temperature=0,
+        max_tokens=24,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text  # greedy: the same tokens either way
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+
+
+def test_streaming_without_usage_has_none(client, model):
+    chunks = list(
+        client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, stream=True, seed=1
+        )
+    )
+    assert all(c.usage is None for c in chunks) and chunks[-1].choices[0].finish_reason
+
+
+def test_completions(client, model):
+    whole = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8, temperature=0)
+    stream = client.completions.create(
+        model=model, prompt="The capital of France is", max_tokens=8, temperature=0, stream=True
+    )
+    assert whole.choices[0].text and "".join(c.choices[0].text for c in stream) == whole.choices[0].text
+    assert whole.usage.completion_tokens <= 8
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "error_type", "param"),
+    [
+        (
+            {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]},
+            404,
+            "invalid_request_error",
+            "model",
+        ),
+        (
+            {"model": "M", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"},
+            400,
+            "invalid_request_error",
+            "temperature",
+        ),
+        ({"model": "M", "messages": "hello"}, 400, "invalid_request_error", "messages"),
+        (
+            {"model": "M", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+            400,
+            "invalid_request_error",
+            "max_tokens",
+        ),
+        (
+            {"model": "M", "messages": [{"role": "user", "content": "x"}], "max_tokens": N_CTX * 4},
+            400,
+            "invalid_request_error",
+            None,
+        ),
+        (
+            {"model": "M", "messages": [{"role": "user", "content": "hello " * N_CTX}]},
+            400,
+            "invalid_request_error",
+            None,
+        ),
+        (
+            {"model": "M", "messages": [{"role": "user", "content": "x"}], "logprobs": True},
+            400,
+            "invalid_request_error",
+            "logprobs",
+        ),
+        ({"model": "M", "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "invalid_request_error", "n"),
+        (
+            {"model": "M", "messages": [{"role": "wizard", "content": "x"}]},
+            400,
+            "invalid_request_error",
+            "messages.0.role",
+        ),
+    ],
+    ids=[
+        "unknown-model",
+        "wrong-type",
+        "messages-not-a-list",
+        "max-tokens-0",
+        "max-tokens-past-context",
+        "prompt-longer-than-context",
+        "unsupported-field",
+        "n-2",
+        "unknown-role",
+    ],
+)
+def test_bad_requests(client, model, body, status, error_type, param):
+    body = {**body, "model": model if body["model"] == "M" else body["model"]}
+    with pytest.raises(openai.APIStatusError) as err:
+        client.chat.completions.create(**body)
+    assert err.value.status_code == status
+    assert err.value.type == error_type and err.value.body["message"]
+    assert err.value.body["param"] == param
+
+
+def test_malformed_json_and_keys(server, model):
+    url = f"{server}/v1/chat/completions"
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    bad = httpx.post(url, content=b'{"model": "x", "messages": [', headers=auth)
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+    body = {"model": model, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    missing = httpx.post(url, json=body)
+    wrong = httpx.post(url, json=body, headers={"Authorization": "Bearer nope"})
+    for reply in (missing, wrong):
+        assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{server}/v1/models").status_code == 401
+    assert httpx.get(f"{server}/health").status_code == 200  # for load balancers: no key, no data
+
+
+def test_disconnect_cancels_and_frees_the_model(server, client, model):
+    cancelled_before = _metric(server, "localrun_cancelled_total")
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Count to a thousand."}],
+        "max_tokens": 900,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, headers=headers, timeout=600) as reply:
+        lines = reply.iter_lines()
+        got = [line for line, _ in zip(lines, range(12), strict=False) if line.startswith("data:")]
+        assert len(got) >= 4  # the role chunk and a few tokens, then we hang up
+    deadline = time.monotonic() + 120
+    while _metric(server, "localrun_cancelled_total") <= cancelled_before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _metric(server, "localrun_cancelled_total") == cancelled_before + 1
+    # stopped between two tokens: after the cancel, at most the token being computed when Stop landed came
+    # out, plus one already in the pipe from the model process
+    assert _metric(server, "localrun_cancel_overrun_tokens_sum") <= 2
+    assert httpx.get(f"{server}/health").json()["busy"] is False
+    after = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert after.usage.completion_tokens >= 1
+
+
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "mood": {"enum": ["happy", "sad", "calm"]},
+        "likes_tea": {"type": "boolean"},
+    },
+    "required": ["name", "age", "mood", "likes_tea"],
+    "additionalProperties": False,
+}
+SUBJECTS = [
+    "a baker",
+    "a pilot",
+    "a child",
+    "a farmer",
+    "a poet",
+    "a nurse",
+    "a chess player",
+    "a sailor",
+    "a teacher",
+    "a painter",
+    "a runner",
+    "a cook",
+    "a doctor",
+    "a singer",
+    "a miner",
+    "a monk",
+    "a driver",
+    "a judge",
+    "a gardener",
+    "a student",
+]
+
+
+def _validate(obj: object) -> None:
+    """PERSON_SCHEMA by hand (the test must not trust the code under test to check it)."""
+    assert isinstance(obj, dict) and set(obj) == {"name", "age", "mood", "likes_tea"}
+    assert isinstance(obj["name"], str) and 1 <= len(obj["name"]) <= 24
+    assert isinstance(obj["age"], int) and not isinstance(obj["age"], bool) and 0 <= obj["age"] <= 120
+    assert obj["mood"] in ("happy", "sad", "calm") and isinstance(obj["likes_tea"], bool)
+
+
+def test_json_schema_replies_validate(client, model):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA}}
+    for i, subject in enumerate(SUBJECTS):
+        sampled = i % 2 == 1
+        reply = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": f"Describe {subject} as JSON."}],
+            response_format=fmt,
+            max_tokens=200,
+            temperature=0.8 if sampled else 0,
+            seed=i,
+        )
+        choice = reply.choices[0]
+        assert choice.finish_reason == "stop", choice.message.content
+        _validate(json.loads(choice.message.content))
+
+
+def test_json_object_and_bad_schema(client, model):
+    reply = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Give me a JSON object about cats."}],
+        response_format={"type": "json_object"},
+        max_tokens=80,
+        temperature=0,
+    )
+    if reply.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    else:  # a free-form object may run long; what came out is still a JSON prefix starting an object
+        assert reply.choices[0].message.content.startswith("{")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "x"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nope"}}},
+        )
+    assert err.value.body["param"] == "response_format"
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 40}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_tool_round_trip(client, model):
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    stream = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        tools=[WEATHER_TOOL],
+        max_tokens=100,
+        temperature=0,
+        stream=True,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
+    deltas, finish = [], None
+    for chunk in stream:
+        if chunk.choices:
+            deltas += chunk.choices[0].delta.tool_calls or []
+            finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls"
+    call_id = deltas[0].id
+    assert deltas[0].function.name == "get_weather" and call_id
+    arguments = json.loads("".join(d.function.arguments or "" for d in deltas))
+    assert set(arguments) == {"city"} and isinstance(arguments["city"], str)
+    messages += [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": call_id,
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": json.dumps(arguments)},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": call_id, "content": '{"temperature_c": 18, "sky": "sunny"}'},
+    ]
+    final = list(
+        client.chat.completions.create(
+            model=model, messages=messages, tools=[WEATHER_TOOL], max_tokens=40, temperature=0, stream=True
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in final if c.choices)
+    assert text.strip() and final[-1].choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_unparsable_tool_call_keeps_the_raw_text():
+    from localrun.server.replies import ToolCallSplitter
+
+    splitter = ToolCallSplitter(["get_weather"])
+    shown = splitter.feed("Let me check. <tool_") + splitter.feed('call>\n{"name": "get_weather", "arguments": {"ci')
+    parsed = splitter.finish()
+    assert shown == "Let me check. "
+    assert parsed.tool_calls == () and parsed.content.startswith("<tool_call>") and "closing" in parsed.error
+
+
+def test_non_loopback_host_needs_a_key(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "LOCALRUN_API_KEY"}
+    result = run_localrun("serve", "--host", "0.0.0.0", "--port", str(_free_port()), env=env)
+    assert result.returncode == 2 and "api-key" in result.stderr and "Traceback" not in result.stderr
+    empty = tmp_path / "key"
+    empty.write_text("\n")
+    result = run_localrun("serve", "--api-key-file", str(empty), env=env)
+    assert result.returncode == 2 and "empty" in result.stderr
+
+
+def test_ui_api_serves_both_on_one_port():
+    """`localrun ui --api`: the Gradio page and the OpenAI API on one port, on the UI's model worker."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "LOCALRUN_API_KEY"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "localrun.cli", "ui", "--api", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert httpx.get(f"{base}/", timeout=30).status_code == 200  # the UI
+        api = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=600)
+        model = api.models.list().data[0].id  # the UI has loaded nothing yet: the default model is on disk
+        reply = api.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+        assert reply.usage.completion_tokens >= 1
+        assert httpx.get(f"{base}/health").json()["model"] == model  # the worker the UI uses has it loaded now
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    refused = run_localrun("ui", "--api", "--host", "0.0.0.0", "--auth", "a:b", env=env)
+    assert refused.returncode == 2 and "api-key" in refused.stderr
+
+
+def test_chat_tab_json_schema_field_uses_the_grammar(llama_backend):
+    """The UI's "JSON schema" field: the same grammar path, straight on the engine."""
+    from localrun.errors import UserError
+    from localrun.generate import generate
+    from localrun.settings import SamplingParams
+    from localrun.structured import with_json_schema
+
+    params = with_json_schema(SamplingParams(temperature=0, max_tokens=120), json.dumps(PERSON_SCHEMA))
+    prompt = llama_backend.render_chat([{"role": "user", "content": "Describe a fisherman."}])
+    summary = generate(llama_backend, llama_backend.tokenize(prompt), params)
+    assert summary.finish_reason == "stop"
+    _validate(json.loads(summary.text))
+    assert with_json_schema(params.replace(grammar=None), "  ").grammar is None
+    with pytest.raises(UserError, match="not valid JSON"):
+        with_json_schema(params, "{type: object}")
