@@ -78,7 +78,7 @@ def _reader_types(path: Path) -> dict[str, str]:
 
 
 def test_every_type_loads_and_generates(smol_quants: dict[str, QuantResult]) -> None:
-    assert sorted(smol_quants) == sorted(_smol_targets()) and len(smol_quants) > 15  # one result per type asked for
+    assert smol_quants and sorted(smol_quants) == sorted(_smol_targets())  # one result per type asked for
     for target, result in smol_quants.items():
         assert result.path.is_file() and result.path.name.endswith(f"-{target}.gguf")
         assert _generates(result.path).strip(), f"{target} generated nothing"
@@ -152,13 +152,16 @@ def test_requantize_needs_permission(tmp_path: Path) -> None:
     assert results["Q4_0"].path.name == "SmolLM2-135M-Instruct-Q4_0.gguf"
 
 
-def _only_children_of_test() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True) if p.is_running() and p.status() != "zombie"]
+def _only_children_of_test() -> set[int]:
+    """Live child processes of the test process (other tests may leave long-lived ones, e.g. the
+    multiprocessing resource tracker, so callers compare against the set before they start)."""
+    return {p.pid for p in psutil.Process().children(recursive=True) if p.is_running() and p.status() != "zombie"}
 
 
 @pytest.mark.parametrize("how", ["interrupt", "abandon"])
 def test_ctrl_c_leaves_nothing(tmp_path: Path, smollm2_f16: Path, how: str) -> None:
     source_stat = smollm2_f16.stat()
+    before = _only_children_of_test()
     gen = iter_quantize(smollm2_f16, tmp_path / "out-Q4_K_M.gguf", "Q4_K_M")
     for event in gen:
         if event.stage == "quantize" and event.fraction > 0.05:
@@ -170,7 +173,7 @@ def test_ctrl_c_leaves_nothing(tmp_path: Path, smollm2_f16: Path, how: str) -> N
     else:
         gen.close()
     assert not list(tmp_path.iterdir())
-    assert not _only_children_of_test()  # the quantizer process is gone
+    assert not _only_children_of_test() - before  # the quantizer process is gone
     assert smollm2_f16.stat().st_mtime_ns == source_stat.st_mtime_ns
 
 
