@@ -69,3 +69,28 @@ def test_repl_says_no_chat_template(bare_gguf: Path) -> None:
     finally:
         if child.isalive():
             child.terminate(force=True)
+
+
+def test_chat_under_the_fallback_template_stops_at_the_next_user_turn(bare_gguf: Path) -> None:
+    from localrun.backends import load_backend
+    from localrun.chat import ChatSession
+    from localrun.generate import generate
+
+    history = [
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4."},
+        {"role": "user", "content": "What colour is the sky?"},
+    ]
+    params = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
+    backend = load_backend(bare_gguf, LoadOptions(n_ctx=1024))
+    try:
+        # Without the stop, the model goes on to write the user's next turn itself ...
+        plain = generate(backend, backend.tokenize(backend.render_chat(history)), params).text
+        assert "\nUser:" in plain
+        # ... and a chat turn ends exactly where that turn would begin.
+        *_, last = ChatSession(backend).answer(history, params)
+    finally:
+        backend.close()
+    assert last.finish_reason == "stop" and last.summary.text == plain[: plain.index("\nUser:")]
