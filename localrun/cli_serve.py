@@ -33,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from localrun.errors import UserError
+    from localrun.netpolicy import port_free
     from localrun.server.access import api_key, check_exposure
 
     key = api_key(key=args.api_key, key_file=args.api_key_file)
@@ -42,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max_queue < 1:
         raise UserError("--max-queue must be at least 1.")
     options = from_args(LoadOptions, args)
-    _bind_check(args.host, args.port)
+    if not port_free(args.host, args.port):  # one sentence, not uvicorn's log line and exit
+        raise UserError(f"Port {args.port} on {args.host} is in use: pick another with --port.")
     import uvicorn
 
     from localrun.server.app import create_app
@@ -71,17 +73,3 @@ def run(args: argparse.Namespace) -> int:
     finally:
         engine.close()
     return 0
-
-
-def _bind_check(host: str, port: int) -> None:
-    """A port in use is one sentence, not uvicorn's log line and exit."""
-    import socket
-
-    from localrun.errors import UserError
-
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            raise UserError(f"Port {port} on {host} is in use: pick another with --port.") from None

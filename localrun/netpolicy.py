@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from pathlib import Path
 
 from localrun.errors import UserError
@@ -57,3 +58,14 @@ def credential_text(
     if inline is not None:
         return inline
     return os.environ.get(env_var) or None
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether a server could bind host:port now (connections in TIME_WAIT from a previous run do not count)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True

@@ -4,12 +4,11 @@ this module must stay cheap (no gradio) so `localrun --help` is instant."""
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 
 from localrun.cli_serve import add_server_flags
 from localrun.errors import UserError
-from localrun.netpolicy import credential_text, is_loopback, require_auth
+from localrun.netpolicy import credential_text, is_loopback, port_free, require_auth
 
 DEFAULT_PORT = 7860
 AUTH_ENV = "LOCALRUN_AUTH"
@@ -61,27 +60,16 @@ def login(args: argparse.Namespace) -> tuple[str, str] | None:
     return parse_auth(text)
 
 
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        # As the server will: connections in TIME_WAIT from a previous run must not count as "in use".
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 def pick_port(host: str, port: int | None) -> int:
     """The asked-for port if it is free (else a UserError), or the first free one from 7860 up."""
     if port is not None:
         if not 1 <= port <= 65535:
             raise UserError(f"--port {port} is not a port number: use 1-65535.")
-        if not _port_free(host, port):
+        if not port_free(host, port):
             raise UserError(f"Port {port} on {host} is in use: pick another with --port, or leave it out.")
         return port
     for candidate in range(DEFAULT_PORT, DEFAULT_PORT + _PORT_TRIES):
-        if _port_free(host, candidate):
+        if port_free(host, candidate):
             return candidate
     raise UserError(f"No free port between {DEFAULT_PORT} and {DEFAULT_PORT + _PORT_TRIES - 1}: pass one with --port.")
 

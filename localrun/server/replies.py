@@ -71,25 +71,35 @@ class ToolCallSplitter:
         return parse_reply(self._buf, self.tool_names)
 
 
-class ChatReply:
-    """Builds chat.completion chunks (and the whole object) for one request."""
+class _Reply:
+    """What every reply of one request shares: its id, model and creation time, and the usage chunk."""
 
-    def __init__(self, model: str, *, tool_names: Sequence[str] = (), parse_tools: bool = False) -> None:
-        self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    chunk_object = ""
+
+    def __init__(self, model: str, id_prefix: str) -> None:
+        self.id = f"{id_prefix}-{uuid.uuid4().hex[:24]}"
         self.model = model
         self.created = int(time.time())
+
+    def _envelope(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices, **extra}
+
+    def usage_chunk(self, summary: GenerationSummary) -> dict[str, Any]:
+        return self._envelope(self.chunk_object, [], usage=usage(summary), localrun=figures(summary))
+
+
+class ChatReply(_Reply):
+    """Builds chat.completion chunks (and the whole object) for one request."""
+
+    chunk_object = "chat.completion.chunk"
+
+    def __init__(self, model: str, *, tool_names: Sequence[str] = (), parse_tools: bool = False) -> None:
+        super().__init__(model, "chatcmpl")
         self.splitter = ToolCallSplitter(tool_names) if parse_tools else None
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-            **extra,
-        }
+        return self._envelope(self.chunk_object, [choice], **extra)
 
     def first_chunk(self) -> dict[str, Any]:
         return self._chunk({"role": "assistant", "content": ""})
@@ -111,17 +121,6 @@ class ChatReply:
         out.append(self._chunk({}, finish, localrun=figures(event.summary, tool_call_error=parsed.error)))
         return out
 
-    def usage_chunk(self, summary: GenerationSummary) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [],
-            "usage": usage(summary),
-            "localrun": figures(summary),
-        }
-
     def whole(self, summary: GenerationSummary) -> dict[str, Any]:
         parsed = parse_reply(summary.text, self.splitter.tool_names) if self.splitter else ParsedReply(summary.text)
         message: dict[str, Any] = {"role": "assistant", "content": parsed.content or None, "refusal": None}
@@ -133,35 +132,23 @@ class ChatReply:
         else:
             message["content"] = parsed.content
         finish = "tool_calls" if parsed.tool_calls else summary.finish_reason
-        return {
-            "id": self.id,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-            "usage": usage(summary),
-            "localrun": figures(summary, tool_call_error=parsed.error),
-        }
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+        return self._envelope(
+            "chat.completion", [choice], usage=usage(summary), localrun=figures(summary, tool_call_error=parsed.error)
+        )
 
 
-class CompletionReply:
+class CompletionReply(_Reply):
     """Builds text_completion chunks and objects."""
 
+    chunk_object = "text_completion"
+
     def __init__(self, model: str) -> None:
-        self.id = f"cmpl-{uuid.uuid4().hex[:24]}"
-        self.model = model
-        self.created = int(time.time())
+        super().__init__(model, "cmpl")
 
     def _obj(self, text: str, finish: str | None, **extra: Any) -> dict[str, Any]:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return {
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-            **extra,
-        }
+        return self._envelope(self.chunk_object, [choice], **extra)
 
     def first_chunk(self) -> None:
         return None
@@ -170,17 +157,6 @@ class CompletionReply:
         if event.summary is None:
             return [self._obj(event.text, None)] if event.text else []
         return [self._obj(event.text, event.summary.finish_reason, localrun=figures(event.summary))]
-
-    def usage_chunk(self, summary: GenerationSummary) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [],
-            "usage": usage(summary),
-            "localrun": figures(summary),
-        }
 
     def whole(self, summary: GenerationSummary) -> dict[str, Any]:
         return self._obj(summary.text, summary.finish_reason, usage=usage(summary), localrun=figures(summary))
