@@ -10,15 +10,19 @@ from collections.abc import Sequence
 from localrun import __version__
 from localrun.errors import UserError
 
-# Engine commands; other packages (the web UI) plug in through the "localrun.commands" entry points.
-_COMMAND_MODULES = (
-    "localrun.cli_chat",
-    "localrun.cli_bench",
-    "localrun.cli_models",
-    "localrun.cli_quantize",
-    "localrun.cli_compare",
-    "localrun.cli_serve",
-)
+# Engine commands and the module that registers each; other packages (the web UI) plug in through the
+# "localrun.commands" entry points. A known command imports only its own module, and skips the entry-point
+# scan: `localrun chat -p ...` starts as fast as a bare llama-cpp-python script (bench/cold_start.py).
+COMMANDS = {
+    "chat": "localrun.cli_chat",
+    "bench": "localrun.cli_bench",
+    "devices": "localrun.cli_bench",
+    "models": "localrun.cli_models",
+    "pull": "localrun.cli_models",
+    "quantize": "localrun.cli_quantize",
+    "compare": "localrun.cli_compare",
+    "serve": "localrun.cli_serve",
+}
 
 
 def _plugins() -> list:
@@ -27,14 +31,23 @@ def _plugins() -> list:
     return list(entry_points(group="localrun.commands"))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The command argv names (its first word that is not an option), if it is an engine command."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return first if first in COMMANDS else None
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for argv's command alone when it is an engine command, else (or without argv) for all."""
     parser = argparse.ArgumentParser(
         prog="localrun",
         description="Run LLMs locally and see exactly how fast they run and how much memory they take.",
     )
     parser.add_argument("--version", action="version", version=f"localrun {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _COMMAND_MODULES:
+    command = _command_of(argv) if argv is not None else None
+    modules = [COMMANDS[command]] if command else list(dict.fromkeys(COMMANDS.values()))
+    for name in modules:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -42,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(sub)
-    for plugin in _plugins():
+    for plugin in [] if command else _plugins():
         try:
             plugin.load()(sub)
         except ModuleNotFoundError:  # e.g. the UI package not installed in this environment
@@ -52,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: user mistakes print one sentence and exit 2, never a traceback."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

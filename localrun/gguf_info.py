@@ -131,10 +131,10 @@ def _swa_layers(arch: str, raw: dict[str, Any], n_layers: int | None, window: in
 
 
 def _file_type_name(value: Any) -> str | None:
-    from gguf import LlamaFileType
+    from localrun.gguf_header import gguf_constants
 
     try:
-        name = LlamaFileType(int(value)).name
+        name = gguf_constants().LlamaFileType(int(value)).name
     except (TypeError, ValueError):
         return None
     return name.removeprefix("MOSTLY_").removeprefix("ALL_")

@@ -113,6 +113,28 @@ def test_cli_imports_no_heavy_library_until_needed():
     assert out.strip() == "[]"
 
 
+def _commands(parser) -> set[str]:
+    return {name for a in parser._subparsers._group_actions for name in a.choices}
+
+
+def test_each_command_registers_from_its_own_module_alone():
+    from localrun.cli import COMMANDS, build_parser
+
+    every = _commands(build_parser())
+    assert set(COMMANDS) <= every and every - set(COMMANDS) <= {"ui"}  # the UI plugs in by entry point
+    for command in COMMANDS:
+        assert command in _commands(build_parser([command, "--help"]))
+
+
+def test_a_chat_command_imports_no_other_command():
+    code = (
+        "import sys; from localrun.cli import build_parser; build_parser(['chat', '-p', 'hi']); "
+        "print(sorted(m for m in sys.modules if m.startswith(('localrun.cli_', 'ui')) or m == 'gguf'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['localrun.cli_chat']"
+
+
 def test_devices_lists_the_cpu_and_each_gpu(cli):
     result = cli("devices")
     assert result.returncode == 0, result.stderr
