@@ -34,6 +34,9 @@ class Draft:
 class Drafter(Protocol):
     """What a backend's verify loop calls. The draft length is the drafter's own decision."""
 
+    def begin(self) -> None:
+        """A new request starts (the adaptive schedule probes again)."""
+
     def propose(self, ids: Sequence[int], params: SamplingParams, rng: np.random.Generator) -> Draft: ...
 
     def observe_round(self, drafted: int, accepted: int, seconds: float) -> None: ...
@@ -117,6 +120,16 @@ class DraftSchedule:
         self.backoff = 16
         self.lengths: list[int] = []
 
+    def begin(self) -> None:
+        """A new request: what one request learnt about the draft's length carries over (same model,
+        likely similar text), but a pause does not; plain decoding's step time, once known, is kept,
+        so drafting starts at once."""
+        if self.mode == "fixed":
+            return
+        self.pause = 0 if self.plain_s is not None else 4
+        self.gain, self.backoff = None, 16
+        self.k = max(self.k, min(4, self.n_max))
+
     def next_length(self) -> int:
         if self.pause > 0:
             self.pause -= 1
@@ -160,6 +173,9 @@ class ModelDrafter:
         # adaptive: stop a round early where the draft itself is unsure (llama.cpp's --draft-p-min idea)
         self.p_min = 0.0 if mode == "fixed" else 0.5
 
+    def begin(self) -> None:
+        self.schedule.begin()
+
     def propose(self, ids: Sequence[int], params: SamplingParams, rng: np.random.Generator) -> Draft:
         n = self.schedule.next_length()
         if n <= 0:
@@ -189,6 +205,9 @@ class PromptLookupDrafter:
     def __call__(self, ids: Sequence[int]) -> list[int]:
         """The plain drafter callable: up to n_max proposed ids."""
         return self.lookup(ids, self.schedule.n_max)
+
+    def begin(self) -> None:
+        self.schedule.begin()
 
     def propose(self, ids: Sequence[int], params: SamplingParams, rng: np.random.Generator) -> Draft:
         n = self.schedule.next_length()
@@ -228,6 +247,9 @@ class CallableDrafter:
 
     def __init__(self, fn: Callable[[Sequence[int]], Sequence[int]]) -> None:
         self.fn = fn
+
+    def begin(self) -> None:
+        pass
 
     def propose(self, ids: Sequence[int], params: SamplingParams, rng: np.random.Generator) -> Draft:
         return Draft(tuple(self.fn(ids)))

@@ -230,6 +230,10 @@ def test_adaptive_schedule_grows_shrinks_and_pauses() -> None:
     for _ in range(3):
         s.observe_round(2, 0, 0.030)  # 1 token per 3 plain steps' time: plain is faster
     assert s.next_length() == 0  # paused, probing again later
+    s.begin()  # a new request probes at once: plain decoding's step time is known already
+    assert s.next_length() == 4
+    s.observe_round(4, 4, 0.0)  # an untimed round (the first of a request) still grows the length
+    assert s.next_length() == 6
     fixed = DraftSchedule(n_max=8, mode="fixed")
     fixed.observe_round(8, 0, 1.0)
     assert fixed.next_length() == 8
