@@ -151,12 +151,15 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _describe(label: str, path: Path) -> Variant:
-    if path.is_dir():
+def _describe(label: str, path: Path, reference: Path | None = None) -> Variant:
+    if path.is_dir():  # bits per weight as llama.cpp counts them: all weight bytes over the reference's parameters
+        from localrun.gguf_info import inspect_gguf
         from localrun.store import dir_size
 
         weights = sum(p.stat().st_size for p in path.glob("*.safetensors"))
-        return Variant(label, path, "hf", dir_size(path), None, {"safetensors bytes": weights})
+        params = inspect_gguf(reference).parameter_count if reference is not None and reference.is_file() else 0
+        bits = 8 * weights / params if params else None
+        return Variant(label, path, "hf", dir_size(path), bits, {"safetensors bytes": weights})
     from localrun.quantize.gguf_quant import describe_gguf
 
     r = describe_gguf(path, target=label)
@@ -195,7 +198,7 @@ def build_variants(req: CompareRequest) -> Iterator[CompareEvent | Variant]:
             if not dest.exists():
                 yield CompareEvent("build", label, i / len(labels), f"building {dest.name}")
                 yield from _build_one(hf_dir, f16, label, dest)
-            variant = _describe(label, dest)
+            variant = _describe(label, dest, f16)
             if label in ("NF4", "INT8"):
                 variant = replace(variant, load_path=hf_dir, quant=label.lower())
             yield variant
