@@ -181,6 +181,12 @@ def test_completions(client, model):
             "presence_penalty",
         ),
         (
+            {"model": "M", "messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}},
+            400,
+            "invalid_request_error",
+            "stream_options",
+        ),
+        (
             {"model": "M", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
             400,
             "invalid_request_error",
@@ -209,6 +215,7 @@ def test_completions(client, model):
         "unsupported-field",
         "n-2",
         "presence-penalty",
+        "stream-options-without-stream",
         "top-logprobs",
         "logit-bias",
         "unknown-role",
