@@ -124,6 +124,37 @@ def test_streaming_without_usage_has_none(client, model):
     assert all(c.usage is None for c in chunks) and chunks[-1].choices[0].finish_reason
 
 
+def test_omitted_sampling_fields_take_the_models_recommended_settings(client, model):
+    from localrun.catalog import find_model
+
+    recommended = find_model(model).recommended.sampling()
+    messages = [{"role": "user", "content": "Name a fruit."}]
+    implicit = client.chat.completions.create(model=model, messages=messages, max_tokens=12, seed=7)
+    explicit = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=12,
+        seed=7,
+        temperature=recommended["temperature"],
+        top_p=recommended["top_p"],
+        extra_body={"repetition_penalty": recommended["repeat_penalty"]},
+    )
+    assert implicit.choices[0].message.content == explicit.choices[0].message.content
+
+
+def test_request_fields_override_the_defaults():
+    from localrun.server.convert import sampling
+    from localrun.server.protocol import ChatBody, parse_body
+    from localrun.settings import SamplingParams
+
+    body = parse_body(
+        json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": 0.5}), ChatBody
+    )
+    params = sampling(body, defaults={"temperature": 0.1, "top_p": 0.9, "repeat_penalty": 1.1})
+    assert (params.temperature, params.top_p, params.repeat_penalty) == (0.1, 0.5, 1.1)
+    assert sampling(body).temperature == SamplingParams().temperature  # no recommendation: the usual default
+
+
 def test_completions(client, model):
     whole = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8, temperature=0)
     stream = client.completions.create(
