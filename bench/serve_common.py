@@ -50,7 +50,8 @@ def serve(*args: str):
 
 
 def stream_chat(client, model: str, messages: list[dict], **kwargs) -> dict:
-    """One streaming chat request; the text, token count and client-side timings."""
+    """One streaming chat request; its text deltas (one per token, as the server streams them), token count
+    and client-side timings."""
     t0 = time.perf_counter()
     first = last = None
     parts, usage = [], None
@@ -68,6 +69,7 @@ def stream_chat(client, model: str, messages: list[dict], **kwargs) -> dict:
     tokens = usage.completion_tokens if usage else 0
     return {
         "text": "".join(parts),
+        "deltas": parts,
         "completion_tokens": tokens,
         "ttft_s": (first - t0) if first else None,
         "latency_s": end - t0,

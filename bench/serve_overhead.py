@@ -41,9 +41,7 @@ def chat_rate(model: str | None, max_tokens: int) -> float:
         "--max-tokens",
         str(max_tokens),
         "--ignore-eos",
-        "--repeat-penalty",  # the server's default; the catalog recommends 1.1 for chat
-        "1.0",
-    ]
+    ]  # the rest (repeat penalty, ...) is the model's recommended setting, as the server also applies it
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=True)
     match = re.search(r"gen ([\d.]+) tok/s", done.stderr)
     if not match:

@@ -1,8 +1,9 @@
 """Structured output: JSON schemas and tool calls turned into GBNF grammars for llama.cpp's grammar sampler.
 
-The conversion itself is llama-cpp-python's `json_schema_to_gbnf`; this module decides what to constrain
-(any JSON object, one schema, or a tool call wrapped in <tool_call> tags) and names the rules so that
-grammars can be combined.
+The conversion itself is llama-cpp-python's schema converter, behind `localrun.schema_gbnf`, which
+refuses any keyword the grammar would not enforce and adds integer ranges. This module decides what to
+constrain (any JSON object, one schema, or a tool call wrapped in <tool_call> tags) and names the rules
+so that grammars can be combined.
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ TOOL_CALL_CLOSE = "</tool_call>"
 
 _ANY_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
 # The converter's string characters allow raw control characters (a newline inside a string), which
-# JSON forbids; llama.cpp's own converter now excludes them, and so do we.
-_CHAR_RULE = (
-    r"""char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])"""
-)
+# JSON forbids; llama.cpp's own converter now excludes them, and so do we. \u escapes of UTF-16
+# surrogates are left out too: a pair counts as two characters here but decodes to one.
+_CHAR_RULE = r"""char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" ([0-9a-cA-CefEF] [0-9a-fA-F] | [dD] [0-7]) [0-9a-fA-F] [0-9a-fA-F])"""
 
 
 def json_schema_grammar(schema: dict[str, Any] | None) -> str:
@@ -35,6 +35,8 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], *, name: str | None = Non
 
     name picks one function (tool_choice naming it); None allows any of the tools.
     """
+    from localrun.schema_gbnf import prepare
+
     functions = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
     if not functions:
         raise UserError(f"tool_choice names {name!r}, which is not among the tools of the request.")
@@ -43,7 +45,9 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], *, name: str | None = Non
             "type": "object",
             "properties": {
                 "name": {"const": f["name"]},
-                "arguments": f.get("parameters") or {"type": "object", "properties": {}},
+                "arguments": prepare(
+                    f.get("parameters") or {"type": "object", "properties": {}}, f"The parameters of {f['name']!r}"
+                ),
             },
             "required": ["name", "arguments"],
         }
@@ -54,16 +58,37 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], *, name: str | None = Non
     return f'root ::= "{TOOL_CALL_OPEN}\\n" tool-call "\\n{TOOL_CALL_CLOSE}"\n{body}'
 
 
-def _convert(schema: dict[str, Any], *, prop_order: Sequence[str] = ()) -> str:
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
+def _convert(schema: dict[str, Any], *, prop_order: Sequence[str] = (), where: str = "The JSON schema") -> str:
+    from localrun.schema_gbnf import prepare
 
     if not isinstance(schema, dict):
-        raise UserError("The JSON schema must be a JSON object.")
+        raise UserError(f"{where} must be a JSON object.")
+    schema = prepare(schema, where)
     try:
-        grammar = json_schema_to_gbnf(json.dumps(schema), list(prop_order))
+        converter = _converter(prop_order)
+        converter.visit(converter.resolve_refs(schema, "stdin"), "")
+        grammar = converter.format_grammar()
     except Exception as exc:  # the converter raises bare ValueError/KeyError/AssertionError on schemas it rejects
-        raise UserError(f"The JSON schema cannot be turned into a grammar: {exc or type(exc).__name__}.") from None
+        raise UserError(f"{where} cannot be turned into a grammar: {exc or type(exc).__name__}.") from None
     return re.sub(r"^char ::= .*$", lambda _: _CHAR_RULE, grammar, count=1, flags=re.MULTILINE)
+
+
+def _converter(prop_order: Sequence[str]) -> Any:
+    """llama-cpp-python's SchemaConverter, with integer bounds turned into digit ranges."""
+    from llama_cpp.llama_grammar import RESERVED_NAMES, SchemaConverter
+
+    from localrun.schema_gbnf import integer_bounds, integer_range_rule
+
+    class Converter(SchemaConverter):
+        def visit(self, schema: dict[str, Any], name: str) -> str:
+            bounds = integer_bounds(schema) if "enum" not in schema and "const" not in schema else None
+            if bounds is None:
+                return super().visit(schema, name)
+            rule_name = name + "-" if name in RESERVED_NAMES else name or "root"
+            return self._add_rule(rule_name, f"{integer_range_rule(*bounds)} space")
+
+    order = {n: i for i, n in enumerate(prop_order)}
+    return Converter(prop_order=order, allow_fetch=False, dotall=False, raw_pattern=False)
 
 
 def with_json_schema(params: Any, schema_text: str | None) -> Any:

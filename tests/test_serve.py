@@ -27,13 +27,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
-    """A real `localrun serve` process with an API key; yields its base URL."""
+def _start_server(*args: str, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """A real `localrun serve` process on a free loopback port, once /health answers."""
     port = _free_port()
-    env = {**os.environ, "LOCALRUN_API_KEY": KEY}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "localrun.cli", "serve", "--port", str(port), "--n-ctx", str(N_CTX)],
+        [sys.executable, "-m", "localrun.cli", "serve", "--port", str(port), *args],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -47,15 +45,24 @@ def server():
             pytest.fail(f"localrun serve exited: {proc.stderr.read()}")
         try:
             if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
+                return proc, base
         except httpx.HTTPError:
             time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("localrun serve did not come up")
-    yield base
+    proc.kill()
+    pytest.fail("localrun serve did not come up")
+
+
+def _stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """`localrun serve` with its key from $LOCALRUN_API_KEY; yields its base URL."""
+    proc, base = _start_server("--n-ctx", str(N_CTX), env={**os.environ, "LOCALRUN_API_KEY": KEY})
+    yield base
+    _stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +89,7 @@ def test_models(client, model):
     assert client.models.retrieve(model).id == model
     with pytest.raises(openai.NotFoundError) as err:
         client.models.retrieve("no-such-model-anywhere")
+    assert err.value.status_code == 404 and err.value.type == "invalid_request_error"
     assert err.value.code == "model_not_found"
 
 
@@ -114,6 +122,37 @@ def test_streaming_without_usage_has_none(client, model):
         )
     )
     assert all(c.usage is None for c in chunks) and chunks[-1].choices[0].finish_reason
+
+
+def test_omitted_sampling_fields_take_the_models_recommended_settings(client, model):
+    from localrun.catalog import find_model
+
+    recommended = find_model(model).recommended.sampling()
+    messages = [{"role": "user", "content": "Name a fruit."}]
+    implicit = client.chat.completions.create(model=model, messages=messages, max_tokens=12, seed=7)
+    explicit = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=12,
+        seed=7,
+        temperature=recommended["temperature"],
+        top_p=recommended["top_p"],
+        extra_body={"repetition_penalty": recommended["repeat_penalty"]},
+    )
+    assert implicit.choices[0].message.content == explicit.choices[0].message.content
+
+
+def test_request_fields_override_the_defaults():
+    from localrun.server.convert import sampling
+    from localrun.server.protocol import ChatBody, parse_body
+    from localrun.settings import SamplingParams
+
+    body = parse_body(
+        json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": 0.5}), ChatBody
+    )
+    params = sampling(body, defaults={"temperature": 0.1, "top_p": 0.9, "repeat_penalty": 1.1})
+    assert (params.temperature, params.top_p, params.repeat_penalty) == (0.1, 0.5, 1.1)
+    assert sampling(body).temperature == SamplingParams().temperature  # no recommendation: the usual default
 
 
 def test_completions(client, model):
@@ -167,6 +206,30 @@ def test_completions(client, model):
         ),
         ({"model": "M", "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "invalid_request_error", "n"),
         (
+            {"model": "M", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 0.5},
+            400,
+            "invalid_request_error",
+            "presence_penalty",
+        ),
+        (
+            {"model": "M", "messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}},
+            400,
+            "invalid_request_error",
+            "stream_options",
+        ),
+        (
+            {"model": "M", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+            400,
+            "invalid_request_error",
+            "top_logprobs",
+        ),
+        (
+            {"model": "M", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"50": 3}},
+            400,
+            "invalid_request_error",
+            "logit_bias",
+        ),
+        (
             {"model": "M", "messages": [{"role": "wizard", "content": "x"}]},
             400,
             "invalid_request_error",
@@ -182,6 +245,10 @@ def test_completions(client, model):
         "prompt-longer-than-context",
         "unsupported-field",
         "n-2",
+        "presence-penalty",
+        "stream-options-without-stream",
+        "top-logprobs",
+        "logit-bias",
         "unknown-role",
     ],
 )
@@ -199,11 +266,13 @@ def test_malformed_json_and_keys(server, model):
     auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     bad = httpx.post(url, content=b'{"model": "x", "messages": [', headers=auth)
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+    assert "not valid JSON" in bad.json()["error"]["message"]
     body = {"model": model, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
     missing = httpx.post(url, json=body)
     wrong = httpx.post(url, json=body, headers={"Authorization": "Bearer nope"})
     for reply in (missing, wrong):
         assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"
+        assert reply.json()["error"]["type"] == "invalid_request_error"
     assert httpx.get(f"{server}/v1/models").status_code == 401
     assert httpx.get(f"{server}/health").status_code == 200  # for load balancers: no key, no data
 
@@ -278,6 +347,8 @@ def _validate(obj: object) -> None:
 
 
 def test_json_schema_replies_validate(client, model):
+    """Every keyword of PERSON_SCHEMA is in the grammar (bounded strings and integers), so each reply can
+    only end once the object is complete: 300 tokens is more than the longest one the grammar allows."""
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA}}
     for i, subject in enumerate(SUBJECTS):
         sampled = i % 2 == 1
@@ -285,7 +356,7 @@ def test_json_schema_replies_validate(client, model):
             model=model,
             messages=[{"role": "user", "content": f"Describe {subject} as JSON."}],
             response_format=fmt,
-            max_tokens=200,
+            max_tokens=300,
             temperature=0.8 if sampled else 0,
             seed=i,
         )
@@ -313,6 +384,15 @@ def test_json_object_and_bad_schema(client, model):
             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nope"}}},
         )
     assert err.value.body["param"] == "response_format"
+    email = {"type": "object", "properties": {"to": {"type": "string", "format": "email"}}}
+    with pytest.raises(openai.BadRequestError) as err:  # a keyword the grammar would skip: refused, not ignored
+        client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "x"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": email}},
+        )
+    assert err.value.status_code == 400 and "'email'" in err.value.body["message"]
+    assert err.value.body["param"] == "response_format"
 
 
 WEATHER_TOOL = {
@@ -330,40 +410,44 @@ WEATHER_TOOL = {
 }
 
 
+NAMED_CHOICE = {"type": "function", "function": {"name": "get_weather"}}
+
+
 def test_tool_round_trip(client, model):
+    """The openai package's streaming helper accumulates the call; a strict tool gets its arguments parsed."""
+    strict_tool = {**WEATHER_TOOL, "function": {**WEATHER_TOOL["function"], "strict": True}}
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
-    stream = client.chat.completions.create(
-        model=model,
-        messages=messages,
-        tools=[WEATHER_TOOL],
-        max_tokens=100,
-        temperature=0,
-        stream=True,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}},
-    )
-    deltas, finish = [], None
-    for chunk in stream:
-        if chunk.choices:
-            deltas += chunk.choices[0].delta.tool_calls or []
-            finish = chunk.choices[0].finish_reason or finish
-    assert finish == "tool_calls"
-    call_id = deltas[0].id
-    assert deltas[0].function.name == "get_weather" and call_id
-    arguments = json.loads("".join(d.function.arguments or "" for d in deltas))
-    assert set(arguments) == {"city"} and isinstance(arguments["city"], str)
+    with client.chat.completions.stream(
+        model=model, messages=messages, tools=[strict_tool], tool_choice=NAMED_CHOICE, max_tokens=100, temperature=0
+    ) as stream:
+        events = list(stream)
+        completion = stream.get_final_completion()
+    deltas = [
+        d for e in events if e.type == "chunk" and e.chunk.choices for d in e.chunk.choices[0].delta.tool_calls or []
+    ]
+    assert deltas[0].id and deltas[0].type == "function" and deltas[0].function.name == "get_weather"
+    assert all(d.index == 0 and d.id is None for d in deltas[1:])  # later deltas only carry arguments
+    done = [e for e in events if e.type == "tool_calls.function.arguments.done"]
+    assert [e.name for e in done] == ["get_weather"]
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    arguments = json.loads(call.function.arguments)
+    assert call.id == deltas[0].id and call.function.parsed_arguments == arguments == done[0].parsed_arguments
+    assert set(arguments) == {"city"} and isinstance(arguments["city"], str) and len(arguments["city"]) <= 40
     messages += [
         {
             "role": "assistant",
             "content": None,
             "tool_calls": [
                 {
-                    "id": call_id,
+                    "id": call.id,
                     "type": "function",
-                    "function": {"name": "get_weather", "arguments": json.dumps(arguments)},
+                    "function": {"name": "get_weather", "arguments": call.function.arguments},
                 }
             ],
         },
-        {"role": "tool", "tool_call_id": call_id, "content": '{"temperature_c": 18, "sky": "sunny"}'},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 18, "sky": "sunny"}'},
     ]
     final = list(
         client.chat.completions.create(
@@ -371,7 +455,30 @@ def test_tool_round_trip(client, model):
         )
     )
     text = "".join(c.choices[0].delta.content or "" for c in final if c.choices)
-    assert text.strip() and final[-1].choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert text.strip() and final[-1].choices[0].finish_reason in ("stop", "length")
+    assert not any(c.choices[0].delta.tool_calls for c in final if c.choices)
+
+
+def test_truncated_tool_call_keeps_the_raw_text(client, model):
+    """A call cut short by max_tokens does not parse: the reply is its raw text and says why, streamed or not."""
+    request = {
+        "model": model,
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        "tools": [WEATHER_TOOL],
+        "tool_choice": NAMED_CHOICE,
+        "max_tokens": 6,
+        "temperature": 0,
+    }
+    whole = client.chat.completions.create(**request)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "length" and not choice.message.tool_calls
+    assert choice.message.content.startswith("<tool_call>")
+    assert "could not be parsed" in whole.model_extra["localrun"]["tool_call_error"]
+    chunks = [c for c in client.chat.completions.create(**request, stream=True) if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == choice.message.content
+    assert not any(c.choices[0].delta.tool_calls for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].model_extra["localrun"]["tool_call_error"] == whole.model_extra["localrun"]["tool_call_error"]
 
 
 def test_unparsable_tool_call_keeps_the_raw_text():
@@ -392,6 +499,43 @@ def test_non_loopback_host_needs_a_key(tmp_path):
     empty.write_text("\n")
     result = run_localrun("serve", "--api-key-file", str(empty), env=env)
     assert result.returncode == 2 and "empty" in result.stderr
+
+
+def test_full_queue_answers_429_and_a_queued_request_waits(tmp_path):
+    """--max-queue 1: one request runs, one waits (and is answered), the next is refused with a 429.
+    The key comes from --api-key-file."""
+    import threading
+
+    key_file = tmp_path / "key"
+    key_file.write_text("file-key-9d2e\n")
+    env = {k: v for k, v in os.environ.items() if k != "LOCALRUN_API_KEY"}
+    proc, base = _start_server("--max-queue", "1", "--api-key-file", str(key_file), env=env)
+    headers = {"Authorization": "Bearer file-key-9d2e"}
+    url = f"{base}/v1/chat/completions"
+    api = openai.OpenAI(base_url=f"{base}/v1", api_key="file-key-9d2e", max_retries=0, timeout=600)
+    try:
+        assert httpx.get(f"{base}/v1/models").status_code == 401
+        model = api.models.list().data[0].id
+        long = {"model": model, "messages": [{"role": "user", "content": "Count."}], "max_tokens": 1500}
+        long |= {"ignore_eos": True, "stream": True}
+        with httpx.stream("POST", url, json=long, headers=headers, timeout=600) as running:
+            next(line for line in running.iter_lines() if line.startswith("data:"))  # it is generating
+            waited: list = []
+            short = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+            waiter = threading.Thread(target=lambda: waited.append(api.chat.completions.create(**short)))
+            waiter.start()
+            deadline = time.monotonic() + 60
+            while httpx.get(f"{base}/health").json()["queued"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert httpx.get(f"{base}/health").json()["queued"] == 1
+            with pytest.raises(openai.RateLimitError) as err:
+                api.chat.completions.create(**short)
+            assert err.value.status_code == 429 and err.value.type == "rate_limit_error"
+            assert err.value.code == "queue_full" and waiter.is_alive()
+        waiter.join(timeout=300)  # hanging up freed the model: the waiting request runs
+        assert waited and waited[0].usage.completion_tokens >= 1
+    finally:
+        _stop(proc)
 
 
 def test_ui_api_serves_both_on_one_port():

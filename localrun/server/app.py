@@ -91,6 +91,7 @@ class Api:
         self.engine = engine
         self.api_key = api_key
         self.metrics = metrics or Metrics()
+        self._recommended_cache: dict[str | None, dict[str, Any]] = {}
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -117,6 +118,18 @@ class Api:
             param="model",
             code="model_not_found",
         )
+
+    def _recommended(self, spec: str | None) -> dict[str, Any]:
+        """The model's recommended sampling (as `localrun chat` and the UI use it), for fields a request omits."""
+        if spec not in self._recommended_cache:
+            from localrun.catalog import resolve_model
+
+            try:
+                recommended = resolve_model(spec).recommended
+            except UserError:
+                recommended = None
+            self._recommended_cache[spec] = recommended.sampling() if recommended is not None else {}
+        return self._recommended_cache[spec]
 
     # -- routes -------------------------------------------------------------------------------
 
@@ -170,7 +183,8 @@ class Api:
         self._authorize(request)
         body = parse_body(await request.body(), body_type)
         load = self.engine.load_request(self._model_spec(body.model))
-        job, reply = convert(body, model_name=body.model, load=load)
+        defaults = self._recommended(load.model if load is not None else None)
+        job, reply = convert(body, model_name=body.model, load=load, defaults=defaults)
         t0 = time.perf_counter()
         cancel = CancelWatch()
 

@@ -11,7 +11,8 @@ from localrun.server.replies import ChatReply, CompletionReply
 from localrun.settings import SamplingParams, validated
 
 
-def sampling(body: _Sampling, *, grammar: str | None = None) -> SamplingParams:
+def sampling(body: _Sampling, *, grammar: str | None = None, defaults: dict[str, Any] | None = None) -> SamplingParams:
+    """The request's sampling; what it leaves out comes from defaults (the model's recommended settings)."""
     values: dict[str, Any] = {
         "temperature": body.temperature,
         "top_p": body.top_p,
@@ -24,12 +25,14 @@ def sampling(body: _Sampling, *, grammar: str | None = None) -> SamplingParams:
         "grammar": grammar,
     }
     try:
-        return validated(SamplingParams, {k: v for k, v in values.items() if v is not None})
+        return validated(SamplingParams, {**(defaults or {}), **{k: v for k, v in values.items() if v is not None}})
     except UserError as exc:
         raise ApiError(400, str(exc)) from None
 
 
-def chat_request(body: ChatBody, *, model_name: str, load: LoadRequest | None) -> tuple[ApiChatRequest, ChatReply]:
+def chat_request(
+    body: ChatBody, *, model_name: str, load: LoadRequest | None, defaults: dict[str, Any] | None = None
+) -> tuple[ApiChatRequest, ChatReply]:
     """The engine request and the reply builder for a chat body (400 for conflicting options)."""
     tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
     choice = body.tool_choice
@@ -46,7 +49,7 @@ def chat_request(body: ChatBody, *, model_name: str, load: LoadRequest | None) -
 
         name = None if choice == "required" else choice.function.name
         grammar = _user_error_as_400(lambda: tool_call_grammar(tools, name=name), "tool_choice")
-    params = sampling(body, grammar=grammar)
+    params = sampling(body, grammar=grammar, defaults=defaults)
     request = ApiChatRequest(
         messages=tuple(m.plain() for m in body.messages),
         params=params,
@@ -80,12 +83,14 @@ def _user_error_as_400(build: Any, param: str) -> str:
 
 
 def completion_request(
-    body: CompletionBody, *, model_name: str, load: LoadRequest | None
+    body: CompletionBody, *, model_name: str, load: LoadRequest | None, defaults: dict[str, Any] | None = None
 ) -> tuple[CompletionRequest, CompletionReply]:
     prompt = body.prompt
     if isinstance(prompt, list):
         if len(prompt) != 1:
             raise ApiError(400, "prompt takes one string here (batches of prompts are not supported).", param="prompt")
         prompt = prompt[0]
-    request = CompletionRequest(prompt=prompt, params=sampling(body), max_tokens=body.max_tokens, load=load)
+    request = CompletionRequest(
+        prompt=prompt, params=sampling(body, defaults=defaults), max_tokens=body.max_tokens, load=load
+    )
     return request, CompletionReply(model_name)

@@ -177,8 +177,11 @@ def parse_body(raw: bytes, model: type[_Sampling]) -> Any:
             )
         del data[key]
     try:
-        return model.model_validate_json(json.dumps(data))
+        body = model.model_validate_json(json.dumps(data))
     except ValidationError as exc:
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"])
         raise ApiError(400, f"Invalid {param}: {err['msg']}.", param=param) from None
+    if body.stream_options is not None and not body.stream:  # as OpenAI answers: it would have no effect
+        raise ApiError(400, "stream_options is only allowed when stream is true.", param="stream_options")
+    return body
