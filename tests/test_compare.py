@@ -77,15 +77,32 @@ def test_rows_stream_as_each_variant_finishes(events: list[CompareEvent]) -> Non
 
 
 def test_cached_variants_are_reused(model_dir: Path, text_file: Path, events: list[CompareEvent]) -> None:
+    """A second run builds nothing and loads every variant from the store, the saved NF4 directory included:
+    with the source's weights moved away, anything quantized from the source would fail."""
     cache = model_dir.parent / "cache"
     before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
     req = CompareRequest(
-        model=str(model_dir), quants=("Q8_0",), text_path=str(text_file), n_ctx=32, max_tokens=2, cache_dir=str(cache)
+        model=str(model_dir),
+        quants=("Q8_0",),
+        nf4=True,
+        text_path=str(text_file),
+        n_ctx=32,
+        max_tokens=2,
+        cache_dir=str(cache),
     )
-    again = list(run_compare(req))
+    weights = model_dir / "model.safetensors"
+    weights.rename(weights.with_suffix(".away"))
+    try:
+        again = list(run_compare(req))
+    finally:
+        weights.with_suffix(".away").rename(weights)
     assert not [e for e in again if e.stage in ("build", "reference")]
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == before
-    assert _rows(again)["Q8_0"].kld_mean == pytest.approx(_rows(events)["Q8_0"].kld_mean, rel=1e-6)
+    rows, first = _rows(again), _rows(events)
+    assert list(rows) == ["F16", "Q8_0", "NF4"] and all(r.error is None for r in rows.values()), rows
+    assert rows["NF4"].path == str(cache / "tinycmp-nf4") and rows["NF4"].answer
+    for label in ("Q8_0", "NF4"):
+        assert rows[label].kld_mean == pytest.approx(first[label].kld_mean, rel=1e-6)
 
 
 def test_outputs_have_every_field_and_valid_charts(events: list[CompareEvent], tmp_path: Path) -> None:
