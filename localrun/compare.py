@@ -37,9 +37,7 @@ class Variant:
     bits_per_weight: float | None = None
     tensor_types: dict[str, int] = field(default_factory=dict)
     error: str | None = None
-    # bitsandbytes variants run from the HF source, quantized at load time (the saved directory gives the size)
-    load_path: Path | None = None
-    quant: str = "none"
+    quant: str = "none"  # nf4 or int8 for a saved bitsandbytes directory, loaded as saved
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +198,7 @@ def build_variants(req: CompareRequest) -> Iterator[CompareEvent | Variant]:
                 yield from _build_one(hf_dir, f16, label, dest)
             variant = _describe(label, dest, f16)
             if label in ("NF4", "INT8"):
-                variant = replace(variant, load_path=hf_dir, quant=label.lower())
+                variant = replace(variant, quant=label.lower())
             yield variant
         except (UserError, RuntimeError, OSError, ValueError) as exc:
             if label == REFERENCE:
@@ -343,8 +341,7 @@ def _run_variant(variant: Variant, req: CompareRequest, ref_path: Path) -> Itera
     if variant.error:
         yield CompareEvent("row", variant.label, 1.0, variant.error, replace(base, error=variant.error))
         return
-    path = variant.load_path or variant.path
-    task = {"job": "variant", "path": str(path), "quant": variant.quant, "label": variant.label}
+    task = {"job": "variant", "path": str(variant.path), "quant": variant.quant, "label": variant.label}
     task["reference"] = str(ref_path)
     task["request"] = asdict(req)
     for msg in run_in_worker(task):

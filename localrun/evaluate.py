@@ -369,12 +369,17 @@ class HFScorer:
         path = Path(path)
         if not (path / "config.json").is_file():
             raise UserError(f"{path} is not a Hugging Face model directory (no config.json).")
+        from localrun.backends.hf_load import saved_quant
+
         kwargs: dict = {"device_map": device}
-        if quant != "none":
+        saved = saved_quant(path)  # a saved NF4/INT8 folder loads with its own quantization_config and dtype
+        if saved is not None and quant not in ("none", saved):
+            raise UserError(f"{path.name} is already quantized with bitsandbytes {saved.upper()}, not {quant.upper()}.")
+        if saved is None and quant != "none":
             from localrun.quantize.bnb import bnb_config
 
             kwargs["quantization_config"] = bnb_config(quant, compute_dtype="float32")
-        if "quantization_config" not in kwargs and '"quantization_config"' not in (path / "config.json").read_text():
+        if saved is None and quant == "none":
             kwargs["dtype"] = torch.float32
         self._torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()

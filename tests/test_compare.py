@@ -34,11 +34,14 @@ def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def events(model_dir: Path, text_file: Path) -> list[CompareEvent]:
     cache = model_dir.parent / "cache"
     cache.mkdir()
-    (cache / "tinycmp-Q4_0.gguf").write_bytes(b"GGUF" + b"\x00" * 64)  # a broken cached variant
+    (cache / "tinycmp-Q4_0.gguf").write_bytes(b"GGUF" + b"\x00" * 64)  # a broken cached variant: fails to load
+    # a dangling link where INT8 goes: its build runs, then cannot rename its output into place
+    (cache / "tinycmp-int8").symlink_to(cache / "nowhere")
     req = CompareRequest(
         model=str(model_dir),
         quants=("F16", "Q8_0", "Q4_0", "Q4_1"),
         nf4=True,
+        int8=True,
         prompt="Say hello.",
         text_path=str(text_file),
         n_ctx=32,
@@ -54,8 +57,10 @@ def _rows(events: list[CompareEvent]) -> dict:
 
 def test_every_variant_gives_a_row_and_a_broken_one_an_error(events: list[CompareEvent]) -> None:
     rows = _rows(events)
-    assert list(rows) == ["F16", "Q8_0", "Q4_0", "Q4_1", "NF4"]
+    assert list(rows) == ["F16", "Q8_0", "Q4_0", "Q4_1", "NF4", "INT8"]
     assert rows["Q4_0"].error and "Q4_1" in rows and rows["Q4_1"].error is None  # the next one still ran
+    assert "Not a directory" in rows["INT8"].error and rows["INT8"].ppl is None  # its build failed
+    assert [e.label for e in events if e.stage == "build"].count("INT8") >= 1
     for label in ("F16", "Q8_0", "Q4_1", "NF4"):
         row = rows[label]
         assert row.error is None, row.error
@@ -77,22 +82,39 @@ def test_rows_stream_as_each_variant_finishes(events: list[CompareEvent]) -> Non
 
 
 def test_cached_variants_are_reused(model_dir: Path, text_file: Path, events: list[CompareEvent]) -> None:
+    """A second run builds nothing and loads every variant from the store, the saved NF4 directory included:
+    with the source's weights moved away, anything quantized from the source would fail."""
     cache = model_dir.parent / "cache"
-    before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    before = {p.name: p.lstat().st_mtime_ns for p in cache.iterdir()}
     req = CompareRequest(
-        model=str(model_dir), quants=("Q8_0",), text_path=str(text_file), n_ctx=32, max_tokens=2, cache_dir=str(cache)
+        model=str(model_dir),
+        quants=("Q8_0",),
+        nf4=True,
+        text_path=str(text_file),
+        n_ctx=32,
+        max_tokens=2,
+        cache_dir=str(cache),
     )
-    again = list(run_compare(req))
+    weights = model_dir / "model.safetensors"
+    weights.rename(weights.with_suffix(".away"))
+    try:
+        again = list(run_compare(req))
+    finally:
+        weights.with_suffix(".away").rename(weights)
     assert not [e for e in again if e.stage in ("build", "reference")]
-    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == before
-    assert _rows(again)["Q8_0"].kld_mean == pytest.approx(_rows(events)["Q8_0"].kld_mean, rel=1e-6)
+    assert {p.name: p.lstat().st_mtime_ns for p in cache.iterdir()} == before
+    rows, first = _rows(again), _rows(events)
+    assert list(rows) == ["F16", "Q8_0", "NF4"] and all(r.error is None for r in rows.values()), rows
+    assert rows["NF4"].path == str(cache / "tinycmp-nf4") and rows["NF4"].answer
+    for label in ("Q8_0", "NF4"):
+        assert rows[label].kld_mean == pytest.approx(first[label].kld_mean, rel=1e-6)
 
 
 def test_outputs_have_every_field_and_valid_charts(events: list[CompareEvent], tmp_path: Path) -> None:
     rows = list(_rows(events).values())
     files = write_outputs(tmp_path, rows, {"model": "tiny"})
     data = json.loads(files["json"].read_text())
-    assert data["meta"] == {"model": "tiny"} and len(data["rows"]) == 5
+    assert data["meta"] == {"model": "tiny"} and len(data["rows"]) == 6
     for row in data["rows"]:
         assert set(row) == set(ROW_FIELDS)
     header = files["csv"].read_text().splitlines()[0].split(",")

@@ -90,6 +90,39 @@ def test_windows_follow_llama_perplexity() -> None:
     assert list(t0) == list(range(117, 132)) and list(t1) == list(range(149, 164))  # the last 15 of each window
 
 
+class _Bigram:
+    """A bigram language model over 4 tokens: the next token's distribution depends only on the current one."""
+
+    n_vocab, add_bos, bos_id = 4, False, -1
+
+    def __init__(self, table: list[list[float]]) -> None:
+        self.logp = np.log(np.array(table))
+
+    def window_logits(self, ids: np.ndarray, first: int) -> np.ndarray:
+        return self.logp[np.asarray(ids)[first:-1]].astype(np.float32)
+
+
+def test_tiny_case_matches_values_worked_out_by_hand() -> None:
+    """Two 8-token windows of 0 1 2 3 0 1 2 3: positions 4-6 (tokens 0, 1, 2) are scored, predicting 1, 2, 3."""
+    ref_table = [[1 / 4, 1 / 2, 1 / 8, 1 / 8], [1 / 8, 1 / 8, 1 / 4, 1 / 2], [1 / 2, 1 / 4, 1 / 8, 1 / 8], [1 / 4] * 4]
+    ids = np.array([0, 1, 2, 3] * 4, dtype=np.int32)
+    tokens = EvalTokens(ids, ids, n_ctx=8, bos_id=-1, add_bos=False)
+    ref_model = _Bigram(ref_table)
+    # p(target) = 1/2, 1/4, 1/8 in each window: PPL = exp(mean(ln 2, ln 4, ln 8)) = exp(2 ln 2) = 4
+    assert perplexity(ref_model, tokens)[0] == pytest.approx(4.0, rel=1e-6)
+    ref = build_reference(ref_model, tokens, top_k=3)  # top 3 of 4: the tail bucket holds one token
+    # The variant swaps the first row's two most likely tokens: p(target) = 1/4, 1/4, 1/8 -> PPL 2^(7/3).
+    variant = _Bigram([[1 / 2, 1 / 4, 1 / 8, 1 / 8], *ref_table[1:]])
+    q = evaluate(variant, ref)
+    assert q.ppl == pytest.approx(2 ** (7 / 3), rel=1e-6) and q.ref_ppl == pytest.approx(4.0, rel=1e-6)
+    assert q.delta_ppl_pct == pytest.approx(100 * (2 ** (1 / 3) - 1), rel=1e-5)
+    # KL on the first row: 1/2 ln(1/2 / 1/4) + 1/4 ln(1/4 / 1/2) = ln(2) / 4; the other rows agree: 0
+    assert q.kld_max == pytest.approx(np.log(2) / 4, rel=1e-5) and q.kld_median == pytest.approx(0.0, abs=1e-7)
+    assert q.kld_mean == pytest.approx(np.log(2) / 12, rel=1e-5)
+    assert q.top1_agreement_pct == pytest.approx(200 / 3)  # the first row's argmax moved: 2 of 3 agree
+    assert q.n_scored == 6
+
+
 @pytest.mark.parametrize("add_bos", [False, True])
 def test_perplexity_matches_hand_computation(tiny_hf: Path, tiny_gguf: Path, add_bos: bool) -> None:
     hf = HFScorer(tiny_hf)

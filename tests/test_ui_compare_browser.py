@@ -3,7 +3,6 @@ fills the table row by row. Uses the tiny random model (fast to convert and quan
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -66,6 +65,7 @@ def test_arena_streams_both_answers_then_quality_table_fills(page: Any) -> None:
     assert set(finals) == {"F16", "Q8_0"}
     assert all("tok/s" in col[3] and "ms" in col[3] for col in finals.values())
 
+    page.locator("#compare-nf4 input").check()  # the quality run adds a saved bitsandbytes variant
     page.click("#compare-quality-btn")
     page.wait_for_function("document.querySelector('#compare-status').innerText.includes('Quality run finished')")
     path = ROOT / "test-artifacts" / "ui-compare.png"
@@ -73,7 +73,21 @@ def test_arena_streams_both_answers_then_quality_table_fills(page: Any) -> None:
     page.screenshot(path=str(path), full_page=True)
     # Gradio's Dataframe draws its body as virtual rows, like the chat tab's turns table
     rows = [r.strip() for r in page.locator("#compare-table .virtual-row").all_inner_texts() if r.strip()]
-    assert len(rows) == 2 and rows[0].startswith("F16") and rows[1].startswith("Q8_0"), rows
+    assert [r.split()[0] for r in rows] == ["F16", "Q8_0", "NF4"], rows
     page.locator("#compare-quality-chart img").wait_for()
-    if os.environ.get("LOCALRUN_README_SCREENSHOT") == "1":
-        page.locator("#tab-compare").screenshot(path=str(ROOT / "ui" / "screenshot-compare.png"))
+
+
+@pytest.mark.parametrize(
+    ("variant", "loaded"), [("NF4", ("-nf4", "saved NF4", "quant nf4")), ("Q8_0", ("-Q8_0.gguf", "llamacpp"))]
+)
+def test_clicking_a_row_loads_that_variant_in_chat(page: Any, variant: str, loaded: tuple[str, ...]) -> None:
+    page.click("#tab-compare-button")  # the table the arena test filled; a click moves to the Chat tab
+    row = page.locator("#compare-table .virtual-row", has_text=variant).first
+    row.locator("[role=gridcell]").first.click(timeout=30_000)
+    page.wait_for_function(
+        "(want) => { const s = document.querySelector('#load-status').innerText;"
+        " return s.includes('Loaded') && want.every(w => s.includes(w)); }",
+        arg=list(loaded),
+        timeout=180_000,
+    )
+    assert page.locator("#tab-chat").is_visible() and not page.locator("#tab-compare").is_visible()

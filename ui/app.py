@@ -32,7 +32,8 @@ def build_app(ctx: AppContext) -> Any:
     with gr.Blocks(title="localrun", analytics_enabled=False) as demo:
         ctx.demo = demo
         gr.Markdown("## localrun · run LLMs locally and see how fast they run and how much memory they take")
-        with gr.Tabs(elem_id="tabs"):
+        with gr.Tabs(elem_id="tabs") as tabs:
+            ctx.components["tabs"] = tabs  # a tab may switch to another (Compare -> Chat)
             for name in TABS:
                 module = importlib.import_module(name)
                 with gr.Tab(module.TITLE, id=module.KEY, elem_id=f"tab-{module.KEY}") as tab:

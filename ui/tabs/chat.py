@@ -39,7 +39,8 @@ RECOMMENDABLE = recommendable(SamplingParams)
 def build(ctx: Any) -> None:
     """Lay out the tab and wire its events."""
     c = _layout(ctx)
-    ctx.components["model_picker"] = c.picker
+    shared = {"model_picker": c.picker, "load_controls": c.load_controls, "load_status": c.load_status}
+    ctx.components.update(shared, load_button=c.load)  # the Compare tab loads a picked variant with them
     _wire(ctx, c)
 
 

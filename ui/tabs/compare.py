@@ -3,7 +3,7 @@
 Arena: one prompt, the variants' answers stream into their own columns one after another (on a CPU they
 would only slow each other down), each with its live TTFT and tokens/s. Quality run: the table fills in
 row by row (size, bits per weight, speed, memory, perplexity, KL-divergence, top-1 agreement), then the
-charts. Clicking a row puts that variant in the Chat tab's model picker. Everything comes from
+charts. Clicking a row loads that variant in the Chat tab and switches to it. Everything comes from
 localrun.compare.run_compare, the generator the CLI prints from.
 """
 
@@ -179,13 +179,49 @@ def build(ctx: Any) -> None:
     run_quality.click(
         quality_run, [model, levels, nf4, int8, prompt, text], [table, status, qchart, schart], api_name="compare_run"
     )
-    picker = ctx.components.get("model_picker")
+    _wire_pick(ctx, table, picked)
 
-    def on_select(frame: Any, evt: gr.SelectData) -> tuple[Any, str]:
+
+def _wire_pick(ctx: Any, table: Any, picked: Any) -> None:
+    """Clicking a row of the table loads that variant in the Chat tab, and switches to it."""
+    import gradio as gr
+
+    shared = ctx.components
+    if not all(k in shared for k in ("model_picker", "load_controls", "load_status", "load_button", "tabs")):
+        return
+    controls = shared["load_controls"]
+    outputs = [shared["model_picker"], controls["backend"], controls["quant"], shared["load_status"]]
+    outputs += [shared["load_button"], picked, shared["tabs"]]
+
+    def on_select(frame: Any, evt: gr.SelectData, request: gr.Request, **values: Any) -> Iterator[tuple]:
         row = frame.iloc[evt.index[0]]
-        path = str(row["path"])
-        note = f"**{row['variant']}** is now picked in the Chat tab: press Load there ({path})."
-        return gr.Dropdown(value=path), note
+        owner = getattr(request, "session_hash", None) or ""
+        yield from load_variant(ctx, str(row["variant"]), str(row["path"]), str(row["answer"]), values, owner=owner)
 
-    if picker is not None:
-        table.select(on_select, [table], [picker, picked], api_visibility="private")
+    table.select(on_select, [table], outputs, inputs_kwargs=controls, api_visibility="private", concurrency_limit=None)
+
+
+def variant_load(label: str, path: str) -> tuple[str, dict[str, str]]:
+    """(model spec, load options to set) that load one row's variant: a saved NF4/INT8 directory loads on
+    transformers with its quantization; a GGUF with the backend picked by the file."""
+    quant = label.lower() if label in ("NF4", "INT8") else "none"
+    return path, {"backend": "auto", "quant": quant}
+
+
+def load_variant(ctx: Any, label: str, path: str, answer: str, values: dict[str, Any], *, owner: str) -> Iterator:
+    """(picker, backend, quant, load status, load button, note, tabs): pick the variant, switch to the Chat tab
+    and load it there, the load's progress streaming into the Chat tab's status."""
+    import gradio as gr
+
+    from ui.tabs import chat
+
+    skip = gr.skip()
+    if not path or answer.startswith("⚠️"):
+        yield skip, skip, skip, skip, skip, f"⚠️ {label} has no result to load.", skip
+        return
+    spec, options = variant_load(label, path)
+    note = f"Loading **{html.escape(label)}** in the Chat tab ({html.escape(path)})."
+    picker, tabs = gr.Dropdown(value=spec), gr.Tabs(selected=chat.KEY)
+    yield picker, options["backend"], options["quant"], f"⏳ Loading {html.escape(label)}…", skip, note, tabs
+    for status, button in chat.load_model(ctx, spec, values | options, owner=owner):
+        yield skip, skip, skip, status, button, skip, skip
