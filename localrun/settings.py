@@ -158,18 +158,18 @@ class LoadOptions(BaseModel):
     trust_remote_code: Annotated[bool, Meta("Trust remote code", _HF, _HF, ui=False)] = Field(
         False, description="transformers: run the model repository's own Python code."
     )
-    draft: Annotated[str | None, Meta("Draft model", "draft", ui=False)] = Field(
+    draft: Annotated[str | None, Meta("Draft model", "draft")] = Field(
         None,
         description="Speculative decoding: a smaller model sharing the target's vocabulary (.gguf, directory or catalog name).",
     )
-    draft_max: Annotated[int, Meta("Most drafted tokens per round", "draft", ui=False)] = Field(
+    draft_max: Annotated[int, Meta("Most drafted tokens per round", "draft")] = Field(
         16, ge=1, le=64, description="Speculative decoding: most tokens drafted per round."
     )
-    draft_mode: Annotated[Literal["adaptive", "fixed"], Meta("Draft length", "draft", ui=False)] = Field(
+    draft_mode: Annotated[Literal["adaptive", "fixed"], Meta("Draft length", "draft")] = Field(
         "adaptive",
         description="Speculative decoding: adaptive grows and shrinks the draft length and pauses drafting when it does not pay; fixed always drafts draft_max.",
     )
-    lookup: Annotated[bool, Meta("Prompt lookup drafting", "draft", ui=False)] = Field(
+    lookup: Annotated[bool, Meta("Prompt lookup drafting", "draft")] = Field(
         False,
         description="Speculative decoding: draft by n-gram lookup in the prompt and the reply so far (no draft model).",
     )

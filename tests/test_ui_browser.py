@@ -196,3 +196,58 @@ def test_system_tab_shows_this_machine(page: Any) -> None:
     assert fmt_bytes(psutil.virtual_memory().total) in text
     assert "llama.cpp" in text
     shot(page, "system")
+
+
+# Records the live panel's state and draft acceptance at every change (the panel updates while tokens stream).
+RECORD_METRICS_JS = """() => {
+  window.__panel = [];
+  const panel = document.querySelector('#live-metrics');
+  new MutationObserver(() => {
+    const state = panel.querySelector('.lr-metrics')?.dataset.state;
+    const acceptance = panel.querySelector('#m-acceptance');
+    window.__panel.push([state, acceptance ? acceptance.dataset.value : null]);
+  }).observe(panel, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def open_accordion(page: Any, accordion: str, inside: str) -> None:
+    if not page.locator(inside).is_visible():
+        page.click(f"{accordion} button")
+    page.locator(inside).wait_for(state="visible")
+
+
+def test_draft_model_shows_acceptance_live(page: Any) -> None:
+    """The default model drafting for itself, picked in the draft picker: acceptance in the live panel while
+    the reply streams, then in the reply's footer and the turns table; lookup and a draft together are refused."""
+    page.click("#tab-chat-button")
+    open_accordion(page, "#load-options", "#set-draft")
+    draft = page.locator("#set-draft input")
+    draft.fill("smollm2-135m-instruct")
+    draft.press("Enter")
+    page.click("#load-btn")
+    page.wait_for_function(
+        "() => /Loaded .*draft/.test(document.querySelector('#load-status').innerText)", timeout=TIMEOUT_MS
+    )
+    open_accordion(page, "#sampling-options", "#set-max_tokens")
+    set_number(page, "set-max_tokens", 64)
+    page.check("#set-ignore_eos input")
+    page.evaluate(RECORD_METRICS_JS)
+    page.fill("#chat-input textarea", "Repeat this list exactly: apples, pears, plums, cherries, grapes, lemons.")
+    page.press("#chat-input textarea", "Enter")
+    status_is(page, "Done")
+    panel = page.evaluate("window.__panel")
+    live = [float(v) for state, v in panel if state == "generating" and v is not None]
+    assert live and all(0 <= v <= 1 for v in live), panel  # acceptance shown while tokens streamed
+    assert 0 < value_of(page, "acceptance") <= 1
+    assert re.search(r"\d+ of \d+ drafted", page.inner_text("#live-metrics"))
+    assert "draft accepted" in page.locator("#chatbot [data-testid=bot]").last.inner_text()
+    last_row = page.locator("#turns-table .virtual-row").last.inner_text()
+    assert re.search(r"\d+% · \d+ of \d+", last_row), last_row
+    shot(page, "chat-draft")
+
+    page.check("#set-lookup input")  # a draft model and prompt lookup at once: one sentence, no load
+    page.click("#load-btn")
+    page.wait_for_function("document.querySelector('#load-status').innerText.includes('Choose one way of drafting')")
+    page.uncheck("#set-lookup input")
+    draft.fill("")
+    draft.press("Enter")

@@ -39,10 +39,22 @@ def test_form_values_become_settings() -> None:
     assert load_options({"n_gpu_layers": "0"}).n_gpu_layers == 0  # 0 means CPU, not "auto"
     params = sampling_params({"max_tokens": 16.0, "seed": "7", "stop": "###\nEND", "temperature": 0.2})
     assert params.max_tokens == 16 and params.seed == 7 and params.stop == ("###", "END")
+    drafting = load_options({"draft": "", "lookup": True, "draft_max": 8.0, "draft_mode": "fixed"})
+    assert drafting.draft is None and drafting.lookup and drafting.draft_max == 8 and drafting.draft_mode == "fixed"
     with pytest.raises(UserError, match="whole number"):
         load_options({"n_ctx": "lots"})
     with pytest.raises(UserError, match="n_ctx"):
         load_options({"n_ctx": "8"})
+
+
+def test_the_draft_picker_lists_models_on_disk(default_gguf) -> None:
+    from ui.controls import make_control
+
+    picker = make_control(LoadOptions, "draft")
+    values = [value for _, value in picker.choices]
+    assert values[0] == "" and picker.value == "" and picker.elem_id == "set-draft"
+    assert "smollm2-135m-instruct" in values  # the default model (as the chat's own picker names it)
+    assert make_control(LoadOptions, "lookup").elem_id == "set-lookup"
 
 
 def _event(**final) -> GenerationEvent:
@@ -71,6 +83,19 @@ def test_metrics_panel_carries_labels_and_raw_values() -> None:
     assert 'id="m-ram" data-value="300000000">300 MB<' in html and "peak 310 MB" in html
     assert "no GPU" in html
     assert "data-value" not in metrics_html(None)
+    assert "m-acceptance" not in html  # no draft, no acceptance card
+
+
+def test_metrics_panel_and_turn_row_show_the_draft() -> None:
+    import dataclasses
+
+    html = metrics_html(dataclasses.replace(_event(), draft_tokens=244, accepted_tokens=212))
+    assert re.search(r'id="m-acceptance" data-value="0.8689">87%<', html) and "212 of 244 drafted" in html
+    summary = GenerationSummary(
+        "length", 12, 12, 220, 0.04, None, 90.0, 2.5, 1, None, draft_tokens=244, accepted_tokens=212
+    )
+    assert turn_row(1, "m", summary)[-2] == "87% · 212 of 244"
+    assert "draft accepted 212/244 (87%)" in reply_footer(summary)
 
 
 def test_series_and_turn_rows() -> None:
@@ -90,7 +115,7 @@ def test_series_and_turn_rows() -> None:
         peak_vram_bytes=None,
     )
     # 12 evaluated prompt tokens are too few for a prompt rate (format.MIN_RATE_TOKENS)
-    assert turn_row(3, "m", summary) == [3, "m", 42.0, None, 95.5, 5, 310.0, None, "cancelled"]
+    assert turn_row(3, "m", summary) == [3, "m", 42.0, None, 95.5, 5, 310.0, None, None, "cancelled"]
     assert reply_footer(summary).endswith("· cancelled") and "TTFT 42 ms" in reply_footer(summary)
 
 

@@ -43,6 +43,10 @@ def make_control(model: type, name: str, *, value: Any = None) -> Any:
     # The whole description: its "llama.cpp:" / "transformers:" prefix says which backend an option is for.
     common: dict[str, Any] = {"label": about.label, "info": field.description or "", "elem_id": f"set-{name}"}
     annotation = field.annotation
+    if model is LoadOptions and name == "draft":  # a picker of local models, like the chat's own
+        from ui.store import draft_choices
+
+        return gr.Dropdown(choices=draft_choices(), value=default or "", allow_custom_value=True, **common)
     if about.choices or get_origin(annotation) is Literal:
         options = list(about.choices or [(c, c) for c in get_args(annotation)])
         return gr.Dropdown(choices=options, value=default, **common)

@@ -19,6 +19,7 @@ TURN_HEADERS = [
     "tokens",
     "peak RAM (MB)",
     "peak VRAM (MB)",
+    "draft accepted",
     "finish",
 ]
 _RATE_WINDOW_S = 0.5
@@ -54,6 +55,10 @@ def metrics_html(event: GenerationEvent | None, *, state: str = "idle") -> str:
         _card("ram", "RAM", fmt_bytes(event.ram_bytes), event.ram_bytes, f"peak {fmt_bytes(event.peak_ram_bytes)}"),
         _card("vram", "VRAM", fmt_bytes(event.vram_bytes), event.vram_bytes, vram_note),
     ]
+    if event.draft_tokens:  # speculative decoding: the running acceptance
+        rate = event.accepted_tokens / event.draft_tokens
+        note = f"{event.accepted_tokens} of {event.draft_tokens} drafted"
+        cards.append(_card("acceptance", "Draft accepted", f"{rate:.0%}", round(rate, 4), note))
     return _wrap(cards, state)
 
 
@@ -150,8 +155,16 @@ def turn_row(index: int, model: str, s: GenerationSummary) -> list[Any]:
         s.generated_tokens,
         _num(s.peak_ram_bytes / _MB, 0),
         _num(None if s.peak_vram_bytes is None else s.peak_vram_bytes / _MB, 0),
+        _accepted(s),
         s.finish_reason,
     ]
+
+
+def _accepted(s: GenerationSummary) -> str | None:
+    """e.g. '87 % · 212 of 244' for a reply with a draft; None without one."""
+    if not s.draft_tokens:
+        return None
+    return f"{s.accepted_tokens / s.draft_tokens:.0%} · {s.accepted_tokens} of {s.draft_tokens}"
 
 
 def reply_footer(s: GenerationSummary) -> str:

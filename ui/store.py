@@ -46,6 +46,11 @@ def model_choices() -> list[tuple[str, str]]:
     return choices
 
 
+def draft_choices() -> list[tuple[str, str]]:
+    """The draft picker's choices: none, then every model on disk (the value is what --draft takes)."""
+    return [("none", ""), *model_choices()]
+
+
 def model_kind(spec: str | None) -> str | None:
     """ "gguf", "hf_dir" or "hub_id" for what the picker holds, or None when it does not resolve."""
     try:

@@ -12,15 +12,17 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import torch
 
 from localrun.backends.base import LoadReport, ResolvedModel
-from localrun.backends.hf_load import DTYPE_NAMES, load_model
+from localrun.backends.hf_load import DTYPE_NAMES, load_model, load_tokenizer
+from localrun.backends.hf_spec import KVState, propose, speculative_steps, tokenizer_vocab
 from localrun.errors import UserError
 from localrun.events import TokenStep
 from localrun.settings import LoadOptions, SamplingParams, effective_n_ctx
-from localrun.speculative import Drafter
+from localrun.speculative import Draft, Drafter, VocabSummary
 
 _POLL_S = 0.1  # how often a waiting reader checks that the generate thread is still alive
 _JOIN_S = 30.0  # a cancelled generate() stops within one forward pass; this is only a safety net
@@ -109,15 +111,17 @@ class HFBackend:
     prefix cache); the static KV cache, when asked for, is allocated once and reset per request."""
 
     name = "hf"
-    supports_draft = False
+    supports_draft = True
 
     def __init__(self, model: ResolvedModel, options: LoadOptions | None = None) -> None:
         options = options or LoadOptions()
-        if options.draft or options.lookup:
+        drafting = bool(options.draft or options.lookup)
+        if drafting and (options.compile or options.static_cache):
             raise UserError(
-                "Speculative decoding (--draft, --lookup) runs on the llama.cpp backend only for now: drop it, or use a GGUF."
+                "Speculative decoding on the transformers backend runs its own loop on a dynamic KV cache: drop --compile and --static-cache, or the draft."
             )
         self.options = options
+        self.drafter: Drafter | None = None
         self._busy = threading.Lock()
         t0 = time.perf_counter()
         loaded = load_model(model, options)
@@ -143,6 +147,22 @@ class HFBackend:
             details=self._details(loaded.source),
             chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
         )
+        self._spec_state = KVState(self.model)  # the speculative loop's cache, kept across requests
+        if drafting:
+            self._load_drafter(options)
+
+    def _load_drafter(self, options: LoadOptions) -> None:
+        from dataclasses import replace
+
+        from localrun.speculative import load_drafter
+
+        try:
+            self.drafter = load_drafter(self, options)
+        except BaseException:
+            self.close()
+            raise
+        name = Path(self.drafter.backend.report.model_path).name if options.draft else "prompt lookup"
+        self.report = replace(self.report, details={**self.report.details, "draft": name})
 
     @property
     def _wants_static(self) -> bool:
@@ -257,9 +277,10 @@ class HFBackend:
     def generate_tokens(
         self, prompt_ids: Sequence[int], params: SamplingParams, drafter: Drafter | None = None
     ) -> Iterator[TokenStep]:
-        """Stream token ids from model.generate(); closing the iterator stops generate() and joins it."""
+        """Stream token ids from model.generate(); closing the iterator stops generate() and joins it.
+        With a drafter, speculative rounds in our own loop instead (hf_spec.py)."""
         if drafter is not None:
-            raise UserError("Speculative decoding is not available on the transformers backend yet.")
+            return (yield from self._speculative(prompt_ids, params, drafter))
         budget = self.n_ctx - len(prompt_ids)  # stream_generate checked that the prompt leaves room
         if not self._busy.acquire(timeout=_JOIN_S):
             raise RuntimeError("the model is still busy with another request")
@@ -284,9 +305,49 @@ class HFBackend:
             if run is None or run.thread.ident is None:  # no thread took the lock over
                 self._busy.release()
 
+    def _speculative(self, prompt_ids: Sequence[int], params: SamplingParams, drafter: Drafter) -> Iterator[TokenStep]:
+        if not self._busy.acquire(timeout=_JOIN_S):
+            raise RuntimeError("the model is still busy with another request")
+        try:
+            return (yield from speculative_steps(self, self._spec_state, prompt_ids, params, drafter))
+        finally:
+            self._busy.release()
+
     def close(self) -> None:
         """Drop the model; on a GPU also hand the cached blocks back to the driver."""
+        if self.drafter is not None:
+            self.drafter.close()
+            self.drafter = None
+        self._spec_state = None
         self._static_cache = None
         self.model = None
         if self.device == "cuda":
             torch.cuda.empty_cache()
+
+    # -- drafting: this backend as a target, and as a draft model ------------------------------
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        return self._eos_ids
+
+    @property
+    def n_vocab(self) -> int:
+        """The width of the model's logits rows."""
+        return int(self.model.config.get_text_config().vocab_size)
+
+    def vocab_summary(self) -> VocabSummary:
+        return tokenizer_vocab(self.tokenizer)
+
+    def load_draft(self, model: ResolvedModel, options: LoadOptions) -> HFBackend:
+        """Load a draft for this target: its tokenizer is checked first (no weights yet), then it loads
+        with the target's device, dtype and context."""
+        from localrun.speculative import check_compatible
+
+        name = Path(model.path).name if model.path is not None else model.hub_id or model.name
+        check_compatible(self.vocab_summary(), tokenizer_vocab(load_tokenizer(model, options)), name)
+        update = {"draft": None, "lookup": False, "n_ctx": self.n_ctx}
+        return HFBackend(model, options.model_copy(update=update))
+
+    def propose_tokens(self, ids: Sequence[int], n: int, params: SamplingParams, rng, *, p_min: float = 0.0) -> Draft:
+        """As a draft model: up to n tokens after ids (hf_spec.propose), from this model's own cache."""
+        return propose(self._spec_state, self.n_ctx, ids, n, params, rng, p_min)

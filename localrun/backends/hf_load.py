@@ -206,6 +206,18 @@ def load_model(model: ResolvedModel, options: LoadOptions) -> Loaded:
     return Loaded(hf_model, tokenizer, device, hf_model.dtype, hf_model.config._attn_implementation, source)
 
 
+def load_tokenizer(model: ResolvedModel, options: LoadOptions):
+    """The tokenizer alone (no weights): what a draft's compatibility check reads."""
+    if model.kind == "gguf":
+        path = Path(model.path)
+        if not path.is_file():
+            raise UserError(f"{path} does not exist: check the path, or run `localrun models list`.")
+        return _tokenizer(path.parent, trust_remote_code=False, gguf_file=path.name)
+    directory = model_dir(model)
+    check_remote_code(directory, trust_remote_code=options.trust_remote_code)
+    return _tokenizer(directory, trust_remote_code=options.trust_remote_code)
+
+
 def _tokenizer(directory: Path, *, trust_remote_code: bool, gguf_file: str | None = None):
     from transformers import AutoTokenizer
 

@@ -17,6 +17,7 @@ from localrun.events import TokenStep
 from localrun.hardware import llama_cpp_build, physical_cores
 from localrun.settings import LoadOptions, SamplingParams, effective_n_ctx
 from localrun.speculative import (
+    PENALTY_LAST_N,
     Draft,
     Drafter,
     VocabSummary,
@@ -311,7 +312,8 @@ class LlamaCppBackend:
                 if p_min > 0 and j > 0 and _top_prob(logits, tok) < p_min:
                     break
             else:
-                q = filtered_probs(logits, params)
+                # the repeat penalty sees the text so far, as the target's does
+                q = filtered_probs(logits, params, [*ids[-PENALTY_LAST_N:], *tokens])
                 tok = sample_from(q, rng)
                 rows.append(q)
             tokens.append(tok)

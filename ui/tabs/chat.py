@@ -229,6 +229,8 @@ def _wire_model(ctx: Any, c: SimpleNamespace) -> None:
         concurrency_limit=None,
     )
     c.refresh.click(lambda: gr.Dropdown(choices=store.model_choices()), outputs=[c.picker], api_name="model_choices")
+    drafts = c.load_controls["draft"]  # the draft picker (Load options) follows the models on disk too
+    c.refresh.click(lambda: gr.Dropdown(choices=store.draft_choices()), outputs=[drafts], api_visibility="private")
     ctx.components["tab_chat"].select(
         lambda: gr.Dropdown(choices=store.model_choices()), outputs=[c.picker], api_visibility="private"
     )  # a model downloaded in the Models tab shows up on the way back

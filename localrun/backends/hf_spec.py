@@ -1,0 +1,253 @@
+"""Speculative decoding on the transformers backend: our own KV-cached loop around the model's forward
+pass, so every token can say whether it came from the draft (transformers' assisted generation cannot),
+with the drafters, schedule and acceptance rule shared with llama.cpp (localrun/speculative.py).
+
+The target runs one forward over [last token, d1..dk] and gets k+1 logits rows; it keeps the agreeing
+prefix plus one token of its own and crops its DynamicCache past them. The token distributions are
+the ones model.generate() draws from on the plain path (the same transformers logits processors, in
+the same order), so greedy output is the plain output and sampled output follows its distribution.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from localrun.errors import UserError
+from localrun.events import TokenStep
+from localrun.settings import SamplingParams
+from localrun.speculative import Draft, Drafter, VocabSummary, accept_sampled, sample_from, sample_ids
+
+MAX_VERIFY = 65  # positions in one verify forward: the last token and up to 64 drafted ones
+
+
+class Scorer:
+    """The distribution the plain path (model.generate) draws from, for one request's settings:
+    repetition penalty over every earlier id, then temperature, top-k, top-p, min-p when sampling."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        from transformers import (
+            MinPLogitsWarper,
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        self.greedy = params.temperature <= 0
+        self.penalty = (
+            RepetitionPenaltyLogitsProcessor(float(params.repeat_penalty)) if params.repeat_penalty != 1.0 else None
+        )
+        self.warpers: list[Any] = []
+        if not self.greedy:  # the same conditions as generate_kwargs() and transformers' _get_logits_processor
+            if params.temperature != 1.0:
+                self.warpers.append(TemperatureLogitsWarper(float(params.temperature)))
+            if params.top_k:
+                self.warpers.append(TopKLogitsWarper(params.top_k))
+            if params.top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(float(params.top_p)))
+            if params.min_p:
+                self.warpers.append(MinPLogitsWarper(float(params.min_p)))
+
+    @torch.inference_mode()
+    def scores(self, row: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
+        """Processed scores for one logits row, the text so far being history."""
+        s = row.to(torch.float32).reshape(1, -1)
+        ids = None
+        if self.penalty is not None:
+            ids = torch.tensor([list(history)], dtype=torch.long, device=s.device)
+            s = self.penalty(ids, s)
+        for warper in self.warpers:
+            s = warper(ids, s)
+        return s[0]
+
+    @torch.inference_mode()
+    def probs(self, row: torch.Tensor, history: Sequence[int]) -> np.ndarray:
+        return torch.softmax(self.scores(row, history), dim=-1).to(torch.float64).cpu().numpy()
+
+    def choose(self, row: torch.Tensor, history: Sequence[int], rng: np.random.Generator) -> int:
+        if self.greedy:
+            return int(torch.argmax(self.scores(row, history)))
+        return sample_from(self.probs(row, history), rng)
+
+
+class KVState:
+    """One model's DynamicCache and the ids it holds (the counterpart of llama_ctx.LlamaRunner)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.tokens: list[int] = []
+        self.cache: Any = None
+        self._grown = 0  # positions added since the last crop: what a sliding-window layer can give back
+        self._rows_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    @property
+    def n_cached(self) -> int:
+        return len(self.tokens)
+
+    def clear(self) -> None:
+        self.cache, self.tokens, self._grown = None, [], 0
+
+    def trim(self, n: int) -> None:
+        """Forget cached positions from n on (all of them where a sliding window cannot roll back so far)."""
+        drop = len(self.tokens) - n
+        if drop <= 0:
+            return
+        if n == 0 or (drop > self._grown and any(self.cache.is_sliding)):
+            self.clear()
+            return
+        self.cache.crop(-drop)
+        del self.tokens[n:]
+        self._grown = 0
+
+    def reuse_prefix(self, ids: Sequence[int]) -> int:
+        """Keep the longest cached prefix of ids (at most all but the last id, whose logits are needed
+        again); returns how many positions are kept."""
+        limit = min(len(self.tokens), len(ids) - 1)
+        common = next((i for i in range(limit) if self.tokens[i] != ids[i]), limit)
+        self.trim(common)
+        return self.n_cached
+
+    @torch.inference_mode()
+    def eval(self, ids: Sequence[int], rows: int = 1) -> torch.Tensor:
+        """Run ids after the cached positions; the logits of the last `rows` of them, [rows, vocab]."""
+        if self.cache is None:
+            from transformers import DynamicCache
+
+            self.cache = DynamicCache(config=self.model.config)
+            self.cache.activate_past_recording()  # sliding-window layers keep what a crop may need
+        start, device = len(self.tokens), self.model.device
+        x = torch.tensor([list(ids)], dtype=torch.long, device=device)
+        pos = torch.arange(start, start + len(ids), device=device).unsqueeze(0)
+        extra = {"logits_to_keep": rows} if self._rows_arg else {}
+        out = self.model(input_ids=x, position_ids=pos, past_key_values=self.cache, use_cache=True, **extra)
+        self.tokens.extend(ids)
+        self._grown += len(ids)
+        if not self.cache.is_croppable:
+            self.clear()
+            raise UserError(
+                "This model keeps a recurrent state that cannot be rolled back, so it cannot draft or verify drafts: drop --draft/--lookup."
+            )
+        return out.logits[0, -rows:]
+
+
+def speculative_steps(
+    backend: Any, state: KVState, prompt_ids: Sequence[int], params: SamplingParams, drafter: Drafter
+) -> Iterator[TokenStep]:
+    """Rounds of: draft, verify [last, d1..dk] in one forward, keep the agreeing prefix plus one token
+    of the target's own, crop the cache. With no draft this round, one plain single-token step."""
+    rng = np.random.default_rng(params.seed if params.seed is not None else random.randrange(2**31))
+    scorer, eos, width = Scorer(params), backend.eos_ids, backend.n_vocab
+    keep = state.reuse_prefix(prompt_ids)
+    prefill = len(prompt_ids) - keep
+    history = list(prompt_ids)
+    token = scorer.choose(state.eval(prompt_ids[keep:])[-1], history, rng)
+    limit = min(params.max_tokens, backend.n_ctx - len(prompt_ids))  # tokens we may emit
+    first, opens = True, 0
+    while True:
+        if not params.ignore_eos and token in eos:
+            return None
+        yield TokenStep(token, prefill_tokens=prefill if first else None, drafted=opens)
+        first = False
+        history.append(token)
+        emitted = len(history) - len(prompt_ids)
+        if emitted >= limit:
+            return "length"
+        room = min(limit - emitted - 1, backend.n_ctx - state.n_cached - 2, MAX_VERIFY - 1)
+        draft = _fit(drafter.propose(history, params, rng) if room > 0 else Draft(), room, width)
+        if not draft.tokens:
+            token, opens = scorer.choose(state.eval([token])[-1], history, rng), 0
+            continue
+        drafted = draft.tokens
+        n_past = state.n_cached
+        rows = state.eval([token, *drafted], rows=len(drafted) + 1)
+        n_ok, token = _verify(scorer, rows, history, draft, rng)
+        state.trim(n_past + 1 + n_ok)
+        for i, t in enumerate(drafted[:n_ok]):
+            if not params.ignore_eos and t in eos:
+                return None
+            yield TokenStep(t, from_draft=True, drafted=len(drafted) if i == 0 else 0)
+            history.append(t)
+        opens = len(drafted) if n_ok == 0 else 0  # a round with nothing accepted opens on the target's token
+
+
+def _verify(
+    scorer: Scorer, rows: torch.Tensor, history: list[int], draft: Draft, rng: np.random.Generator
+) -> tuple[int, int]:
+    """(drafted tokens accepted, the target's next token). Row i of the verify forward is the target's
+    distribution after draft.tokens[:i]: greedy, its argmax must equal the drafted token; sampled,
+    speculative sampling's rule."""
+    drafted = draft.tokens
+    if not scorer.greedy:
+        return accept_sampled(lambda i: scorer.probs(rows[i], history + list(drafted[:i])), draft, rng)
+    for i, d in enumerate(drafted):
+        own = int(torch.argmax(scorer.scores(rows[i], history + list(drafted[:i]))))
+        if own != d:
+            return i, own
+    return len(drafted), int(torch.argmax(scorer.scores(rows[len(drafted)], history + list(drafted))))
+
+
+def _fit(draft: Draft, room: int, width: int) -> Draft:
+    """At most room tokens, cut before any id the target's vocabulary lacks; the draft's distributions
+    padded or cut to the target's width (a family's models may pad their embedding rows differently)."""
+    tokens = draft.tokens[: max(room, 0)]
+    cut = next((i for i, t in enumerate(tokens) if t >= width), len(tokens))
+    tokens = tokens[:cut]
+    if draft.probs is None or not tokens:
+        return Draft(tokens)
+    probs = draft.probs[: len(tokens)]
+    if probs.shape[1] > width:
+        probs = probs[:, :width]
+    elif probs.shape[1] < width:
+        probs = np.pad(probs, ((0, 0), (0, width - probs.shape[1])))
+    return Draft(tokens, probs)
+
+
+def propose(
+    state: KVState,
+    n_ctx: int,
+    ids: Sequence[int],
+    n: int,
+    params: SamplingParams,
+    rng: np.random.Generator,
+    p_min: float,
+) -> Draft:
+    """As a draft model: up to n tokens after ids from its own cache (trimmed to what ids still share),
+    greedy at temperature 0 (stopping where its top probability is below p_min), else drawn from the
+    plain path's distribution, which is returned for the acceptance rule."""
+    if len(ids) + n >= n_ctx:
+        return Draft()
+    scorer = Scorer(params)
+    keep = state.reuse_prefix(ids)
+    row = state.eval(ids[keep:])[-1]
+    seq = list(ids)
+    tokens: list[int] = []
+    rows: list[np.ndarray] = []
+    for j in range(n):
+        if scorer.greedy:
+            s = scorer.scores(row, seq)
+            tok = int(torch.argmax(s))
+            if p_min > 0 and j > 0 and float(torch.softmax(s, dim=-1)[tok]) < p_min:
+                break
+        else:
+            q = scorer.probs(row, seq)
+            tok = sample_from(q, rng)
+            rows.append(q)
+        tokens.append(tok)
+        seq.append(tok)
+        if j + 1 < n:
+            row = state.eval([tok])[-1]
+    return Draft(tuple(tokens), np.stack(rows) if rows else None)
+
+
+def tokenizer_vocab(tokenizer: Any) -> VocabSummary:
+    """The vocabulary facts a draft must share: size, special tokens, a sample of token texts."""
+    n = len(tokenizer)
+    specials = {"beginning-of-sequence": tokenizer.bos_token_id, "end-of-sequence": tokenizer.eos_token_id}
+    pieces = tokenizer.convert_ids_to_tokens(sample_ids(n))
+    return VocabSummary(n, specials, dict(zip(sample_ids(n), pieces, strict=True)))
