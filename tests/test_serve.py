@@ -75,21 +75,24 @@ def test_streaming_without_usage_has_none(client, model):
     assert all(c.usage is None for c in chunks) and chunks[-1].choices[0].finish_reason
 
 
-def test_omitted_sampling_fields_take_the_models_recommended_settings(client, model):
+def test_omitted_fields_take_the_models_recommended_settings(client, model):
+    """Sampling fields left out, and a missing system message, come from the catalog, as in `localrun chat`."""
     from localrun.catalog import find_model
 
-    recommended = find_model(model).recommended.sampling()
-    messages = [{"role": "user", "content": "Name a fruit."}]
-    implicit = client.chat.completions.create(model=model, messages=messages, max_tokens=12, seed=7)
+    recommended = find_model(model).recommended
+    sampling = recommended.sampling()
+    question = {"role": "user", "content": "What is the capital of France?"}
+    implicit = client.chat.completions.create(model=model, messages=[question], max_tokens=16, seed=7)
     explicit = client.chat.completions.create(
         model=model,
-        messages=messages,
-        max_tokens=12,
+        messages=[{"role": "system", "content": recommended.system}, question],
+        max_tokens=16,
         seed=7,
-        temperature=recommended["temperature"],
-        top_p=recommended["top_p"],
-        extra_body={"repetition_penalty": recommended["repeat_penalty"]},
+        temperature=sampling["temperature"],
+        top_p=sampling["top_p"],
+        extra_body={"repetition_penalty": sampling["repeat_penalty"]},
     )
+    assert implicit.usage.prompt_tokens == explicit.usage.prompt_tokens
     assert implicit.choices[0].message.content == explicit.choices[0].message.content
 
 
