@@ -89,6 +89,29 @@ def test_json_schema_replies_validate(client, model):
         _validate(json.loads(choice.message.content))
 
 
+def test_openai_parse_helper_gets_a_pydantic_object(client, model):
+    """`client.chat.completions.parse(response_format=Model)` sends a strict schema and parses the reply."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class City(BaseModel):
+        name: str = Field(min_length=1, max_length=30)
+        population_millions: int = Field(ge=0, le=50)
+        continent: Literal["Europe", "Asia", "Africa", "America", "Oceania"]
+
+    completion = client.chat.completions.parse(
+        model=model,
+        messages=[{"role": "user", "content": "Describe Paris."}],
+        response_format=City,
+        max_tokens=200,
+        temperature=0,
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, City)
+    assert choice.message.parsed == City.model_validate_json(choice.message.content)
+
+
 def test_json_object_and_bad_schema(client, model):
     reply = client.chat.completions.create(
         model=model,
