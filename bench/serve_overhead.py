@@ -25,7 +25,8 @@ PROMPT = "Write a long story about a lighthouse keeper."
 
 
 def chat_rate(model: str | None, max_tokens: int) -> float:
-    """Decode tok/s from `localrun chat -p` (same prompt, no system prompt, greedy, fixed length)."""
+    """Decode tok/s from `localrun chat -p` (the same prompt and recommended system prompt and settings as the
+    server applies, greedy, fixed length)."""
     cmd = [
         sys.executable,
         "-m",
@@ -34,14 +35,12 @@ def chat_rate(model: str | None, max_tokens: int) -> float:
         *([model] if model else []),
         "-p",
         PROMPT,
-        "-s",
-        "",
         "--temperature",
         "0",
         "--max-tokens",
         str(max_tokens),
         "--ignore-eos",
-    ]  # the rest (repeat penalty, ...) is the model's recommended setting, as the server also applies it
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=True)
     match = re.search(r"gen ([\d.]+) tok/s", done.stderr)
     if not match:

@@ -39,7 +39,7 @@ _KNOWN = frozenset({"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref"})
 _UNBOUNDED_DIGITS = 15  # the converter's own integers stop at 16 digits; bounds default to 15
 
 
-def prepare(schema: Any, where: str = "the schema") -> dict[str, Any]:
+def prepare(schema: Any, where: str = "The JSON schema") -> dict[str, Any]:
     """A copy of schema in the forms the converter enforces; UserError for anything it would skip."""
     if schema is True:
         return {}
@@ -55,7 +55,7 @@ def prepare(schema: Any, where: str = "the schema") -> dict[str, Any]:
     out = dict(schema)
     for key in ("$defs", "definitions"):
         if key in out:
-            out[key] = {n: prepare(s, f"{where}/{key}/{n}") for n, s in _object(out[key], key, where).items()}
+            out[key] = {n: prepare(s, _at(where, f"{key}/{n}")) for n, s in _object(out[key], key, where).items()}
     if "allOf" in out:
         out = _merge_all_of(out, where)
     if isinstance(out.get("type"), list):
@@ -136,7 +136,7 @@ def _alone(schema: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     branches = schema[key]
     if not isinstance(branches, list) or not branches:
         raise UserError(f"{where}: {key} must be a non-empty list of schemas.")
-    return {**schema, key: [prepare(b, f"{where}/{key}/{i}") for i, b in enumerate(branches)]}
+    return {**schema, key: [prepare(b, _at(where, f"{key}/{i}")) for i, b in enumerate(branches)]}
 
 
 def _check_values_fit(schema: dict[str, Any], values: list[Any], key: str, where: str) -> None:
@@ -166,10 +166,10 @@ def _object_schema(schema: dict[str, Any], where: str) -> dict[str, Any]:
         raise UserError(f"{where} requires {missing[0]!r} without describing it in properties: add it to properties.")
     out = dict(schema)
     if "properties" in schema:
-        out["properties"] = {n: prepare(s, f"{where}/properties/{n}") for n, s in props.items()}
+        out["properties"] = {n: prepare(s, _at(where, f"properties/{n}")) for n, s in props.items()}
     extra = schema.get("additionalProperties")
     if isinstance(extra, dict):
-        out["additionalProperties"] = prepare(extra, f"{where}/additionalProperties")
+        out["additionalProperties"] = prepare(extra, _at(where, "additionalProperties"))
     elif extra is not None and not isinstance(extra, bool):
         raise UserError(f"{where}: additionalProperties must be true, false or a schema.")
     return out
@@ -190,9 +190,9 @@ def _array_schema(schema: dict[str, Any], where: str) -> dict[str, Any]:
                 "an exact tuple: leave the others out."
             )
         out.pop("items", None)
-        out["prefixItems"] = [prepare(s, f"{where}/prefixItems/{i}") for i, s in enumerate(tuple_items)]
+        out["prefixItems"] = [prepare(s, _at(where, f"prefixItems/{i}")) for i, s in enumerate(tuple_items)]
     elif "items" in schema:
-        out["items"] = prepare(schema["items"], f"{where}/items")
+        out["items"] = prepare(schema["items"], _at(where, "items"))
     elif counts:
         out["items"] = {}  # the converter ignores minItems/maxItems without items
     return out
@@ -209,9 +209,19 @@ def _string_schema(schema: dict[str, Any], where: str) -> None:
     if (fmt is not None or has_pattern) and (lengths or (fmt is not None and has_pattern)):
         used = [k for k in ("format", "pattern", *lengths) if k in schema]
         raise UserError(f"{where} combines {' and '.join(used)}, which localrun cannot enforce together: keep one.")
+    pattern = schema.get("pattern", "^$")
+    if not isinstance(pattern, str) or not (pattern.startswith("^") and pattern.endswith("$")):
+        raise UserError(
+            f"{where} has a pattern without ^ and $: localrun enforces whole-string patterns, so anchor it."
+        )
     for k in lengths:
         if not isinstance(schema[k], int) or isinstance(schema[k], bool) or schema[k] < 0:
             raise UserError(f"{where}: {k} must be a whole number, 0 or more.")
+
+
+def _at(where: str, pointer: str) -> str:
+    """Where a nested schema is, for messages: "The JSON schema at /properties/age"."""
+    return f"{where}/{pointer}" if " at /" in where else f"{where} at /{pointer}"
 
 
 def _only_annotations(schema: dict[str, Any]) -> dict[str, Any]:
@@ -225,7 +235,7 @@ def _no_annotations(schema: dict[str, Any]) -> dict[str, Any]:
 # -- integers in a range ----------------------------------------------------------------------------
 
 
-def integer_bounds(schema: dict[str, Any], where: str = "the schema") -> tuple[int | None, int | None] | None:
+def integer_bounds(schema: dict[str, Any], where: str = "The JSON schema") -> tuple[int | None, int | None] | None:
     """(lowest, highest) allowed for an integer schema with bounds, None when it has none."""
     keys = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
     if schema.get("type") != "integer" or not any(k in schema for k in keys):

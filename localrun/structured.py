@@ -46,7 +46,8 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], *, name: str | None = Non
             "properties": {
                 "name": {"const": f["name"]},
                 "arguments": prepare(
-                    f.get("parameters") or {"type": "object", "properties": {}}, f"The parameters of {f['name']!r}"
+                    f.get("parameters") or {"type": "object", "properties": {}},
+                    f"The parameters schema of {f['name']!r}",
                 ),
             },
             "required": ["name", "arguments"],

@@ -54,6 +54,7 @@ def test_integer_bounds_read_every_form():
         ({"anyOf": [{"type": "string"}], "maxLength": 2}, "beside anyOf"),
         ({"$ref": "#/$defs/a", "minLength": 2, "$defs": {"a": {"type": "string"}}}, "beside $ref"),
         ({"type": "integer", "multipleOf": 5}, "'multipleOf'"),
+        ({"type": "string", "pattern": "ab+"}, "without ^ and $"),
         ({"minimum": 3}, "give it a type"),
         ({"type": "string", "enum": ["a", 3]}, "not of type string"),
         ({"type": "object", "properties": {"a": {"type": "integer", "maximum": "9"}}}, "maximum must be a number"),

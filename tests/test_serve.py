@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import socket
 import subprocess
 import sys
 import time
@@ -14,55 +12,14 @@ import httpx
 import pytest
 
 from tests.conftest import REPO, run_localrun
+from tests.serve_support import KEY, N_CTX, free_port, keyed_server, metric, start_server, stop
 
 openai = pytest.importorskip("openai")
-
-KEY = "test-key-5b1c"
-N_CTX = 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start_server(*args: str, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    """A real `localrun serve` process on a free loopback port, once /health answers."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "localrun.cli", "serve", "--port", str(port), *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"localrun serve exited: {proc.stderr.read()}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    pytest.fail("localrun serve did not come up")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
 def server():
-    """`localrun serve` with its key from $LOCALRUN_API_KEY; yields its base URL."""
-    proc, base = _start_server("--n-ctx", str(N_CTX), env={**os.environ, "LOCALRUN_API_KEY": KEY})
-    yield base
-    _stop(proc)
+    yield from keyed_server()
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +30,6 @@ def client(server):
 @pytest.fixture(scope="module")
 def model(client):
     return client.models.list().data[0].id
-
-
-def _metric(server: str, name: str) -> float:
-    text = httpx.get(f"{server}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 def test_models(client, model):
@@ -124,21 +75,24 @@ def test_streaming_without_usage_has_none(client, model):
     assert all(c.usage is None for c in chunks) and chunks[-1].choices[0].finish_reason
 
 
-def test_omitted_sampling_fields_take_the_models_recommended_settings(client, model):
+def test_omitted_fields_take_the_models_recommended_settings(client, model):
+    """Sampling fields left out, and a missing system message, come from the catalog, as in `localrun chat`."""
     from localrun.catalog import find_model
 
-    recommended = find_model(model).recommended.sampling()
-    messages = [{"role": "user", "content": "Name a fruit."}]
-    implicit = client.chat.completions.create(model=model, messages=messages, max_tokens=12, seed=7)
+    recommended = find_model(model).recommended
+    sampling = recommended.sampling()
+    question = {"role": "user", "content": "What is the capital of France?"}
+    implicit = client.chat.completions.create(model=model, messages=[question], max_tokens=16, seed=7)
     explicit = client.chat.completions.create(
         model=model,
-        messages=messages,
-        max_tokens=12,
+        messages=[{"role": "system", "content": recommended.system}, question],
+        max_tokens=16,
         seed=7,
-        temperature=recommended["temperature"],
-        top_p=recommended["top_p"],
-        extra_body={"repetition_penalty": recommended["repeat_penalty"]},
+        temperature=sampling["temperature"],
+        top_p=sampling["top_p"],
+        extra_body={"repetition_penalty": sampling["repeat_penalty"]},
     )
+    assert implicit.usage.prompt_tokens == explicit.usage.prompt_tokens
     assert implicit.choices[0].message.content == explicit.choices[0].message.content
 
 
@@ -278,7 +232,7 @@ def test_malformed_json_and_keys(server, model):
 
 
 def test_disconnect_cancels_and_frees_the_model(server, client, model):
-    cancelled_before = _metric(server, "localrun_cancelled_total")
+    cancelled_before = metric(server, "localrun_cancelled_total")
     body = {
         "model": model,
         "messages": [{"role": "user", "content": "Count to a thousand."}],
@@ -292,208 +246,20 @@ def test_disconnect_cancels_and_frees_the_model(server, client, model):
         got = [line for line, _ in zip(lines, range(12), strict=False) if line.startswith("data:")]
         assert len(got) >= 4  # the role chunk and a few tokens, then we hang up
     deadline = time.monotonic() + 120
-    while _metric(server, "localrun_cancelled_total") <= cancelled_before and time.monotonic() < deadline:
+    while metric(server, "localrun_cancelled_total") <= cancelled_before and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _metric(server, "localrun_cancelled_total") == cancelled_before + 1
+    assert metric(server, "localrun_cancelled_total") == cancelled_before + 1
     # stopped between two tokens: after the cancel, at most the token being computed when Stop landed came
     # out, plus one already in the pipe from the model process
-    assert _metric(server, "localrun_cancel_overrun_tokens_sum") <= 2
+    assert metric(server, "localrun_cancel_overrun_tokens_sum") <= 2
     assert httpx.get(f"{server}/health").json()["busy"] is False
     after = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
     assert after.usage.completion_tokens >= 1
 
 
-PERSON_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "minLength": 1, "maxLength": 24},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "mood": {"enum": ["happy", "sad", "calm"]},
-        "likes_tea": {"type": "boolean"},
-    },
-    "required": ["name", "age", "mood", "likes_tea"],
-    "additionalProperties": False,
-}
-SUBJECTS = [
-    "a baker",
-    "a pilot",
-    "a child",
-    "a farmer",
-    "a poet",
-    "a nurse",
-    "a chess player",
-    "a sailor",
-    "a teacher",
-    "a painter",
-    "a runner",
-    "a cook",
-    "a doctor",
-    "a singer",
-    "a miner",
-    "a monk",
-    "a driver",
-    "a judge",
-    "a gardener",
-    "a student",
-]
-
-
-def _validate(obj: object) -> None:
-    """PERSON_SCHEMA by hand (the test must not trust the code under test to check it)."""
-    assert isinstance(obj, dict) and set(obj) == {"name", "age", "mood", "likes_tea"}
-    assert isinstance(obj["name"], str) and 1 <= len(obj["name"]) <= 24
-    assert isinstance(obj["age"], int) and not isinstance(obj["age"], bool) and 0 <= obj["age"] <= 120
-    assert obj["mood"] in ("happy", "sad", "calm") and isinstance(obj["likes_tea"], bool)
-
-
-def test_json_schema_replies_validate(client, model):
-    """Every keyword of PERSON_SCHEMA is in the grammar (bounded strings and integers), so each reply can
-    only end once the object is complete: 300 tokens is more than the longest one the grammar allows."""
-    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA}}
-    for i, subject in enumerate(SUBJECTS):
-        sampled = i % 2 == 1
-        reply = client.chat.completions.create(
-            model=model,
-            messages=[{"role": "user", "content": f"Describe {subject} as JSON."}],
-            response_format=fmt,
-            max_tokens=300,
-            temperature=0.8 if sampled else 0,
-            seed=i,
-        )
-        choice = reply.choices[0]
-        assert choice.finish_reason == "stop", choice.message.content
-        _validate(json.loads(choice.message.content))
-
-
-def test_json_object_and_bad_schema(client, model):
-    reply = client.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": "Give me a JSON object about cats."}],
-        response_format={"type": "json_object"},
-        max_tokens=80,
-        temperature=0,
-    )
-    if reply.choices[0].finish_reason == "stop":
-        assert isinstance(json.loads(reply.choices[0].message.content), dict)
-    else:  # a free-form object may run long; what came out is still a JSON prefix starting an object
-        assert reply.choices[0].message.content.startswith("{")
-    with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(
-            model=model,
-            messages=[{"role": "user", "content": "x"}],
-            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nope"}}},
-        )
-    assert err.value.body["param"] == "response_format"
-    email = {"type": "object", "properties": {"to": {"type": "string", "format": "email"}}}
-    with pytest.raises(openai.BadRequestError) as err:  # a keyword the grammar would skip: refused, not ignored
-        client.chat.completions.create(
-            model=model,
-            messages=[{"role": "user", "content": "x"}],
-            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": email}},
-        )
-    assert err.value.status_code == 400 and "'email'" in err.value.body["message"]
-    assert err.value.body["param"] == "response_format"
-
-
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 40}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
-
-
-NAMED_CHOICE = {"type": "function", "function": {"name": "get_weather"}}
-
-
-def test_tool_round_trip(client, model):
-    """The openai package's streaming helper accumulates the call; a strict tool gets its arguments parsed."""
-    strict_tool = {**WEATHER_TOOL, "function": {**WEATHER_TOOL["function"], "strict": True}}
-    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
-    with client.chat.completions.stream(
-        model=model, messages=messages, tools=[strict_tool], tool_choice=NAMED_CHOICE, max_tokens=100, temperature=0
-    ) as stream:
-        events = list(stream)
-        completion = stream.get_final_completion()
-    deltas = [
-        d for e in events if e.type == "chunk" and e.chunk.choices for d in e.chunk.choices[0].delta.tool_calls or []
-    ]
-    assert deltas[0].id and deltas[0].type == "function" and deltas[0].function.name == "get_weather"
-    assert all(d.index == 0 and d.id is None for d in deltas[1:])  # later deltas only carry arguments
-    done = [e for e in events if e.type == "tool_calls.function.arguments.done"]
-    assert [e.name for e in done] == ["get_weather"]
-    choice = completion.choices[0]
-    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
-    call = choice.message.tool_calls[0]
-    arguments = json.loads(call.function.arguments)
-    assert call.id == deltas[0].id and call.function.parsed_arguments == arguments == done[0].parsed_arguments
-    assert set(arguments) == {"city"} and isinstance(arguments["city"], str) and len(arguments["city"]) <= 40
-    messages += [
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": call.id,
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": call.function.arguments},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 18, "sky": "sunny"}'},
-    ]
-    final = list(
-        client.chat.completions.create(
-            model=model, messages=messages, tools=[WEATHER_TOOL], max_tokens=40, temperature=0, stream=True
-        )
-    )
-    text = "".join(c.choices[0].delta.content or "" for c in final if c.choices)
-    assert text.strip() and final[-1].choices[0].finish_reason in ("stop", "length")
-    assert not any(c.choices[0].delta.tool_calls for c in final if c.choices)
-
-
-def test_truncated_tool_call_keeps_the_raw_text(client, model):
-    """A call cut short by max_tokens does not parse: the reply is its raw text and says why, streamed or not."""
-    request = {
-        "model": model,
-        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
-        "tools": [WEATHER_TOOL],
-        "tool_choice": NAMED_CHOICE,
-        "max_tokens": 6,
-        "temperature": 0,
-    }
-    whole = client.chat.completions.create(**request)
-    choice = whole.choices[0]
-    assert choice.finish_reason == "length" and not choice.message.tool_calls
-    assert choice.message.content.startswith("<tool_call>")
-    assert "could not be parsed" in whole.model_extra["localrun"]["tool_call_error"]
-    chunks = [c for c in client.chat.completions.create(**request, stream=True) if c.choices]
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == choice.message.content
-    assert not any(c.choices[0].delta.tool_calls for c in chunks)
-    assert chunks[-1].choices[0].finish_reason == "length"
-    assert chunks[-1].model_extra["localrun"]["tool_call_error"] == whole.model_extra["localrun"]["tool_call_error"]
-
-
-def test_unparsable_tool_call_keeps_the_raw_text():
-    from localrun.server.replies import ToolCallSplitter
-
-    splitter = ToolCallSplitter(["get_weather"])
-    shown = splitter.feed("Let me check. <tool_") + splitter.feed('call>\n{"name": "get_weather", "arguments": {"ci')
-    parsed = splitter.finish()
-    assert shown == "Let me check. "
-    assert parsed.tool_calls == () and parsed.content.startswith("<tool_call>") and "closing" in parsed.error
-
-
 def test_non_loopback_host_needs_a_key(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "LOCALRUN_API_KEY"}
-    result = run_localrun("serve", "--host", "0.0.0.0", "--port", str(_free_port()), env=env)
+    result = run_localrun("serve", "--host", "0.0.0.0", "--port", str(free_port()), env=env)
     assert result.returncode == 2 and "api-key" in result.stderr and "Traceback" not in result.stderr
     empty = tmp_path / "key"
     empty.write_text("\n")
@@ -509,7 +275,7 @@ def test_full_queue_answers_429_and_a_queued_request_waits(tmp_path):
     key_file = tmp_path / "key"
     key_file.write_text("file-key-9d2e\n")
     env = {k: v for k, v in os.environ.items() if k != "LOCALRUN_API_KEY"}
-    proc, base = _start_server("--max-queue", "1", "--api-key-file", str(key_file), env=env)
+    proc, base = start_server("--max-queue", "1", "--api-key-file", str(key_file), env=env)
     headers = {"Authorization": "Bearer file-key-9d2e"}
     url = f"{base}/v1/chat/completions"
     api = openai.OpenAI(base_url=f"{base}/v1", api_key="file-key-9d2e", max_retries=0, timeout=600)
@@ -535,12 +301,12 @@ def test_full_queue_answers_429_and_a_queued_request_waits(tmp_path):
         waiter.join(timeout=300)  # hanging up freed the model: the waiting request runs
         assert waited and waited[0].usage.completion_tokens >= 1
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def test_ui_api_serves_both_on_one_port():
     """`localrun ui --api`: the Gradio page and the OpenAI API on one port, on the UI's model worker."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "LOCALRUN_API_KEY"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "localrun.cli", "ui", "--api", "--port", str(port)],
@@ -569,20 +335,3 @@ def test_ui_api_serves_both_on_one_port():
         proc.wait(timeout=60)
     refused = run_localrun("ui", "--api", "--host", "0.0.0.0", "--auth", "a:b", env=env)
     assert refused.returncode == 2 and "api-key" in refused.stderr
-
-
-def test_chat_tab_json_schema_field_uses_the_grammar(llama_backend):
-    """The UI's "JSON schema" field: the same grammar path, straight on the engine."""
-    from localrun.errors import UserError
-    from localrun.generate import generate
-    from localrun.settings import SamplingParams
-    from localrun.structured import with_json_schema
-
-    params = with_json_schema(SamplingParams(temperature=0, max_tokens=120), json.dumps(PERSON_SCHEMA))
-    prompt = llama_backend.render_chat([{"role": "user", "content": "Describe a fisherman."}])
-    summary = generate(llama_backend, llama_backend.tokenize(prompt), params)
-    assert summary.finish_reason == "stop"
-    _validate(json.loads(summary.text))
-    assert with_json_schema(params.replace(grammar=None), "  ").grammar is None
-    with pytest.raises(UserError, match="not valid JSON"):
-        with_json_schema(params, "{type: object}")

@@ -91,7 +91,7 @@ class Api:
         self.engine = engine
         self.api_key = api_key
         self.metrics = metrics or Metrics()
-        self._recommended_cache: dict[str | None, dict[str, Any]] = {}
+        self._recommended_cache: dict[str | None, Any] = {}
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -119,16 +119,15 @@ class Api:
             code="model_not_found",
         )
 
-    def _recommended(self, spec: str | None) -> dict[str, Any]:
-        """The model's recommended sampling (as `localrun chat` and the UI use it), for fields a request omits."""
+    def _recommended(self, spec: str | None) -> Any:
+        """The catalog's recommended sampling and system prompt for a model (None: it has none)."""
         if spec not in self._recommended_cache:
             from localrun.catalog import resolve_model
 
             try:
-                recommended = resolve_model(spec).recommended
+                self._recommended_cache[spec] = resolve_model(spec).recommended
             except UserError:
-                recommended = None
-            self._recommended_cache[spec] = recommended.sampling() if recommended is not None else {}
+                self._recommended_cache[spec] = None
         return self._recommended_cache[spec]
 
     # -- routes -------------------------------------------------------------------------------
@@ -183,8 +182,8 @@ class Api:
         self._authorize(request)
         body = parse_body(await request.body(), body_type)
         load = self.engine.load_request(self._model_spec(body.model))
-        defaults = self._recommended(load.model if load is not None else None)
-        job, reply = convert(body, model_name=body.model, load=load, defaults=defaults)
+        recommended = self._recommended(load.model if load is not None else None)
+        job, reply = convert(body, model_name=body.model, load=load, recommended=recommended)
         t0 = time.perf_counter()
         cancel = CancelWatch()
 

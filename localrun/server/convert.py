@@ -31,9 +31,12 @@ def sampling(body: _Sampling, *, grammar: str | None = None, defaults: dict[str,
 
 
 def chat_request(
-    body: ChatBody, *, model_name: str, load: LoadRequest | None, defaults: dict[str, Any] | None = None
+    body: ChatBody, *, model_name: str, load: LoadRequest | None, recommended: Any = None
 ) -> tuple[ApiChatRequest, ChatReply]:
-    """The engine request and the reply builder for a chat body (400 for conflicting options)."""
+    """The engine request and the reply builder for a chat body (400 for conflicting options).
+
+    recommended: the model's catalog recommendation, whose sampling fills what the body leaves out and
+    whose system prompt opens a chat that has none (as `localrun chat` and the UI do)."""
     tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
     choice = body.tool_choice
     if choice not in (None, "none") and not tools:
@@ -49,9 +52,13 @@ def chat_request(
 
         name = None if choice == "required" else choice.function.name
         grammar = _user_error_as_400(lambda: tool_call_grammar(tools, name=name), "tool_choice")
-    params = sampling(body, grammar=grammar, defaults=defaults)
+    params = sampling(body, grammar=grammar, defaults=_sampling_of(recommended))
+    messages = [m.plain() for m in body.messages]
+    system = getattr(recommended, "system", None)
+    if system and messages[0]["role"] not in ("system", "developer"):
+        messages.insert(0, {"role": "system", "content": system})
     request = ApiChatRequest(
-        messages=tuple(m.plain() for m in body.messages),
+        messages=tuple(messages),
         params=params,
         max_tokens=body.max_completion_tokens or body.max_tokens,
         tools=tuple(tools),
@@ -82,8 +89,12 @@ def _user_error_as_400(build: Any, param: str) -> str:
         raise ApiError(400, str(exc), param=param) from None
 
 
+def _sampling_of(recommended: Any) -> dict[str, Any]:
+    return recommended.sampling() if recommended is not None else {}
+
+
 def completion_request(
-    body: CompletionBody, *, model_name: str, load: LoadRequest | None, defaults: dict[str, Any] | None = None
+    body: CompletionBody, *, model_name: str, load: LoadRequest | None, recommended: Any = None
 ) -> tuple[CompletionRequest, CompletionReply]:
     prompt = body.prompt
     if isinstance(prompt, list):
@@ -91,6 +102,6 @@ def completion_request(
             raise ApiError(400, "prompt takes one string here (batches of prompts are not supported).", param="prompt")
         prompt = prompt[0]
     request = CompletionRequest(
-        prompt=prompt, params=sampling(body, defaults=defaults), max_tokens=body.max_tokens, load=load
+        prompt=prompt, params=sampling(body, defaults=_sampling_of(recommended)), max_tokens=body.max_tokens, load=load
     )
     return request, CompletionReply(model_name)
