@@ -125,6 +125,20 @@ def test_draft_model_gives_the_plain_output(drafted, penalty: float) -> None:
     assert again == spec and summary.prefill_tokens == 1  # the cached prompt is reused, all but its last token
 
 
+def test_closing_mid_reply_leaves_the_model_ready(drafted) -> None:
+    ids = drafted.tokenize("A stream that is closed halfway through")
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    steps = drafted.generate_tokens(ids, params, drafted.drafter)
+    first = [next(steps).token_id for _ in range(7)]
+    steps.close()  # possibly mid-round: the cache is already cropped to what was accepted
+    assert drafted._busy.acquire(timeout=0)
+    drafted._busy.release()
+    plain, _, _ = _run(drafted, ids, params, draft=False)
+    spec, _, _ = _run(drafted, ids, params, draft=True)
+    assert spec[:7] == first
+    _assert_same_or_near_tie(drafted, ids, plain, spec, 1.0)
+
+
 def test_self_draft_accepts_everything(family: Path) -> None:
     opts = LoadOptions(n_ctx=256, draft=str(family / "target"), draft_max=4, draft_mode="fixed")
     b = load_backend(family / "target", opts)
