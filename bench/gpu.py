@@ -1,11 +1,18 @@
-"""GPU benchmark of the transformers backend: attention kernels, static cache + torch.compile, NF4.
+"""GPU benchmark of the transformers backend: attention kernels, static cache + torch.compile, NF4;
+and speculative decoding on both backends.
 
     python bench/gpu.py                      # SmolLM2-135M and a ~1B random llama, all variants
     python bench/gpu.py --models llama-1b --n-gen 256
+    python bench/gpu.py --spec-only          # speculative decoding only (SmolLM2: lookup, self-draft)
 
 Each variant is loaded fresh and measured with localrun.bench.run_bench (ours and the bare
 model.generate() loop, back to back, medians). Writes bench/results/gpu-<device>.json. The goal
 on the 1B config: static cache + compile decodes at least 2x as fast as the dynamic eager baseline.
+
+Speculative decoding (localrun.bench.run_spec_bench: plain and drafted, interleaved, greedy, 256 tokens)
+runs on SmolLM2 with prompt lookup on a copy-from-input prompt and with the model drafting for itself,
+on the transformers backend and, where llama-cpp-python was built with CUDA, on llama.cpp (the default
+GGUF). No smaller model shares SmolLM2's tokenizer offline, so there is no small-draft pair here.
 """
 
 from __future__ import annotations
@@ -111,6 +118,65 @@ def run_variant(path: Path, variant: str, args: argparse.Namespace) -> dict:
         torch.cuda.empty_cache()
 
 
+COPY = (
+    "Repeat this list with one change, replacing plums with peaches, and keep everything else exactly: "
+    + ", ".join(
+        f"item {i}: {w}" for i, w in enumerate("apples pears plums cherries grapes lemons limes melons".split())
+    )
+    + "."
+)
+SPEC_CASES = {"lookup": ({"lookup": True}, COPY), "self-draft": ({"draft": "SELF", "draft_max": 4}, None)}
+
+
+def run_speculative(smollm2: Path, args: argparse.Namespace) -> dict:
+    """Speedup and acceptance per backend and case; errors and missing builds are recorded, not raised."""
+    from localrun.catalog import default_model_path
+    from localrun.hardware import llama_cpp_build
+
+    targets = {"hf": (smollm2, {"backend": "hf", "dtype": "bfloat16"})}
+    if llama_cpp_build()["cuda"]:
+        targets["llamacpp"] = (default_model_path(), {"backend": "llamacpp", "n_gpu_layers": -1})
+    out: dict = {} if "llamacpp" in targets else {"llamacpp": {"skipped": "llama-cpp-python has no CUDA build"}}
+    for backend, (path, load) in targets.items():
+        out[backend] = {}
+        for case, (extra, prompt) in SPEC_CASES.items():
+            extra = {k: str(path) if v == "SELF" else v for k, v in extra.items()}
+            out[backend][case] = row = _spec_case(path, {**load, **extra}, prompt, args)
+            print(f"speculative {backend:<9} {case:<11} {_fmt_spec(row)}", flush=True)
+    return out
+
+
+def _spec_case(path: Path, fields: dict, prompt: str | None, args: argparse.Namespace) -> dict:
+    import torch
+
+    from localrun.backends import load_backend
+    from localrun.bench import SPEC_PROMPT, run_spec_bench
+    from localrun.settings import LoadOptions
+
+    backend = None
+    try:
+        backend = load_backend(path, LoadOptions(device="cuda", n_ctx=1024, **fields))
+        return run_spec_bench(backend, prompt=prompt or SPEC_PROMPT, n_gen=256, reps=args.reps)
+    except Exception as exc:  # one failing case must not lose the others' numbers
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        if backend is not None:
+            backend.close()
+        del backend
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _fmt_spec(row: dict) -> str:
+    if "speedup" not in row:
+        return row.get("error") or row.get("skipped", "")
+    acc = "n/a" if row["acceptance_rate"] is None else f"{row['acceptance_rate']:.0%}"
+    return (
+        f"plain {row['plain_decode_tps']:7.1f} tok/s  drafted {row['draft_decode_tps']:7.1f} tok/s  "
+        f"speedup {row['speedup']:.2f}x  acceptance {acc}  same text {row['same_text']}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="smollm2,llama-1b", help="comma-separated: smollm2, llama-1b")
@@ -118,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-prompt", type=int, default=512)
     parser.add_argument("--n-gen", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--spec-only", action="store_true", help="only the speculative-decoding cases")
+    parser.add_argument("--no-spec", action="store_true", help="skip the speculative-decoding cases")
     parser.add_argument("-o", "--output", type=Path, help="default: bench/results/gpu-<device>.json")
     args = parser.parse_args(argv)
     try:
@@ -130,13 +198,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.cuda.get_device_name(0)
     results: dict = {"device": device, "n_prompt": args.n_prompt, "n_gen": args.n_gen, "reps": args.reps}
+    models = args.models.split(",")
     with tempfile.TemporaryDirectory(prefix="localrun-gpu-bench-") as tmp:
-        paths = build_models(args.models.split(","), Path(tmp))
+        paths = build_models(sorted({*models, "smollm2"}) if not args.no_spec else models, Path(tmp))
         for name, path in paths.items():
+            if args.spec_only or name not in models:
+                continue
             results[name] = {}
             for variant in args.variants.split(","):
                 results[name][variant] = row = run_variant(path, variant, args)
                 print(f"{name:<10} {variant:<18} {_fmt(row)}", flush=True)
+        if not args.no_spec:
+            results["speculative"] = run_speculative(paths["smollm2"], args)
     results["goal"] = _goal(results.get("llama-1b", {}))
     from localrun.bench import machine_info
 

@@ -84,6 +84,29 @@ def test_self_draft_is_plain_output_and_accepts_everything(self_drafting) -> Non
     assert summary.draft_s > 0 and summary.verify_s > 0 and set(summary.draft_lengths) == {4}
 
 
+@pytest.mark.gpu
+def test_self_draft_on_the_gpu(default_gguf) -> None:
+    """The same on a CUDA build of llama-cpp-python with an NVIDIA GPU: target and draft both offloaded."""
+    from conftest import llama_device
+
+    from localrun.backends import load_backend
+
+    if llama_device() != "cuda":
+        pytest.skip("needs a CUDA build of llama-cpp-python and an NVIDIA GPU")
+    opts = LoadOptions(device="cuda", n_ctx=512, draft=str(default_gguf), draft_max=4, draft_mode="fixed")
+    b = load_backend(default_gguf, opts)
+    try:
+        assert b.report.device == "cuda" and b.drafter.backend.report.device == "cuda"
+        ids = _chat(b, "Tell me about the moon.")
+        params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+        plain, _, _ = _run(b, ids, params, draft=False)
+        spec, _, summary = _run(b, ids, params, draft=True)
+        _assert_same_or_near_tie(b, ids, plain, spec)
+        assert summary.draft_tokens >= 20 and summary.acceptance_rate >= 0.99
+    finally:
+        b.close()
+
+
 @pytest.mark.parametrize("penalty", [1.0, 1.1])
 def test_sampled_self_draft_accepts_nearly_all(self_drafting, penalty: float) -> None:
     """At temperature 1 with p = q the rule min(1, p/q) accepts everything; the verify batch's logits

@@ -107,8 +107,9 @@ class _GenerateRun:
 
 
 class HFBackend:
-    """A loaded transformers model. Each request evaluates its whole prompt (no cross-request
-    prefix cache); the static KV cache, when asked for, is allocated once and reset per request."""
+    """A loaded transformers model. Each plain request evaluates its whole prompt (no cross-request
+    prefix cache); the static KV cache, when asked for, is allocated once and reset per request.
+    With a drafter (--draft, --lookup) requests run hf_spec's loop, whose cache keeps the last text."""
 
     name = "hf"
     supports_draft = True

@@ -125,7 +125,11 @@ class KVState:
         x = torch.tensor([list(ids)], dtype=torch.long, device=device)
         pos = torch.arange(start, start + len(ids), device=device).unsqueeze(0)
         extra = {"logits_to_keep": rows} if self._rows_arg else {}
-        out = self.model(input_ids=x, position_ids=pos, past_key_values=self.cache, use_cache=True, **extra)
+        try:
+            out = self.model(input_ids=x, position_ids=pos, past_key_values=self.cache, use_cache=True, **extra)
+        except BaseException:  # some layers may hold the new positions and others not: start afresh next time
+            self.clear()
+            raise
         self.tokens.extend(ids)
         self._grown += len(ids)
         if not self.cache.is_croppable:
