@@ -50,7 +50,7 @@ def serve(*args: str):
 
 
 def stream_chat(client, model: str, messages: list[dict], **kwargs) -> dict:
-    """One streaming chat request; its text deltas (one per token, as the server streams them), token count
+    """One streaming chat request; its text deltas (a chunk per token, or per 50 ms at higher rates), token count
     and client-side timings."""
     t0 = time.perf_counter()
     first = last = None

@@ -96,3 +96,15 @@ class GenerationEvent:
     @property
     def is_final(self) -> bool:
         return self.finish_reason is not None
+
+    def merged(self, later: GenerationEvent) -> GenerationEvent:
+        """This event and a later one as one: the text and tokens of both, the later one's figures (a
+        consumer that shows a few updates a second sends fewer, larger pieces)."""
+        from dataclasses import replace
+
+        return replace(
+            later,
+            text=self.text + later.text,
+            token_ids=self.token_ids + later.token_ids,
+            from_draft=self.from_draft + later.from_draft,
+        )
