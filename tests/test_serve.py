@@ -285,7 +285,8 @@ def test_full_queue_answers_429_and_a_queued_request_waits(tmp_path):
         long = {"model": model, "messages": [{"role": "user", "content": "Count."}], "max_tokens": 1500}
         long |= {"ignore_eos": True, "stream": True}
         with httpx.stream("POST", url, json=long, headers=headers, timeout=600) as running:
-            next(line for line in running.iter_lines() if line.startswith("data:"))  # it is generating
+            lines = running.iter_lines()  # held open: a closed line iterator would hang up on the server
+            next(line for line in lines if line.startswith("data:"))  # it is generating
             waited: list = []
             short = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
             waiter = threading.Thread(target=lambda: waited.append(api.chat.completions.create(**short)))
