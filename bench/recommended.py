@@ -38,17 +38,13 @@ QUESTIONS = (
 )
 SYSTEM = "You are a helpful assistant."
 # Each candidate: a system prompt and the sampling values a catalog manifest may recommend.
+# Explored on llama.cpp (seeds 0-4, n_threads 1, max_tokens 32): greedy passes; t 0.1 with top_p 0.9 misses 2 on
+# seed 1 (it starts in German or French), with or without repeat penalty 1.1; min_p 0.1 at t 0.2-0.3 and an
+# "Answer in English" system prompt do worse (the off-language first token is not in the tail). Kept: the measured
+# setting before, and the one chosen.
 CANDIDATES: dict[str, dict[str, Any]] = {
-    "before: t 0.2, top_p 0.9, rp 1.1": {"system": SYSTEM, "temperature": 0.2, "top_p": 0.9, "repeat_penalty": 1.1},
-    "t 0.1, top_p 0.9, rp 1.1": {"system": SYSTEM, "temperature": 0.1, "top_p": 0.9, "repeat_penalty": 1.1},
-    "t 0.2, top_k 10, min_p 0.2, rp 1.1": {
-        "system": SYSTEM,
-        "temperature": 0.2,
-        "top_p": 0.9,
-        "top_k": 10,
-        "min_p": 0.2,
-        "repeat_penalty": 1.1,
-    },
+    "before: t 0.1, top_p 0.9, rp 1.1": {"system": SYSTEM, "temperature": 0.1, "top_p": 0.9, "repeat_penalty": 1.1},
+    "t 0.05, top_p 0.9, rp 1.1": {"system": SYSTEM, "temperature": 0.05, "top_p": 0.9, "repeat_penalty": 1.1},
 }
 PASS_PER_SEED = 9
 

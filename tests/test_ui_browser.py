@@ -251,3 +251,29 @@ def test_draft_model_shows_acceptance_live(page: Any) -> None:
     page.uncheck("#set-lookup input")
     draft.fill("")
     draft.press("Enter")
+
+
+# Counts the animation frames the page asks for; installed before the page's own scripts run.
+FRAMES_JS = """
+window.__frames = 0;
+const raf = window.requestAnimationFrame.bind(window);
+window.requestAnimationFrame = (cb) => { window.__frames++; return raf(cb); };
+"""
+
+
+def test_idle_page_asks_for_few_frames(page: Any) -> None:
+    """Gradio's status tracker leaves a timer loop drawing 60 frames a second on an idle page (CPU taken from the
+    model); the page's head script (ui/pagefix.py) lets it tick 4 times a second (~15 frames a second in all)."""
+    context = page.context.browser.new_context()
+    context.add_init_script(FRAMES_JS)
+    idle = context.new_page()
+    try:
+        idle.goto(page.url)
+        idle.wait_for_function("document.querySelector('#load-status')?.innerText.includes('odel')", polling=250)
+        idle.wait_for_timeout(3_000)  # past the page's opening transitions
+        before = idle.evaluate("window.__frames")
+        idle.wait_for_timeout(3_000)
+        frames_per_s = (idle.evaluate("window.__frames") - before) / 3
+    finally:
+        context.close()
+    assert frames_per_s < 30, f"{frames_per_s:.0f} animation frames a second on an idle page"

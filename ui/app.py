@@ -55,7 +55,10 @@ def launch(
     """Build the app and serve it until interrupted; the worker process stops with it.
 
     mount(app) adds routes to the running FastAPI app (`localrun ui --api`)."""
+    from starlette.middleware import Middleware
+
     from ui.metrics import CSS
+    from ui.pagefix import HeadScript
 
     demo = build_app(ctx)
     # Several tabs may wait on the one worker at once; the worker queues them itself.
@@ -73,6 +76,7 @@ def launch(
             run_history=False,  # never record prompts in the browser
             ssr_mode=False,
             prevent_thread_lock=True,
+            app_kwargs={"middleware": [Middleware(HeadScript)]},
         )
         if mount is not None:
             mount(demo.server_app)

@@ -26,9 +26,10 @@ from ui.metrics import MEMORY_COLORS, RATE_COLORS, LiveSeries, metrics_html, plo
 
 TITLE = "Chat"
 KEY = "chat"
-# Each update costs the browser and the server ~10-20 ms of CPU on the cores the model runs on (measured with
-# bench/ui.py), whatever it carries: a few a second keep the text moving without slowing generation.
-_TEXT_INTERVAL_S = 0.25  # the streaming reply and the live panel
+# Each update costs the browser ~40 ms and the server ~20 ms of CPU on the cores the model runs on, whatever it
+# carries (measured per reply with bench/ui.py: dropping the charts, the panel or the text from the updates saves
+# little; dropping updates saves it all): two a second keep the text moving without slowing generation.
+_TEXT_INTERVAL_S = 0.5  # the streaming reply and the live panel
 _PLOT_INTERVAL_S = 1.0  # the charts (a redraw costs more than a text update)
 # Related settings share a row (their Meta group): common load options, then llama.cpp's, then transformers'.
 LOAD_ROWS = rows(LoadOptions)
