@@ -5,7 +5,8 @@ Starts `localrun ui`, loads the default model, and for each of N rounds: sends a
 shows (#m-decode-tps data-value); then runs `localrun chat -p` with the same prompt and flags and reads its
 stats line. The two kinds of run alternate, so a busy neighbour slows both alike. Prints medians and the ratio,
 and the CPU seconds Chromium and the UI server spent per reply (what the browser costs the cores llama.cpp
-runs on). Writes bench/results/ui.json.
+runs on) and per second with the page open and idle. Updates are paced in time, so the CPU per reply grows with
+the reply's wall time: compare it between runs at similar rates. Writes bench/results/ui.json.
 
 Run: python bench/ui.py [--runs 5] [--out bench/results/ui.json]
 """
