@@ -46,6 +46,7 @@ class GenerationSummary:
     draft_s: float = 0.0
     verify_s: float = 0.0
     draft_lengths: tuple[int, ...] = ()
+    overrun_tokens: int = 0  # tokens generated after Stop was seen (the model process counts them)
 
     @property
     def cached_tokens(self) -> int:

@@ -116,7 +116,6 @@ class _Stats:
         self.accept_counts: list[int] = []
         self.draft_lengths: list[int] = []
         self.round_s = 0.0
-        self.rounds_timed = False  # the first round also catches the draft model up on the prompt
         self.drafter = drafter
         self.memory = MemorySampler()
         self.text_parts: list[str] = []
@@ -149,10 +148,9 @@ class _Stats:
             self.accept_counts.append(0)
         self.accept_counts[self.round_accepted] += 1
         self.round_s += seconds
-        if self.drafter is not None:  # the first round's time (a prompt's worth of drafting) is not a round's
-            timed = seconds if self.rounds_timed else 0.0
-            self.drafter.drafter.observe_round(self.round_drafted, self.round_accepted, timed)
-        self.rounds_timed, self.round_drafted = True, 0
+        if self.drafter is not None:
+            self.drafter.drafter.observe_round(self.round_drafted, self.round_accepted, seconds)
+        self.round_drafted = 0
 
     def rates(self) -> tuple[float | None, float | None, float | None]:
         """(ttft_s, prompt_tps, decode_tps); decode counts from the first token on."""

@@ -20,6 +20,9 @@ from localrun.errors import UserError
 from localrun.settings import LoadOptions, SamplingParams
 
 PENALTY_LAST_N = 64  # the repeat window; llama_ctx.PENALTY_LAST_N says the same for the C chain
+# A round always catches the draft up on 1-2 tokens (the target's own token, the last drafted one); more means
+# it was behind (a new prompt, or plain steps during a pause), and the round is not timed.
+CATCHUP_TIMED_MAX = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +32,7 @@ class Draft:
 
     tokens: tuple[int, ...] = ()
     probs: np.ndarray | None = None
+    catchup: int = 0  # tokens the draft model evaluated first, to catch up with the text (not drafting proper)
 
 
 class Drafter(Protocol):
@@ -172,6 +176,7 @@ class ModelDrafter:
         self.schedule = DraftSchedule(n_max=n_max, mode=mode)
         # adaptive: stop a round early where the draft itself is unsure (llama.cpp's --draft-p-min idea)
         self.p_min = 0.0 if mode == "fixed" else 0.5
+        self._catchup = 0  # the last draft's catch-up tokens
 
     def begin(self) -> None:
         self.schedule.begin()
@@ -180,10 +185,15 @@ class ModelDrafter:
         n = self.schedule.next_length()
         if n <= 0:
             return Draft()
-        return self.backend.propose_tokens(ids, n, params, rng, p_min=self.p_min)
+        draft = self.backend.propose_tokens(ids, n, params, rng, p_min=self.p_min)
+        self._catchup = draft.catchup
+        return draft
 
     def observe_round(self, drafted: int, accepted: int, seconds: float) -> None:
-        self.schedule.observe_round(drafted, accepted, seconds)
+        # A round that first caught the draft model up on text it had not seen (the prompt, or the tokens of a
+        # pause) costs more than drafting does: its time would make drafting look slower than it is.
+        catching_up = self._catchup > CATCHUP_TIMED_MAX
+        self.schedule.observe_round(drafted, accepted, 0.0 if catching_up else seconds)
 
     def observe_plain(self, seconds: float) -> None:
         self.schedule.observe_plain(seconds)

@@ -13,10 +13,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from localrun.errors import UserError
+from localrun.events import GenerationEvent
 from localrun.requests import (
     ApiChatRequest,
     ChatRequest,
@@ -30,6 +31,8 @@ from localrun.requests import (
     Reply,
     Unloaded,
 )
+
+STREAM_INTERVAL_S = 0.05  # 20 messages a second at most while a reply streams (see Task.stream)
 
 
 class CancelFlag:
@@ -61,6 +64,31 @@ class Task:
 
     def send(self, reply: Reply) -> None:
         self._worker.send(reply)
+
+    def stream(self, events: Iterator[GenerationEvent]) -> None:
+        """Send a reply's events: the first at once, then at most one message every STREAM_INTERVAL_S, the
+        events that came meanwhile merged into it (the final one always goes at once).
+
+        Every message wakes the parent (the UI server or the API server) on the cores the model decodes on,
+        and llama.cpp's threads wait for each other at every step, so a wake-up per token costs decode speed.
+        The final event's summary counts the tokens generated after Stop was seen."""
+        held: GenerationEvent | None = None
+        sent, overrun, stopping = 0.0, 0, False
+        with self.busy() as streaming:  # the prompt is evaluated before the first event comes
+            for event in events:
+                streaming()  # each token is a reply now: the heartbeats stop
+                if stopping:
+                    overrun += len(event.token_ids)
+                stopping = stopping or self.cancel.is_set()
+                held = event if held is None else held.merged(event)
+                now = time.monotonic()
+                if held.is_final or stopping or sent == 0.0 or now - sent >= STREAM_INTERVAL_S:
+                    if held.summary is not None and overrun:
+                        held = replace(held, summary=replace(held.summary, overrun_tokens=overrun))
+                    self.send(held)
+                    held, sent = None, now
+            if held is not None:
+                self.send(held)
 
     @contextmanager
     def busy(self) -> Iterator[Callable[[], None]]:
@@ -174,10 +202,7 @@ def chat(request: ChatRequest, task: Task) -> None:
         task.send(Progress("Stopped before it started."))
         return
     session = ChatSession(state.backend, system=request.system)
-    with task.busy() as streaming:  # the prompt is evaluated before the first token comes
-        for event in session.answer(request.messages, request.params, cancel=task.cancel):
-            streaming()  # each token is a reply now: the heartbeats stop
-            task.send(event)
+    task.stream(session.answer(request.messages, request.params, cancel=task.cancel))
 
 
 def api_generate(request: ApiChatRequest | CompletionRequest, task: Task) -> None:
@@ -189,10 +214,7 @@ def api_generate(request: ApiChatRequest | CompletionRequest, task: Task) -> Non
         load(request.load, task)
     if state.backend is None:
         raise UserError("No model is loaded: name one in the request's model field.")
-    with task.busy() as streaming:
-        for event in run_api(state.backend, request, task.cancel):
-            streaming()
-            task.send(event)
+    task.stream(run_api(state.backend, request, task.cancel))
 
 
 HANDLERS: dict[type, Callable[[Any, Task], None]] = {

@@ -229,6 +229,7 @@ def propose(
     scorer = Scorer(params)
     keep = state.reuse_prefix(ids)
     row = state.eval(ids[keep:])[-1]
+    catchup = len(ids) - keep
     seq = list(ids)
     tokens: list[int] = []
     rows: list[np.ndarray] = []
@@ -246,7 +247,7 @@ def propose(
         seq.append(tok)
         if j + 1 < n:
             row = state.eval([tok])[-1]
-    return Draft(tuple(tokens), np.stack(rows) if rows else None)
+    return Draft(tuple(tokens), np.stack(rows) if rows else None, catchup)
 
 
 def tokenizer_vocab(tokenizer: Any) -> VocabSummary:

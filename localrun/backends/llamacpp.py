@@ -302,6 +302,7 @@ class LlamaCppBackend:
             return Draft()
         keep = runner.reuse_prefix(ids)
         runner.eval(ids[keep:])
+        catchup = len(ids) - keep
         tokens: list[int] = []
         rows: list[np.ndarray] = []
         greedy = params.temperature <= 0
@@ -319,7 +320,7 @@ class LlamaCppBackend:
             tokens.append(tok)
             if j + 1 < n:
                 runner.step(tok)
-        return Draft(tuple(tokens), np.stack(rows) if rows else None)
+        return Draft(tuple(tokens), np.stack(rows) if rows else None, catchup)
 
 
 def _with_detail(report: LoadReport, key: str, value: str) -> LoadReport:

@@ -18,10 +18,6 @@ from localrun.server.metrics import Metrics, process_gauges
 from localrun.server.protocol import ApiError, ChatBody, CompletionBody, parse_body
 
 _DISCONNECT_POLL_S = 0.1
-# A streamed reply goes out at most this often after its first piece; what came meanwhile goes as one chunk.
-# A chunk per token costs the server and the client ~1-3 ms of CPU each (measured, /proc CPU time), on the
-# cores the model decodes on: 20 chunks a second read as smooth and leave the decode its speed.
-_STREAM_INTERVAL_S = 0.05
 _END = object()
 _ROUTE_PATHS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
 
@@ -318,10 +314,8 @@ async def _stream(pump: _Pump, event: Any, reply: Any, cancel: CancelWatch, incl
                 if include_usage:
                     yield _data(reply.usage_chunk(event.summary))
                 break
-            sent = time.perf_counter()
-            event = await pump.next()
-            await asyncio.sleep(max(0.0, _STREAM_INTERVAL_S - (time.perf_counter() - sent)))
-            event = pump.drain(event)
+            # the model process paces its events (worker_child.STREAM_INTERVAL_S); any that queued up go as one
+            event = pump.drain(await pump.next())
         yield "data: [DONE]\n\n"
     finally:
         cancel.set()  # a no-op when the generation is over; stops it when the client left mid-stream

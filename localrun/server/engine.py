@@ -88,8 +88,8 @@ class WorkerEngine:
                 if isinstance(update, Failed):
                     raise UserError(update.message) if update.kind == "user" else RuntimeError(update.message)
                 if isinstance(update, GenerationEvent):
-                    if cancel.is_set() and update.token_ids:
-                        cancel.overrun_tokens += len(update.token_ids)
+                    if update.summary is not None:  # the model process counts what came after Stop
+                        cancel.overrun_tokens = update.summary.overrun_tokens
                     yield update
         finally:
             with self._lock:
