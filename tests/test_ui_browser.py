@@ -130,10 +130,15 @@ def test_chat_streams_with_live_metrics(page: Any) -> None:
 
 def readme_screenshot(page: Any) -> None:
     """A plain question answered to its natural end, settings folded away: ui/screenshot-chat.png."""
+    page.click("#clear-btn")  # the test's own turn (EOS ignored) would run on past its answer
+    page.wait_for_function("document.querySelectorAll('#chatbot [data-testid=bot]').length === 0")
     page.uncheck("#set-ignore_eos input")
     set_number(page, "set-max_tokens", 200)
     page.fill("#chat-input textarea", "What is the capital of France?")
     page.press("#chat-input textarea", "Enter")
+    page.wait_for_function(  # the reply with its stats line (the status line may still say the last "Done")
+        "[...document.querySelectorAll('#chatbot [data-testid=bot]')].some(b => b.innerText.includes('TTFT'))"
+    )
     status_is(page, "Done")
     page.click("#sampling-options button")
     page.locator("#set-max_tokens").wait_for(state="hidden")
