@@ -41,7 +41,6 @@ class _Pump:
         self._events, self._on_final, self._on_abort = events, on_final, on_abort
         self._finished = False
         self._get: asyncio.Future | None = None
-        self._held: Any = None  # an item drain() took from the queue but could not merge
         threading.Thread(target=self._run, name="localrun-pump", daemon=True).start()
 
     def _run(self) -> None:
@@ -66,23 +65,8 @@ class _Pump:
         except RuntimeError:  # the loop has shut down
             pass
 
-    def drain(self, event: GenerationEvent) -> GenerationEvent:
-        """event merged with every event already waiting, up to and including a final one."""
-        while event.summary is None and self._held is None and not self.queue.empty():
-            item = self.queue.get_nowait()
-            if isinstance(item, GenerationEvent):
-                event = event.merged(item)
-            else:  # _END or an exception: next() hands it out
-                self._held = item
-        return event
-
     async def next(self, request: Any = None) -> Any:
         """The next event (or _END); with request, watch for the client going away meanwhile."""
-        if self._held is not None:
-            item, self._held = self._held, None
-            if isinstance(item, BaseException):
-                raise item
-            return item
         if self._get is None:
             self._get = asyncio.ensure_future(self.queue.get())
         while True:
@@ -314,8 +298,7 @@ async def _stream(pump: _Pump, event: Any, reply: Any, cancel: CancelWatch, incl
                 if include_usage:
                     yield _data(reply.usage_chunk(event.summary))
                 break
-            # the model process paces its events (worker_child.STREAM_INTERVAL_S); any that queued up go as one
-            event = pump.drain(await pump.next())
+            event = await pump.next()  # the model process paces these (worker_child.STREAM_INTERVAL_S)
         yield "data: [DONE]\n\n"
     finally:
         cancel.set()  # a no-op when the generation is over; stops it when the client left mid-stream
