@@ -151,30 +151,27 @@ def _layout_metrics(c: SimpleNamespace) -> None:
 
     empty = LiveSeries()
     c.metrics = gr.HTML(metrics_html(None), elem_id="live-metrics", label="Live metrics")
-    c.rate_plot = gr.LinePlot(
-        empty.rate_frame(),
-        x="time (s)",
-        y="tok/s",
-        color="series",
-        title="Generation tokens/s",
-        height=190,
-        color_map=RATE_COLORS,
-        y_lim=[0, 1],
-        elem_id="rate-plot",
-    )
-    c.mem_plot = gr.LinePlot(
-        empty.memory_frame(),
-        x="time (s)",
-        y="MB",
-        color="series",
-        title="Model process memory (MB)",
-        height=190,
-        color_map=MEMORY_COLORS,
-        y_lim=[0, 1],
-        elem_id="mem-plot",
-    )
+    c.rate_plot = _line_plot(empty.rate_frame(), "tok/s", "Generation tokens/s", RATE_COLORS, "rate-plot")
+    c.mem_plot = _line_plot(empty.memory_frame(), "MB", "Model process memory (MB)", MEMORY_COLORS, "mem-plot")
     c.turns_table = gr.Dataframe(
         turns_frame([]), label="Every reply's figures (compare turns)", interactive=False, elem_id="turns-table"
+    )
+
+
+def _line_plot(frame: Any, y: str, title: str, colors: dict[str, str], elem_id: str) -> Any:
+    """One of the panel's live charts: a series per colour over time since the reply began."""
+    import gradio as gr
+
+    return gr.LinePlot(
+        frame,
+        x="time (s)",
+        y=y,
+        color="series",
+        title=title,
+        height=190,
+        color_map=colors,
+        y_lim=[0, 1],
+        elem_id=elem_id,
     )
 
 
