@@ -206,12 +206,15 @@ def test_system_tab_shows_this_machine(page: Any) -> None:
 # Records the live panel's state and draft acceptance at every change (the panel updates while tokens stream).
 RECORD_METRICS_JS = """() => {
   window.__panel = [];
-  const panel = document.querySelector('#live-metrics');
-  new MutationObserver(() => {
-    const state = panel.querySelector('.lr-metrics')?.dataset.state;
-    const acceptance = panel.querySelector('#m-acceptance');
-    window.__panel.push([state, acceptance ? acceptance.dataset.value : null]);
-  }).observe(panel, {subtree: true, childList: true, characterData: true});
+  const record = () => {  // the panel is looked up afresh each time: Gradio may replace its element
+    const panel = document.querySelector('#live-metrics');
+    const state = panel?.querySelector('.lr-metrics')?.dataset.state;
+    const acceptance = panel?.querySelector('#m-acceptance');
+    const entry = [state, acceptance ? acceptance.dataset.value : null];
+    const last = window.__panel[window.__panel.length - 1];
+    if (!last || last[0] !== entry[0] || last[1] !== entry[1]) window.__panel.push(entry);
+  };
+  new MutationObserver(record).observe(document.body, {subtree: true, childList: true, characterData: true});
 }"""
 
 
@@ -234,7 +237,7 @@ def test_draft_model_shows_acceptance_live(page: Any) -> None:
         "() => /Loaded .*draft/.test(document.querySelector('#load-status').innerText)", timeout=TIMEOUT_MS
     )
     open_accordion(page, "#sampling-options", "#set-max_tokens")
-    set_number(page, "set-max_tokens", 64)
+    set_number(page, "set-max_tokens", 256)  # a few seconds of streaming: several live panel updates
     page.check("#set-ignore_eos input")
     page.evaluate(RECORD_METRICS_JS)
     page.fill("#chat-input textarea", "Repeat this list exactly: apples, pears, plums, cherries, grapes, lemons.")
@@ -274,7 +277,8 @@ def test_idle_page_asks_for_few_frames(page: Any) -> None:
     idle = context.new_page()
     try:
         idle.goto(page.url)
-        idle.wait_for_function("document.querySelector('#load-status')?.innerText.includes('odel')", polling=250)
+        connected = "() => /oaded/.test(document.querySelector('#load-status')?.innerText ?? '')"
+        idle.wait_for_function(connected, polling=250)  # "Loaded …" or "No model loaded yet…"
         idle.wait_for_timeout(3_000)  # past the page's opening transitions
         before = idle.evaluate("window.__frames")
         idle.wait_for_timeout(3_000)

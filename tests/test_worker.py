@@ -107,7 +107,8 @@ def test_requests_queue_and_stop_only_reaches_its_owner(worker: WorkerClient) ->
     a_events = events(got_a)
     assert a_events[-1].finish_reason == "cancelled" and a_events[-1].generated_tokens < 3000
     counts = [e.generated_tokens for e in a_events[:-1]]
-    assert counts == list(range(1, len(counts) + 1))  # one uninterrupted stream
+    # One uninterrupted stream: the first token at once, then growing counts (events merged at most 20 a second).
+    assert counts[0] == 1 and counts == sorted(set(counts)), counts
     assert not worker.cancel("a")  # nothing left to stop
 
 
