@@ -88,6 +88,7 @@ class _TimedDrafter:
     def __init__(self, drafter: Drafter) -> None:
         self.drafter = drafter
         self.draft_s = 0.0
+        self.last_s = 0.0  # the last proposal's seconds
         drafter.begin()
 
     def propose(self, ids: Sequence[int], params: SamplingParams, rng) -> Draft:
@@ -95,7 +96,8 @@ class _TimedDrafter:
         try:
             return self.drafter.propose(ids, params, rng)
         finally:
-            self.draft_s += time.perf_counter() - t0
+            self.last_s = time.perf_counter() - t0
+            self.draft_s += self.last_s
 
 
 class _Stats:
@@ -149,7 +151,8 @@ class _Stats:
         self.accept_counts[self.round_accepted] += 1
         self.round_s += seconds
         if self.drafter is not None:
-            self.drafter.drafter.observe_round(self.round_drafted, self.round_accepted, seconds)
+            d = self.drafter
+            d.drafter.observe_round(self.round_drafted, self.round_accepted, seconds, min(d.last_s, seconds))
         self.round_drafted = 0
 
     def rates(self) -> tuple[float | None, float | None, float | None]:

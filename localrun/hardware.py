@@ -129,7 +129,9 @@ def probe() -> list[DeviceInfo]:
 @lru_cache(maxsize=1)
 def llama_cpp_build() -> dict[str, bool | str]:
     """What the installed llama.cpp was built with (GPU offload, CUDA, Metal) and its version."""
-    import llama_cpp
+    from localrun.llama_lib import llama_cpp as load
+
+    llama_cpp = load()
 
     info: dict[str, bool | str] = {"version": getattr(llama_cpp, "__version__", "?")}
     info["gpu_offload"] = bool(llama_cpp.llama_supports_gpu_offload())

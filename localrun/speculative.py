@@ -10,6 +10,7 @@ from max(0, p - q) renormalised, which leaves the output distributed exactly as 
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -43,7 +44,8 @@ class Drafter(Protocol):
 
     def propose(self, ids: Sequence[int], params: SamplingParams, rng: np.random.Generator) -> Draft: ...
 
-    def observe_round(self, drafted: int, accepted: int, seconds: float) -> None: ...
+    def observe_round(self, drafted: int, accepted: int, seconds: float, draft_seconds: float | None = None) -> None:
+        """A round ended: seconds in all (0: untimed), draft_seconds of them spent proposing."""
 
     def observe_plain(self, seconds: float) -> None: ...
 
@@ -108,31 +110,42 @@ def _point_mass(x: int, n: int) -> np.ndarray:
 
 
 class DraftSchedule:
-    """How many tokens to draft next. Fixed: always n_max. Adaptive (default): time 4 plain steps,
-    then draft 4, grow
-    while every drafted token is accepted, shrink to what was accepted when few are; and when the
-    measured speed of rounds (tokens out per second) falls below plain decoding's, stop drafting for
-    a while, then probe again, waiting twice as long after each failed probe."""
+    """How many tokens to draft next. Fixed: always n_max. Adaptive (default): the length a cost model says
+    gives the most tokens per second, from what this pair measured:
 
-    def __init__(self, *, n_max: int = 16, mode: str = "adaptive") -> None:
-        self.n_max, self.mode = n_max, mode
-        self.k = n_max if mode == "fixed" else min(4, n_max)
+    - t, plain decoding's step time; d, the drafter's time per drafted token;
+    - the verify batch's time for n tokens, a + b·n: a least-squares line through recent rounds, anchored by
+      the plain step (a batch of one);
+    - α, the chance that a drafted token is accepted (accepted tokens over accepted + rejections).
+
+    A round of k drafted tokens yields (1 − α^(k+1)) / (1 − α) tokens on average, in k·d + a + b·(k+1)
+    seconds; plain decoding yields 1 per t. When no length beats plain decoding, drafting pauses and probes
+    again later, twice as long after each failed probe, at once the longest when even a draft that is always
+    right could not pay (a draft about as slow as the target). With carry_pause (a draft model, which must
+    catch up on skipped text before it can probe), a pause goes on into the next request; prompt lookup
+    probes for free, so each request starts drafting."""
+
+    PROBE = 4  # the first length, before anything is known
+    BACKOFF_MIN, BACKOFF_MAX = 16, 256
+
+    def __init__(self, *, n_max: int = 16, mode: str = "adaptive", carry_pause: bool = False) -> None:
+        self.n_max, self.mode, self.carry_pause = n_max, mode, carry_pause
+        self.k = n_max if mode == "fixed" else min(self.PROBE, n_max)
         self.plain_s: float | None = None  # EMA of one plain decode step
-        self.gain: float | None = None  # EMA of (round tokens x plain_s) / round seconds
-        # adaptive: a few plain steps first, so a round's cost can be compared with plain decoding's
-        self.pause = 0 if mode == "fixed" else 4  # plain steps left before drafting (again)
-        self.backoff = 16
+        self.draft_s: float | None = None  # EMA of the drafter's time per drafted token
+        self.accepted, self.rejected = 1.0, 1.0  # decayed counts behind α (a uniform prior)
+        self._verify: deque[tuple[int, float]] = deque(maxlen=32)  # (batch tokens, seconds) of recent rounds
+        self.pause = 0 if mode == "fixed" else 4  # plain steps left before drafting (again); the first are timed
+        self.backoff = self.BACKOFF_MIN
         self.lengths: list[int] = []
 
     def begin(self) -> None:
-        """A new request: what one request learnt about the draft's length carries over (same model,
-        likely similar text), but a pause does not; plain decoding's step time, once known, is kept,
-        so drafting starts at once."""
-        if self.mode == "fixed":
+        """A new request. What was learnt (step times, acceptance, the length) carries over; a pause does only
+        with carry_pause. Once plain decoding's step time is known, drafting may start at once."""
+        if self.mode == "fixed" or (self.carry_pause and self.pause > 0):
             return
         self.pause = 0 if self.plain_s is not None else 4
-        self.gain, self.backoff = None, 16
-        self.k = max(self.k, min(4, self.n_max))
+        self.backoff = self.BACKOFF_MIN
 
     def next_length(self) -> int:
         if self.pause > 0:
@@ -140,27 +153,68 @@ class DraftSchedule:
             return 0
         return self.k
 
-    def observe_round(self, drafted: int, accepted: int, seconds: float) -> None:
+    @property
+    def alpha(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+    def observe_round(
+        self, drafted: int, accepted: int, seconds: float, draft_seconds: float = 0.0, *, draft_timed: bool = True
+    ) -> None:
+        """One round: drafted tokens, how many the target accepted, the round's seconds (0: untimed) and the
+        part spent drafting (draft_timed False: not representative, e.g. the draft first caught up on text)."""
         self.lengths.append(drafted)
-        if self.mode == "fixed":
+        if self.mode == "fixed" or drafted <= 0:
             return
-        if accepted >= drafted:
-            self.k = min(self.n_max, self.k + max(1, self.k // 2))
-        elif accepted < drafted // 2:
-            self.k = max(1, accepted + 1)
-        if self.plain_s is None or seconds <= 0:
-            return
-        gain = (accepted + 1) * self.plain_s / seconds
-        self.gain = gain if self.gain is None else 0.5 * (self.gain + gain)
-        if self.gain < 0.97:  # plain decoding is faster: pause, and probe again later
-            self.pause, self.gain = self.backoff, None
-            self.backoff = min(self.backoff * 2, 256)
-        elif self.gain > 1.1:
-            self.backoff = 16
+        self.accepted = 0.9 * self.accepted + accepted
+        self.rejected = 0.9 * self.rejected + (accepted < drafted)
+        if seconds > 0:
+            if draft_timed:
+                per_token = draft_seconds / drafted
+                self.draft_s = per_token if self.draft_s is None else 0.7 * self.draft_s + 0.3 * per_token
+            self._verify.append((drafted + 1, max(seconds - draft_seconds, 1e-6)))
+        self._choose()
 
     def observe_plain(self, seconds: float) -> None:
         if seconds > 0:
             self.plain_s = seconds if self.plain_s is None else 0.8 * self.plain_s + 0.2 * seconds
+
+    def verify_line(self) -> tuple[float, float]:
+        """(a, b): a verify batch of n tokens takes a + b·n seconds. Weighted least squares over recent rounds
+        and the plain step, a batch of one, weighted like four rounds; b ≥ 0."""
+        t = self.plain_s or 0.0
+        points = [(1, t, 4.0), *((n, v, 1.0) for n, v in self._verify)]
+        w = sum(p[2] for p in points)
+        mn = sum(n * wi for n, _, wi in points) / w
+        mv = sum(v * wi for _, v, wi in points) / w
+        var = sum(wi * (n - mn) ** 2 for n, _, wi in points)
+        b = max(sum(wi * (n - mn) * (v - mv) for n, v, wi in points) / var, 0.0) if var > 0 else 0.0
+        return mv - b * mn, b
+
+    def expected_gain(self, k: int, alpha: float | None = None) -> float:
+        """Tokens per second drafting k at a time, over plain decoding's."""
+        t, d = self.plain_s or 0.0, self.draft_s or 0.0
+        a, b = self.verify_line()
+        alpha = self.alpha if alpha is None else alpha
+        tokens = k + 1.0 if alpha >= 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+        cost = k * d + a + b * (k + 1)
+        return tokens * t / cost if cost > 0 else 0.0
+
+    def _choose(self) -> None:
+        if self.plain_s is None or self.draft_s is None or not self._verify:
+            k_next = self.k * 2 if self.accepted > 3 * self.rejected else self.k  # too early to judge: probe on
+            self.k = max(1, min(self.n_max, k_next))
+            return
+        gains = {k: self.expected_gain(k) for k in range(1, self.n_max + 1)}
+        best = max(gains, key=gains.__getitem__)
+        if gains[best] >= 1.0:
+            self.k = best
+            if gains[best] > 1.1:
+                self.backoff = self.BACKOFF_MIN
+            return
+        hopeless = self.expected_gain(self.n_max, alpha=1.0) < 1.0  # even an always-right draft loses
+        self.pause = self.BACKOFF_MAX if hopeless else self.backoff
+        self.backoff = min(self.backoff * 2, self.BACKOFF_MAX)
+        self.k = best
 
 
 # -- drafters ---------------------------------------------------------------------------------------
@@ -173,7 +227,7 @@ class ModelDrafter:
 
     def __init__(self, backend: Any, *, n_max: int = 16, mode: str = "adaptive") -> None:
         self.backend = backend
-        self.schedule = DraftSchedule(n_max=n_max, mode=mode)
+        self.schedule = DraftSchedule(n_max=n_max, mode=mode, carry_pause=True)
         # adaptive: stop a round early where the draft itself is unsure (llama.cpp's --draft-p-min idea)
         self.p_min = 0.0 if mode == "fixed" else 0.5
         self._catchup = 0  # the last draft's catch-up tokens
@@ -189,11 +243,11 @@ class ModelDrafter:
         self._catchup = draft.catchup
         return draft
 
-    def observe_round(self, drafted: int, accepted: int, seconds: float) -> None:
+    def observe_round(self, drafted: int, accepted: int, seconds: float, draft_seconds: float | None = None) -> None:
         # A round that first caught the draft model up on text it had not seen (the prompt, or the tokens of a
-        # pause) costs more than drafting does: its time would make drafting look slower than it is.
+        # pause) drafted slower than drafting does: only its verify part is representative.
         catching_up = self._catchup > CATCHUP_TIMED_MAX
-        self.schedule.observe_round(drafted, accepted, 0.0 if catching_up else seconds)
+        self.schedule.observe_round(drafted, accepted, seconds, draft_seconds or 0.0, draft_timed=not catching_up)
 
     def observe_plain(self, seconds: float) -> None:
         self.schedule.observe_plain(seconds)
@@ -242,8 +296,8 @@ class PromptLookupDrafter:
                     self._index[tuple(ids[end - size : end])] = end
         self._seen = list(ids[: len(ids) - 1]) if len(ids) else []
 
-    def observe_round(self, drafted: int, accepted: int, seconds: float) -> None:
-        self.schedule.observe_round(drafted, accepted, seconds)
+    def observe_round(self, drafted: int, accepted: int, seconds: float, draft_seconds: float | None = None) -> None:
+        self.schedule.observe_round(drafted, accepted, seconds, draft_seconds or 0.0)
 
     def observe_plain(self, seconds: float) -> None:
         self.schedule.observe_plain(seconds)
@@ -264,7 +318,7 @@ class CallableDrafter:
     def propose(self, ids: Sequence[int], params: SamplingParams, rng: np.random.Generator) -> Draft:
         return Draft(tuple(self.fn(ids)))
 
-    def observe_round(self, drafted: int, accepted: int, seconds: float) -> None:
+    def observe_round(self, drafted: int, accepted: int, seconds: float, draft_seconds: float | None = None) -> None:
         pass
 
     def observe_plain(self, seconds: float) -> None:

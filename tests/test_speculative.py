@@ -242,22 +242,44 @@ def test_prompt_lookup_finds_the_continuation() -> None:
     assert d.lookup([7, 8], 4) == []  # a new request: nothing earlier matches
 
 
-def test_adaptive_schedule_grows_shrinks_and_pauses() -> None:
+def test_adaptive_schedule_picks_the_length_its_cost_model_says_is_fastest() -> None:
     s = DraftSchedule(n_max=16)
     assert [s.next_length() for _ in range(4)] == [0, 0, 0, 0]  # plain steps, timed, come first
-    s.observe_plain(0.010)
+    for _ in range(4):
+        s.observe_plain(0.010)
     assert s.next_length() == 4
-    s.observe_round(4, 4, 0.012)  # all accepted, 5 tokens in the time of 1.2: faster
-    assert s.next_length() == 6
-    s.observe_round(6, 1, 0.015)  # mostly rejected: shrink to what was accepted + 1
-    assert s.next_length() == 2
-    for _ in range(3):
-        s.observe_round(2, 0, 0.030)  # 1 token per 3 plain steps' time: plain is faster
-    assert s.next_length() == 0  # paused, probing again later
-    s.begin()  # a new request probes at once: plain decoding's step time is known already
-    assert s.next_length() == 4
-    s.observe_round(4, 4, 0.0)  # an untimed round (the first of a request) still grows the length
-    assert s.next_length() == 6
+    # a cheap draft (1 ms a token), a verify batch of n tokens in 10 + n ms, and every drafted token accepted
+    for _ in range(5):
+        k = s.next_length()
+        s.observe_round(k, k, 0.010 + 0.001 * (k + 1) + 0.001 * k, 0.001 * k)
+    assert s.next_length() == 16 and s.expected_gain(16) > 2
+    # the same costs with one drafted token in two accepted: a shorter length is best, still faster than plain
+    for _ in range(30):
+        k = s.next_length()
+        s.observe_round(k, 1, 0.010 + 0.001 * (k + 1) + 0.001 * k, 0.001 * k)
+    k = s.next_length()
+    assert 1 <= k < 16 and s.expected_gain(k) > 1
+    a, b = s.verify_line()
+    assert abs(a - 0.010) < 1.5e-3 and abs(b - 0.001) < 3e-4  # the line through the plain step and the rounds
+
+
+def test_adaptive_schedule_pauses_when_drafting_loses_and_remembers_it() -> None:
+    lookup, model = DraftSchedule(n_max=16), DraftSchedule(n_max=16, carry_pause=True)
+    for s in (lookup, model):
+        for _ in range(4):
+            s.next_length(), s.observe_plain(0.010)
+        k = s.next_length()
+        s.observe_round(k, 0, 0.012 + 0.004 * k, 0.004 * k)  # nothing accepted: plain decoding is faster
+        assert s.next_length() == 0  # paused, probing again later
+        s.begin()
+    assert lookup.next_length() > 0  # prompt lookup probes for free: each request starts drafting
+    assert model.next_length() == 0 and model.pause > 0  # a draft model's pause goes on into the next request
+    slow = DraftSchedule(n_max=16)
+    for _ in range(4):
+        slow.next_length(), slow.observe_plain(0.010)
+    k = slow.next_length()
+    slow.observe_round(k, k, 0.011 + 0.010 * k, 0.010 * k)  # all accepted, but the draft is as slow as the target
+    assert slow.pause == DraftSchedule.BACKOFF_MAX  # it never pays: the longest pause at once
     fixed = DraftSchedule(n_max=8, mode="fixed")
     fixed.observe_round(8, 0, 1.0)
     assert fixed.next_length() == 8

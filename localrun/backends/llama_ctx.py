@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import llama_cpp
 import numpy as np
 
+from localrun.llama_lib import llama_cpp as _llama_cpp
 from localrun.settings import SamplingParams
+
+llama_cpp = _llama_cpp()
 
 PENALTY_LAST_N = 64  # llama.cpp's default repeat window (llama-cli --repeat-last-n)
 
