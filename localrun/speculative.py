@@ -34,6 +34,7 @@ class Draft:
     tokens: tuple[int, ...] = ()
     probs: np.ndarray | None = None
     catchup: int = 0  # tokens the draft model evaluated first, to catch up with the text (not drafting proper)
+    decodes: int = 0  # the draft model's evaluations: the catch-up batch and a step per token it went on from
 
 
 class Drafter(Protocol):
@@ -110,29 +111,33 @@ def _point_mass(x: int, n: int) -> np.ndarray:
 
 
 class DraftSchedule:
-    """How many tokens to draft next. Fixed: always n_max. Adaptive (default): the length a cost model says
-    gives the most tokens per second, from what this pair measured:
+    """How many tokens to draft next, and when not to draft. Fixed: always n_max. Adaptive (default):
 
-    - t, plain decoding's step time; d, the drafter's time per drafted token;
-    - the verify batch's time for n tokens, a + b·n: a least-squares line through recent rounds, anchored by
-      the plain step (a batch of one);
-    - α, the chance that a drafted token is accepted (accepted tokens over accepted + rejections).
-
-    A round of k drafted tokens yields (1 − α^(k+1)) / (1 − α) tokens on average, in k·d + a + b·(k+1)
-    seconds; plain decoding yields 1 per t. When no length beats plain decoding, drafting pauses and probes
-    again later, twice as long after each failed probe, at once the longest when even a draft that is always
-    right could not pay (a draft about as slow as the target). With carry_pause (a draft model, which must
-    catch up on skipped text before it can probe), a pause goes on into the next request; prompt lookup
-    probes for free, so each request starts drafting."""
+    - the length: what a cost model says gives the most tokens per second, from what this pair measured:
+      t, plain decoding's step time; d, the draft model's time per evaluation (0 for prompt lookup); the
+      verify batch's time for n tokens, a + b·n, a least-squares line through recent rounds anchored by the
+      plain step (a batch of one); and α, the chance that a drafted token is accepted (accepted tokens over
+      accepted + rejections). A round of k drafted tokens yields (1 − α^(k+1)) / (1 − α) tokens on average
+      in k·d + a + b·(k+1) seconds, where plain decoding takes t per token.
+    - pausing: when rounds clearly lose to plain decoding (their measured speed, a moving average, below
+      LOSING of plain's), drafting pauses and probes again later, twice as long after each failed probe; at
+      once for the longest when even a draft that is always right could not pay (a draft about as slow as
+      the target). Marginal rounds go on: drafting that breaks even early often pays later in a reply.
+    - With carry_pause (a draft model, which must catch up on the skipped text before it can probe), a pause
+      goes on into the next request; prompt lookup probes for free, so each request starts drafting."""
 
     PROBE = 4  # the first length, before anything is known
     BACKOFF_MIN, BACKOFF_MAX = 16, 256
+    LOSING = 0.9
+    JUDGE_AFTER = 3  # timed rounds before the first verdict
 
     def __init__(self, *, n_max: int = 16, mode: str = "adaptive", carry_pause: bool = False) -> None:
         self.n_max, self.mode, self.carry_pause = n_max, mode, carry_pause
         self.k = n_max if mode == "fixed" else min(self.PROBE, n_max)
         self.plain_s: float | None = None  # EMA of one plain decode step
-        self.draft_s: float | None = None  # EMA of the drafter's time per drafted token
+        self.draft_s: float | None = None  # EMA of one draft evaluation (or of a drafted token, without a model)
+        self.gain: float | None = None  # EMA of the rounds' speed over plain decoding's
+        self.timed_rounds = 0
         self.accepted, self.rejected = 1.0, 1.0  # decayed counts behind α (a uniform prior)
         self._verify: deque[tuple[int, float]] = deque(maxlen=32)  # (batch tokens, seconds) of recent rounds
         self.pause = 0 if mode == "fixed" else 4  # plain steps left before drafting (again); the first are timed
@@ -158,20 +163,35 @@ class DraftSchedule:
         return self.accepted / (self.accepted + self.rejected)
 
     def observe_round(
-        self, drafted: int, accepted: int, seconds: float, draft_seconds: float = 0.0, *, draft_timed: bool = True
+        self,
+        drafted: int,
+        accepted: int,
+        seconds: float,
+        draft_seconds: float = 0.0,
+        *,
+        draft_decodes: int = 0,
+        draft_timed: bool = True,
     ) -> None:
-        """One round: drafted tokens, how many the target accepted, the round's seconds (0: untimed) and the
-        part spent drafting (draft_timed False: not representative, e.g. the draft first caught up on text)."""
+        """One round: drafted tokens, how many the target accepted, the round's seconds (0: untimed), the part
+        spent drafting and the draft model's evaluations in it (0: no model). draft_timed False: the drafting
+        time is not representative (the draft first caught up on text it had not seen)."""
         self.lengths.append(drafted)
         if self.mode == "fixed" or drafted <= 0:
             return
         self.accepted = 0.9 * self.accepted + accepted
         self.rejected = 0.9 * self.rejected + (accepted < drafted)
         if seconds > 0:
+            verify_s = max(seconds - draft_seconds, 1e-6)
+            self._verify.append((drafted + 1, verify_s))
             if draft_timed:
-                per_token = draft_seconds / drafted
-                self.draft_s = per_token if self.draft_s is None else 0.7 * self.draft_s + 0.3 * per_token
-            self._verify.append((drafted + 1, max(seconds - draft_seconds, 1e-6)))
+                per = draft_seconds / (draft_decodes or drafted)
+                self.draft_s = per if self.draft_s is None else 0.7 * self.draft_s + 0.3 * per
+            if self.plain_s is not None and (draft_timed or self.draft_s is not None):
+                # a round that caught up first: its drafting costed at the usual rate
+                spent = seconds if draft_timed else verify_s + (draft_decodes or drafted) * (self.draft_s or 0.0)
+                gain = (accepted + 1) * self.plain_s / spent
+                self.gain = gain if self.gain is None else 0.8 * self.gain + 0.2 * gain
+                self.timed_rounds += 1
         self._choose()
 
     def observe_plain(self, seconds: float) -> None:
@@ -191,7 +211,7 @@ class DraftSchedule:
         return mv - b * mn, b
 
     def expected_gain(self, k: int, alpha: float | None = None) -> float:
-        """Tokens per second drafting k at a time, over plain decoding's."""
+        """The cost model's tokens per second drafting k at a time, over plain decoding's."""
         t, d = self.plain_s or 0.0, self.draft_s or 0.0
         a, b = self.verify_line()
         alpha = self.alpha if alpha is None else alpha
@@ -200,21 +220,18 @@ class DraftSchedule:
         return tokens * t / cost if cost > 0 else 0.0
 
     def _choose(self) -> None:
-        if self.plain_s is None or self.draft_s is None or not self._verify:
-            k_next = self.k * 2 if self.accepted > 3 * self.rejected else self.k  # too early to judge: probe on
-            self.k = max(1, min(self.n_max, k_next))
+        if self.plain_s is None or self.draft_s is None:  # too early for the model: grow while drafts hold
+            self.k = min(self.n_max, self.k * 2) if self.accepted > 3 * self.rejected else self.k
             return
-        gains = {k: self.expected_gain(k) for k in range(1, self.n_max + 1)}
-        best = max(gains, key=gains.__getitem__)
-        if gains[best] >= 1.0:
-            self.k = best
-            if gains[best] > 1.1:
-                self.backoff = self.BACKOFF_MIN
-            return
-        hopeless = self.expected_gain(self.n_max, alpha=1.0) < 1.0  # even an always-right draft loses
-        self.pause = self.BACKOFF_MAX if hopeless else self.backoff
-        self.backoff = min(self.backoff * 2, self.BACKOFF_MAX)
-        self.k = best
+        self.k = max(range(1, self.n_max + 1), key=self.expected_gain)
+        if self.expected_gain(self.n_max, alpha=1.0) < 1.0:  # even an always-right draft would lose
+            self.pause = self.backoff = self.BACKOFF_MAX
+            self.gain = None
+        elif self.gain is not None and self.gain < self.LOSING and self.timed_rounds >= self.JUDGE_AFTER:
+            self.pause, self.gain = self.backoff, None
+            self.backoff = min(self.backoff * 2, self.BACKOFF_MAX)
+        elif self.gain is not None and self.gain > 1.1:
+            self.backoff = self.BACKOFF_MIN
 
 
 # -- drafters ---------------------------------------------------------------------------------------
@@ -230,7 +247,7 @@ class ModelDrafter:
         self.schedule = DraftSchedule(n_max=n_max, mode=mode, carry_pause=True)
         # adaptive: stop a round early where the draft itself is unsure (llama.cpp's --draft-p-min idea)
         self.p_min = 0.0 if mode == "fixed" else 0.5
-        self._catchup = 0  # the last draft's catch-up tokens
+        self._catchup = self._decodes = 0  # the last draft's catch-up tokens and evaluations
 
     def begin(self) -> None:
         self.schedule.begin()
@@ -240,14 +257,16 @@ class ModelDrafter:
         if n <= 0:
             return Draft()
         draft = self.backend.propose_tokens(ids, n, params, rng, p_min=self.p_min)
-        self._catchup = draft.catchup
+        self._catchup, self._decodes = draft.catchup, draft.decodes
         return draft
 
     def observe_round(self, drafted: int, accepted: int, seconds: float, draft_seconds: float | None = None) -> None:
         # A round that first caught the draft model up on text it had not seen (the prompt, or the tokens of a
         # pause) drafted slower than drafting does: only its verify part is representative.
         catching_up = self._catchup > CATCHUP_TIMED_MAX
-        self.schedule.observe_round(drafted, accepted, seconds, draft_seconds or 0.0, draft_timed=not catching_up)
+        self.schedule.observe_round(
+            drafted, accepted, seconds, draft_seconds or 0.0, draft_decodes=self._decodes, draft_timed=not catching_up
+        )
 
     def observe_plain(self, seconds: float) -> None:
         self.schedule.observe_plain(seconds)

@@ -144,3 +144,26 @@ def test_devices_lists_the_cpu_and_each_gpu(cli):
     listed = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("cuda:")]
     assert listed == [f"cuda:{i}" for i in range(len(gpus))]
     assert ("No GPU found" in result.stderr) == (not gpus)
+
+
+def test_llama_backend_loads_only_llama_cpps_bindings_until_more_is_asked_for(default_gguf):
+    """The chat path drives llama.cpp's C API: it skips llama-cpp-python's high-level modules (cold start), and
+    code asking the package for more (`llama_cpp.Llama`) still gets the whole package."""
+    code = (
+        "import sys\n"
+        "from localrun.backends import load_backend\n"
+        "from localrun.settings import LoadOptions, SamplingParams\n"
+        "from localrun.generate import generate\n"
+        "b = load_backend(sys.argv[1], LoadOptions(n_ctx=256))\n"
+        "s = generate(b, b.tokenize(b.render_chat([{'role': 'user', 'content': 'Hi'}])), SamplingParams(max_tokens=4))\n"
+        "assert s.generated_tokens == 4, s\n"
+        "print(sorted(m for m in ('llama_cpp.llama', 'llama_cpp.llama_chat_format') if m in sys.modules))\n"
+        "import llama_cpp\n"
+        "from importlib.metadata import version\n"
+        "print(llama_cpp.Llama.__name__, llama_cpp.__version__ == version('llama_cpp_python'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(default_gguf)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    light, full = done.stdout.splitlines()
+    assert light == "[]"
+    assert full == "Llama True"

@@ -268,8 +268,9 @@ def test_adaptive_schedule_pauses_when_drafting_loses_and_remembers_it() -> None
     for s in (lookup, model):
         for _ in range(4):
             s.next_length(), s.observe_plain(0.010)
-        k = s.next_length()
-        s.observe_round(k, 0, 0.012 + 0.004 * k, 0.004 * k)  # nothing accepted: plain decoding is faster
+        for _ in range(DraftSchedule.JUDGE_AFTER):  # nothing accepted: plain decoding is clearly faster
+            k = s.next_length()
+            s.observe_round(k, 0, 0.012 + 0.004 * k, 0.004 * k, draft_decodes=k)
         assert s.next_length() == 0  # paused, probing again later
         s.begin()
     assert lookup.next_length() > 0  # prompt lookup probes for free: each request starts drafting
@@ -278,8 +279,15 @@ def test_adaptive_schedule_pauses_when_drafting_loses_and_remembers_it() -> None
     for _ in range(4):
         slow.next_length(), slow.observe_plain(0.010)
     k = slow.next_length()
-    slow.observe_round(k, k, 0.011 + 0.010 * k, 0.010 * k)  # all accepted, but the draft is as slow as the target
+    slow.observe_round(k, k, 0.011 + 0.010 * k, 0.010 * k, draft_decodes=k)  # all accepted, but as slow as the target
     assert slow.pause == DraftSchedule.BACKOFF_MAX  # it never pays: the longest pause at once
+    marginal = DraftSchedule(n_max=16)
+    for _ in range(4):
+        marginal.next_length(), marginal.observe_plain(0.010)
+    for _ in range(10):  # rounds about as fast as plain decoding: drafting goes on (it often pays later)
+        k = marginal.next_length()
+        marginal.observe_round(k, 1, 0.021, 0.005, draft_decodes=2)
+        assert k > 0
     fixed = DraftSchedule(n_max=8, mode="fixed")
     fixed.observe_round(8, 0, 1.0)
     assert fixed.next_length() == 8

@@ -195,7 +195,7 @@ def test_load_model_reports_progress_then_the_model(client: Any) -> None:
 def test_chat_streams_with_live_metrics(client: Any) -> None:
     # 64 tokens: the text updates a few times a second, so even a fast machine streams it in several pieces
     job = chat(client, "Hello, who are you?", max_tokens=64, ignore_eos=True)
-    chatbot, metrics, rate, memory, table, status, _, live = job.result(timeout=480)
+    chatbot, metrics, charts, table, status, _, live = job.result(timeout=480)
     partial = [t for t in dict.fromkeys(live_text(o) for o in job.outputs()) if t]
     assert len(partial) >= 2, partial  # the reply streamed in more than one piece
     final = assistant_text(chatbot)
@@ -207,10 +207,10 @@ def test_chat_streams_with_live_metrics(client: Any) -> None:
     assert 0 < metric(metrics, "prompt-tps") < 1_000_000
     assert metric(metrics, "tokens") == 64
     assert metric(metrics, "ram") > 50e6  # the model process holds the weights
-    for plot, column in ((rate, "tok/s"), (memory, "MB")):
-        data = plot.get("value", plot)  # a chart update carries its data under "value"
-        assert data["data"] and column in data["columns"]
-        assert plot["y_lim"][0] == 0 and plot["y_lim"][1] >= max(r[1] for r in data["data"])
+    for chart, line in (("rate", "average"), ("memory", "RAM")):  # each chart's axis tops its points
+        top = float(re.search(rf'id="chart-{chart}" data-top="([\d.e+]+)"', charts).group(1))
+        last = float(re.search(rf'data-series="{line}" data-points="\d+" data-last="([\d.e+]+)"', charts).group(1))
+        assert 0 < last <= top
     assert rows(table)[-1][5] == 64 and rows(table)[-1][-1] == "length"
     assert "TTFT" in final and "tok/s" in final  # the stats line under the reply
 
@@ -219,12 +219,12 @@ def test_stop_mid_reply_then_regenerate(client: Any) -> None:
     job = chat(client, "Tell me a very long story.", max_tokens=4000, ignore_eos=True)
     wait_for_text(job)
     assert client.predict(api_name="/stop") == "Stopping…"
-    _, metrics, _, _, table, status, *_ = job.result(timeout=120)
+    _, metrics, _, table, status, *_ = job.result(timeout=120)
     assert status.startswith("Done (cancelled)"), status
     assert rows(table)[-1][-1] == "cancelled" and rows(table)[-1][5] < 4000
 
     job = client.submit(api_name="/regenerate", **defaults(client, "/regenerate", max_tokens=8, ignore_eos=True))
-    chatbot, _, _, _, table, status, *_ = job.result(timeout=240)
+    chatbot, _, _, table, status, *_ = job.result(timeout=240)
     assert status.startswith("Done (length)"), status
     assert [row[-1] for row in rows(table)][-2:] == ["cancelled", "length"]  # every reply keeps its figures
     assert [m["role"] for m in chatbot] == ["user", "assistant"] * 2  # the stopped reply was replaced
@@ -232,14 +232,14 @@ def test_stop_mid_reply_then_regenerate(client: Any) -> None:
     cleared = client.predict(api_name="/clear")
     assert cleared[0] == [] and rows(cleared[4]) == []
     job = client.submit(api_name="/regenerate", **defaults(client, "/regenerate"))
-    assert "nothing to regenerate" in job.result(timeout=60)[5]
+    assert "nothing to regenerate" in job.result(timeout=60)[4]
 
 
 def test_two_clients_get_their_own_complete_replies(ui_url: str) -> None:
     clients = [gradio_client.Client(ui_url, verbose=False) for _ in range(2)]
     jobs = [chat(c, f"Message number {i}", max_tokens=16, ignore_eos=True) for i, c in enumerate(clients)]
     for i, job in enumerate(jobs):
-        chatbot, _, _, _, table, status, *_ = job.result(timeout=300)
+        chatbot, _, _, table, status, *_ = job.result(timeout=300)
         assert status.startswith("Done (length)"), status
         assert [m["role"] for m in chatbot] == ["user", "assistant"]
         assert chatbot[0]["content"][0]["text"] == f"Message number {i}"
@@ -255,12 +255,12 @@ def test_killed_model_process_shows_an_error_and_recovers(ui_url: str) -> None:
     job = chat(client, "Count to a thousand.", max_tokens=4000, ignore_eos=True)
     wait_for_text(job)
     os.kill(client.predict(api_name="/worker_status")["pid"], signal.SIGKILL)
-    chatbot, _, _, _, _, status, *_ = job.result(timeout=120)
+    chatbot, _, _, _, status, *_ = job.result(timeout=120)
     assert "killed by SIGKILL" in status and "restarts" in status, status
     assert "interrupted" in assistant_text(chatbot)  # the partial reply stays, marked
 
     job = chat(client, "Are you back?", max_tokens=8, ignore_eos=True)
-    _, metrics, _, _, _, status, *_ = job.result(timeout=240)
+    _, metrics, _, _, status, *_ = job.result(timeout=240)
     assert status.startswith("Done (length)"), status
     assert metric(metrics, "tokens") == 8
     after = client.predict(api_name="/worker_status")
@@ -327,7 +327,7 @@ def test_mistakes_show_one_sentence_and_keep_the_model(client: Any) -> None:
     status = job.outputs()[-1]
     assert status.startswith("⚠️ Could not load /no/such/model.gguf") and "\n" not in status.strip(), status
     assert client.predict(api_name="/worker_status")["model"] == DEFAULT_MODEL_NAME
-    status = chat(client, "Hi", n_ctx="lots").result(timeout=60)[5]
+    status = chat(client, "Hi", n_ctx="lots").result(timeout=60)[4]
     assert status.startswith("⚠️") and "whole number" in status
-    status = chat(client, "   ").result(timeout=60)[5]
+    status = chat(client, "   ").result(timeout=60)[4]
     assert status == "Type a message first."

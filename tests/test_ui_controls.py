@@ -10,7 +10,7 @@ from localrun.errors import UserError
 from localrun.events import GenerationEvent, GenerationSummary
 from localrun.settings import LoadOptions, SamplingParams, meta, ui_fields
 from ui.controls import load_options, sampling_params, visible_fields
-from ui.metrics import LiveSeries, metrics_html, reply_footer, turn_row
+from ui.metrics import LiveSeries, charts_html, metrics_html, reply_footer, turn_row
 from ui.tabs.chat import LOAD_ROWS, SAMPLING_ROWS
 
 
@@ -101,7 +101,10 @@ def test_metrics_panel_and_turn_row_show_the_draft() -> None:
 def test_series_and_turn_rows() -> None:
     series = LiveSeries()
     series.add(_event())
-    assert set(series.rate_frame()["series"]) == {"average"} and list(series.memory_frame()["MB"]) == [300.0]
+    assert set(series.rate) == {"average"} and series.memory == {"RAM": [(0.1, 300.0)]}
+    svg = charts_html(series)
+    assert 'data-series="average"' in svg and 'data-series="RAM" data-points="1"' in svg
+    assert 'id="chart-memory" data-top="500"' in svg  # the axis runs from 0 to a round number above 300 MB
     summary = GenerationSummary(
         finish_reason="cancelled",
         prompt_tokens=12,

@@ -1,4 +1,4 @@
-"""Live telemetry for the chat: the metrics panel, the chart data, and the per-reply table."""
+"""Live telemetry for the chat: the metrics panel, the live charts, and the per-reply table."""
 
 from __future__ import annotations
 
@@ -93,9 +93,12 @@ def _wrap(cards: list[str], state: str) -> str:
 
 @dataclass
 class LiveSeries:
-    """Points for the live chart, one per UI update: tok/s (now and average) and memory over the reply."""
+    """Points for the live charts, one per UI update: tok/s (now and average) and memory over the reply.
 
-    points: list[dict[str, Any]] = field(default_factory=list)
+    rate and memory map a series name to its (seconds since the request, value) points."""
+
+    rate: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    memory: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     _recent: deque = field(default_factory=deque)
 
     def add(self, event: GenerationEvent) -> None:
@@ -105,28 +108,63 @@ class LiveSeries:
         while len(self._recent) > 2 and event.elapsed_s - self._recent[0][0] > _RATE_WINDOW_S:
             self._recent.popleft()
         (t0, n0), (t1, n1) = self._recent[0], self._recent[-1]
-        now = (n1 - n0) / (t1 - t0) if t1 > t0 and n1 > n0 else None
-        if now is not None:
-            self.points.append({"time (s)": t, "tok/s": now, "series": "now"})
+        if t1 > t0 and n1 > n0:
+            self.rate.setdefault("now", []).append((t, (n1 - n0) / (t1 - t0)))
         if event.decode_tps is not None:
-            self.points.append({"time (s)": t, "tok/s": event.decode_tps, "series": "average"})
-        self.points.append({"time (s)": t, "MB": event.ram_bytes / _MB, "series": "RAM"})
+            self.rate.setdefault("average", []).append((t, event.decode_tps))
+        self.memory.setdefault("RAM", []).append((t, event.ram_bytes / _MB))
         if event.vram_bytes is not None:
-            self.points.append({"time (s)": t, "MB": event.vram_bytes / _MB, "series": "VRAM"})
+            self.memory.setdefault("VRAM", []).append((t, event.vram_bytes / _MB))
 
-    def rate_frame(self) -> Any:
-        """tok/s over time, series "now" (last 0.5 s) and "average" (since the first token)."""
-        import pandas as pd
 
-        rows = [p for p in self.points if "tok/s" in p]
-        return pd.DataFrame(rows or [{"time (s)": 0.0, "tok/s": 0.0, "series": s} for s in RATE_COLORS])
+# The charts are inline SVG inside one HTML element: a redraw is a small DOM update. Gradio's LinePlot
+# re-rendered a Vega chart per update, which cost the page (and so the cores the model runs on) more than
+# everything else on it (bench/ui.py: 0.78 of the CLI's rate with it, 0.87 without).
+_W, _H, _LEFT, _TOP, _BOTTOM = 320, 130, 40, 8, 18
 
-    def memory_frame(self) -> Any:
-        """RAM (and VRAM with a GPU) of the model process over time, in MB."""
-        import pandas as pd
 
-        rows = [p for p in self.points if "MB" in p]
-        return pd.DataFrame(rows or [{"time (s)": 0.0, "MB": 0.0, "series": "RAM"}])  # VRAM only with a GPU
+def charts_html(series: LiveSeries) -> str:
+    """The panel's two live charts: generation tok/s (now and average) and the model process's memory."""
+    return (
+        '<div class="lr-charts">'
+        f"{_chart('rate', 'Generation tokens/s', 'tok/s', series.rate, RATE_COLORS)}"
+        f"{_chart('memory', 'Model process memory', 'MB', series.memory, MEMORY_COLORS)}"
+        "</div>"
+    )
+
+
+def _chart(key: str, title: str, unit: str, lines: dict[str, list[tuple[float, float]]], colors: dict) -> str:
+    values = [v for pts in lines.values() for _, v in pts]
+    top = nice_top(max(values, default=0.0))  # from 0, so a 0.01 MB wiggle does not look like a leak
+    t_end = max([t for pts in lines.values() for t, _ in pts] + [1.0])
+    width, height = _W - _LEFT - 4, _H - _TOP - _BOTTOM
+
+    def xy(t: float, v: float) -> str:
+        return f"{_LEFT + t / t_end * width:.1f},{_TOP + height - min(v, top) / top * height:.1f}"
+
+    shapes = [
+        f'<line x1="{_LEFT}" y1="{_TOP + height}" x2="{_W - 4}" y2="{_TOP + height}" class="lr-axis"/>',
+        f'<line x1="{_LEFT}" y1="{_TOP}" x2="{_LEFT}" y2="{_TOP + height}" class="lr-axis"/>',
+        f'<text x="{_LEFT - 4}" y="{_TOP + 8}" text-anchor="end">{top:g}</text>',
+        f'<text x="{_LEFT - 4}" y="{_TOP + height}" text-anchor="end">0</text>',
+        f'<text x="{_W - 4}" y="{_H - 4}" text-anchor="end">{t_end:.1f} s</text>',
+    ]
+    legend = []
+    for name, color in colors.items():
+        pts = lines.get(name)
+        if not pts:
+            continue
+        path = " ".join(xy(t, v) for t, v in pts)
+        shapes.append(
+            f'<polyline points="{path}" stroke="{color}" data-series="{name}" data-points="{len(pts)}" '
+            f'data-last="{pts[-1][1]:.4g}"/>'
+        )
+        legend.append(f'<span><i style="background:{color}"></i>{name} {pts[-1][1]:.4g}</span>')
+    return (
+        f'<figure class="lr-chart" id="chart-{key}" data-top="{top:g}"><figcaption>{title} ({unit})'
+        f"{''.join(legend)}</figcaption>"
+        f'<svg viewBox="0 0 {_W} {_H}" role="img" aria-label="{title}">{"".join(shapes)}</svg></figure>'
+    )
 
 
 def nice_top(value: float) -> float:
@@ -173,17 +211,6 @@ def reply_footer(s: GenerationSummary) -> str:
     return stats_line(s) + note
 
 
-def plots(series: LiveSeries) -> tuple[Any, Any]:
-    """Both charts, their y axes from 0 so a 0.01 MB wiggle does not look like a leak."""
-    import gradio as gr
-
-    rate, memory = series.rate_frame(), series.memory_frame()
-    return (
-        gr.LinePlot(value=rate, y_lim=[0, nice_top(rate["tok/s"].max())]),
-        gr.LinePlot(value=memory, y_lim=[0, nice_top(memory["MB"].max())]),
-    )
-
-
 def turns_frame(turns: list) -> Any:
     """The per-reply table's rows as a DataFrame."""
     import pandas as pd
@@ -204,4 +231,13 @@ CSS = """
 .lr-live:has(> .lr-text:empty) {display:none}
 .lr-text {white-space:pre-wrap}
 .lr-text::after {content:"▍"; opacity:0.6}
+.lr-charts {display:flex; flex-wrap:wrap; gap:8px}
+.lr-chart {flex:1 1 300px; margin:0; border:1px solid var(--border-color-primary); border-radius:8px; padding:6px 8px}
+.lr-chart figcaption {font-size:0.8em; display:flex; flex-wrap:wrap; gap:4px 12px; align-items:center}
+.lr-chart figcaption span {opacity:0.8; font-variant-numeric:tabular-nums}
+.lr-chart i {display:inline-block; width:10px; height:3px; margin-right:4px; vertical-align:middle}
+.lr-chart svg {width:100%; height:auto; display:block}
+.lr-chart svg text {font-size:9px; fill:currentColor; opacity:0.7}
+.lr-chart polyline {fill:none; stroke-width:1.5}
+.lr-axis {stroke:currentColor; opacity:0.3}
 """

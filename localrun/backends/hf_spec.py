@@ -233,6 +233,7 @@ def propose(
     seq = list(ids)
     tokens: list[int] = []
     rows: list[np.ndarray] = []
+    steps = 0
     for j in range(n):
         if scorer.greedy:
             s = scorer.scores(row, seq)
@@ -247,7 +248,8 @@ def propose(
         seq.append(tok)
         if j + 1 < n:
             row = state.eval([tok])[-1]
-    return Draft(tuple(tokens), np.stack(rows) if rows else None, catchup)
+            steps += 1
+    return Draft(tuple(tokens), np.stack(rows) if rows else None, catchup, 1 + steps)
 
 
 def tokenizer_vocab(tokenizer: Any) -> VocabSummary:

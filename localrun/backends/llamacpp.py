@@ -305,6 +305,7 @@ class LlamaCppBackend:
         catchup = len(ids) - keep
         tokens: list[int] = []
         rows: list[np.ndarray] = []
+        steps = 0
         greedy = params.temperature <= 0
         for j in range(n):
             logits = runner.logits(-1)
@@ -320,7 +321,8 @@ class LlamaCppBackend:
             tokens.append(tok)
             if j + 1 < n:
                 runner.step(tok)
-        return Draft(tuple(tokens), np.stack(rows) if rows else None, catchup)
+                steps += 1
+        return Draft(tuple(tokens), np.stack(rows) if rows else None, catchup, 1 + steps)
 
 
 def _with_detail(report: LoadReport, key: str, value: str) -> LoadReport:

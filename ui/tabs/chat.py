@@ -22,15 +22,16 @@ from localrun.store import allowed_spec
 from localrun.structured import with_json_schema
 from ui import store
 from ui.controls import load_options, make_control, recommended_values, rows, sampling_params, visible_fields
-from ui.metrics import MEMORY_COLORS, RATE_COLORS, LiveSeries, metrics_html, plots, reply_footer, turn_row, turns_frame
+from ui.metrics import LiveSeries, charts_html, metrics_html, reply_footer, turn_row, turns_frame
 
 TITLE = "Chat"
 KEY = "chat"
-# Each update costs the browser ~40 ms and the server ~20 ms of CPU on the cores the model runs on, whatever it
-# carries (measured per reply with bench/ui.py: dropping the charts, the panel or the text from the updates saves
-# little; dropping updates saves it all): two a second keep the text moving without slowing generation.
+# Each update costs the browser and the server CPU on the cores the model runs on, so updates are paced: two a
+# second keep the text moving without slowing generation. The charts are inline SVG (ui.metrics.charts_html):
+# Gradio's LinePlot redrew a Vega chart per update and cost more than the rest of the page (bench/ui.py: 0.78 of
+# the CLI's rate with it, 0.87 with the charts left out).
 _TEXT_INTERVAL_S = 0.5  # the streaming reply and the live panel
-_PLOT_INTERVAL_S = 1.0  # the charts (a redraw costs more than a text update)
+_PLOT_INTERVAL_S = 1.0  # the charts
 # Related settings share a row (their Meta group): common load options, then llama.cpp's, then transformers'.
 LOAD_ROWS = rows(LoadOptions)
 SAMPLING_ROWS = rows(SamplingParams)
@@ -149,29 +150,10 @@ def _layout_chat(c: SimpleNamespace) -> None:
 def _layout_metrics(c: SimpleNamespace) -> None:
     import gradio as gr
 
-    empty = LiveSeries()
     c.metrics = gr.HTML(metrics_html(None), elem_id="live-metrics", label="Live metrics")
-    c.rate_plot = _line_plot(empty.rate_frame(), "tok/s", "Generation tokens/s", RATE_COLORS, "rate-plot")
-    c.mem_plot = _line_plot(empty.memory_frame(), "MB", "Model process memory (MB)", MEMORY_COLORS, "mem-plot")
+    c.charts = gr.HTML(charts_html(LiveSeries()), elem_id="live-charts", label="Live charts")
     c.turns_table = gr.Dataframe(
         turns_frame([]), label="Every reply's figures (compare turns)", interactive=False, elem_id="turns-table"
-    )
-
-
-def _line_plot(frame: Any, y: str, title: str, colors: dict[str, str], elem_id: str) -> Any:
-    """One of the panel's live charts: a series per colour over time since the reply began."""
-    import gradio as gr
-
-    return gr.LinePlot(
-        frame,
-        x="time (s)",
-        y=y,
-        color="series",
-        title=title,
-        height=190,
-        color_map=colors,
-        y_lim=[0, 1],
-        elem_id=elem_id,
     )
 
 
@@ -353,14 +335,12 @@ def _reply(
 def clear_chat(ctx: Any, owner: str) -> tuple:
     """Forget this session's chat (stopping its reply if one runs) and reset the panel and charts."""
     ctx.worker.cancel(owner)
-    rate, memory = plots(LiveSeries())
     return _update(
         chatbot=[],
         history=[],
         turns=[],
         metrics=metrics_html(None),
-        rate_plot=rate,
-        mem_plot=memory,
+        charts=charts_html(LiveSeries()),
         turns_table=turns_frame([]),
         status="",
         live="",
@@ -419,7 +399,7 @@ def _stream(ctx: Any, turn: Turn, turns: list, owner: str) -> Iterator[tuple]:
         out = {"metrics": metrics_html(event, state="generating")}
         if now - last_plot >= _PLOT_INTERVAL_S:
             last_plot = now
-            out["rate_plot"], out["mem_plot"] = plots(series)
+            out["charts"] = charts_html(series)
         # Plain text into a light element (Gradio sends it as an append); the chat renders the reply once, at
         # the end. The status line changes only once.
         out["live"] = html.escape("".join(parts))
@@ -433,7 +413,7 @@ def _stream(ctx: Any, turn: Turn, turns: list, owner: str) -> Iterator[tuple]:
 
 
 # The chat outputs, in order (the API returns them without the two States).
-_OUTPUTS = "chatbot history turns metrics rate_plot mem_plot turns_table status message live".split()
+_OUTPUTS = "chatbot history turns metrics charts turns_table status message live".split()
 
 
 def _update(**values: Any) -> tuple:
@@ -478,14 +458,12 @@ def _finish(
         status = "⚠️ The reply ended without a result."
     state = summary.finish_reason if summary is not None else "error"
     metrics = metrics_html(event, state=state) if event is not None else metrics_html(None, state="error")
-    rate, memory = plots(series)
     return _update(
         chatbot=_display(history),
         history=history,
         turns=turns,
         metrics=metrics,
-        rate_plot=rate,
-        mem_plot=memory,
+        charts=charts_html(series),
         turns_table=turns_frame(turns),
         status=status,
         message=unanswered,
