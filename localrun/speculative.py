@@ -10,6 +10,7 @@ from max(0, p - q) renormalised, which leaves the output distributed exactly as 
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class Draft:
     probs: np.ndarray | None = None
     catchup: int = 0  # tokens the draft model evaluated first, to catch up with the text (not drafting proper)
     decodes: int = 0  # the draft model's evaluations: the catch-up batch and a step per token it went on from
+    confidence: tuple[float, ...] = ()  # greedy drafting: the draft's own probability of each drafted token
 
 
 class Drafter(Protocol):
@@ -219,6 +221,12 @@ class DraftSchedule:
         cost = k * d + a + b * (k + 1)
         return tokens * t / cost if cost > 0 else 0.0
 
+    def extra_token_cost(self) -> float | None:
+        """(d + b) / t: what one more drafted token costs, in plain steps (None: not measured yet)."""
+        if self.plain_s is None or self.draft_s is None or not self._verify:
+            return None
+        return (self.draft_s + self.verify_line()[1]) / self.plain_s
+
     def _choose(self) -> None:
         if self.plain_s is None or self.draft_s is None:  # too early for the model: grow while drafts hold
             self.k = min(self.n_max, self.k * 2) if self.accepted > 3 * self.rejected else self.k
@@ -237,17 +245,49 @@ class DraftSchedule:
 # -- drafters ---------------------------------------------------------------------------------------
 
 
+class Calibration:
+    """How often the target accepts a drafted token, by the draft's own probability of it (in bins): a draft
+    close to its target (Q8_0 of an F32) is right even where it is unsure, a rougher one (Q4_0) much less.
+    Each bin starts at its own probability, weighted like two tokens, and forgets slowly."""
+
+    EDGES = (0.2, 0.4, 0.6, 0.8, 0.9)
+    DECAY = 0.99
+
+    def __init__(self) -> None:
+        mids = (0.1, 0.3, 0.5, 0.7, 0.85, 0.95)
+        self.accepted = [2.0 * m for m in mids]
+        self.seen = [2.0] * len(mids)
+
+    def rate(self, confidence: float) -> float:
+        i = bisect.bisect_right(self.EDGES, confidence)
+        return self.accepted[i] / self.seen[i]
+
+    def observe(self, confidence: Sequence[float], accepted: int) -> None:
+        """A round's drafted tokens' probabilities; the first `accepted` were accepted, the next one was not
+        (the tokens after it were never judged)."""
+        for j, c in enumerate(confidence[: accepted + 1]):
+            i = bisect.bisect_right(self.EDGES, c)
+            self.accepted[i] = self.DECAY * self.accepted[i] + (j < accepted)
+            self.seen[i] = self.DECAY * self.seen[i] + 1.0
+
+
 class ModelDrafter:
     """A second, smaller model with its own context and KV cache: reused across rounds and requests,
     trimmed to the longest common prefix when the target rejected part of a draft. The draft
-    backend does the decoding (its propose_tokens()); this class owns the schedule."""
+    backend does the decoding (its propose_tokens()); this class owns the schedule.
+
+    Adaptive greedy drafting also stops a round early where going on does not pay (llama.cpp's --draft-p-min
+    idea, with the threshold learnt): one more drafted token is accepted with the chance that every token so
+    far and it are (each from the Calibration of the draft's probability of it), and saves a plain step, t;
+    it costs a draft step and a longer verify batch, d + b (the schedule's cost model). Drafting goes on while
+    that chance × t exceeds d + b."""
 
     def __init__(self, backend: Any, *, n_max: int = 16, mode: str = "adaptive") -> None:
         self.backend = backend
         self.schedule = DraftSchedule(n_max=n_max, mode=mode, carry_pause=True)
-        # adaptive: stop a round early where the draft itself is unsure (llama.cpp's --draft-p-min idea)
-        self.p_min = 0.0 if mode == "fixed" else 0.5
+        self.calibration = Calibration() if mode == "adaptive" else None
         self._catchup = self._decodes = 0  # the last draft's catch-up tokens and evaluations
+        self._confidence: tuple[float, ...] = ()
 
     def begin(self) -> None:
         self.schedule.begin()
@@ -256,14 +296,29 @@ class ModelDrafter:
         n = self.schedule.next_length()
         if n <= 0:
             return Draft()
-        draft = self.backend.propose_tokens(ids, n, params, rng, p_min=self.p_min)
-        self._catchup, self._decodes = draft.catchup, draft.decodes
+        draft = self.backend.propose_tokens(ids, n, params, rng, go_on=self._stop_rule())
+        self._catchup, self._decodes, self._confidence = draft.catchup, draft.decodes, draft.confidence
         return draft
+
+    def _stop_rule(self) -> Callable[[float], bool] | None:
+        calibration, threshold = self.calibration, self.schedule.extra_token_cost()
+        if calibration is None or threshold is None:
+            return None
+        chance = 1.0
+
+        def go_on(confidence: float) -> bool:
+            nonlocal chance
+            chance *= calibration.rate(confidence)
+            return chance >= threshold
+
+        return go_on
 
     def observe_round(self, drafted: int, accepted: int, seconds: float, draft_seconds: float | None = None) -> None:
         # A round that first caught the draft model up on text it had not seen (the prompt, or the tokens of a
         # pause) drafted slower than drafting does: only its verify part is representative.
         catching_up = self._catchup > CATCHUP_TIMED_MAX
+        if self.calibration is not None:
+            self.calibration.observe(self._confidence[:drafted], accepted)
         self.schedule.observe_round(
             drafted, accepted, seconds, draft_seconds or 0.0, draft_decodes=self._decodes, draft_timed=not catching_up
         )

@@ -17,8 +17,10 @@ from localrun.errors import UserError
 from localrun.generate import stream_generate
 from localrun.settings import LoadOptions, SamplingParams
 from localrun.speculative import (
+    Calibration,
     Draft,
     DraftSchedule,
+    ModelDrafter,
     PromptLookupDrafter,
     VocabSummary,
     accept_sampled,
@@ -261,6 +263,33 @@ def test_adaptive_schedule_picks_the_length_its_cost_model_says_is_fastest() -> 
     assert 1 <= k < 16 and s.expected_gain(k) > 1
     a, b = s.verify_line()
     assert abs(a - 0.010) < 1.5e-3 and abs(b - 0.001) < 3e-4  # the line through the plain step and the rounds
+
+
+def test_calibration_learns_how_often_unsure_drafts_are_right() -> None:
+    close, rough = Calibration(), Calibration()
+    assert close.rate(0.3) == rough.rate(0.3) == 0.3  # before any round: the draft's own probability
+    for _ in range(100):
+        close.observe([0.95, 0.3, 0.3], accepted=3)  # a draft close to its target: right even where unsure
+        rough.observe([0.95, 0.3, 0.3], accepted=1)  # a rough one: wrong where unsure
+    assert close.rate(0.3) > 0.9 and rough.rate(0.3) < 0.1 and rough.rate(0.95) > 0.9
+
+
+def test_a_round_stops_where_one_more_drafted_token_does_not_pay() -> None:
+    drafter = ModelDrafter(backend=None)
+    assert drafter._stop_rule() is None  # nothing measured yet: draft the whole length
+    s = drafter.schedule
+    for _ in range(4):
+        s.next_length(), s.observe_plain(0.030)  # a plain step: 30 ms
+    s.observe_round(4, 4, 0.030 + 0.003 * 5 + 0.012 * 4, 0.012 * 4, draft_decodes=4)  # 12 ms a draft step
+    cost = s.extra_token_cost()
+    assert cost is not None and 0.4 < cost < 0.6  # (d + b) / t: (12 + ~3) / 30
+    go_on = drafter._stop_rule()
+    assert go_on(0.95) and go_on(0.95)  # sure tokens: 0.95 x 0.95 of a plain step saved > half a step spent
+    assert not go_on(0.3)  # an unsure one (a 30 % chance, by the prior) after them does not pay
+    for _ in range(200):
+        drafter.calibration.observe([0.3, 0.3], accepted=2)  # ... unless this draft is right where unsure
+    go_on = drafter._stop_rule()
+    assert go_on(0.95) and go_on(0.3)
 
 
 def test_adaptive_schedule_pauses_when_drafting_loses_and_remembers_it() -> None:

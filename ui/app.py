@@ -63,6 +63,7 @@ def launch(
     demo = build_app(ctx)
     # Several tabs may wait on the one worker at once; the worker queues them itself.
     demo.queue(default_concurrency_limit=8)
+    calm_queue(demo)
     try:
         demo.launch(
             server_name=host,
@@ -83,3 +84,18 @@ def launch(
         demo.block_thread()
     finally:
         ctx.worker.close()
+
+
+# Gradio's queue checks for new jobs every 1 ms and for progress every 10 ms when it has none (off Windows): ~5 %
+# of a core on an idle page (bench/ui.py's idle rate), taken from the cores the model runs on. 20 ms and 100 ms
+# are still well under what a person notices.
+_QUEUE_IDLE_S, _PROGRESS_IDLE_S = 0.02, 0.1
+
+
+def calm_queue(demo: Any) -> None:
+    """Slow the idle polling of Gradio's queue (private attributes: left alone if a Gradio lacks them)."""
+    queue = getattr(demo, "_queue", None)
+    if queue is not None and hasattr(queue, "sleep_when_free"):
+        queue.sleep_when_free = max(queue.sleep_when_free, _QUEUE_IDLE_S)
+    if queue is not None and hasattr(queue, "progress_update_sleep_when_free"):
+        queue.progress_update_sleep_when_free = max(queue.progress_update_sleep_when_free, _PROGRESS_IDLE_S)

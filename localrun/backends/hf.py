@@ -349,6 +349,8 @@ class HFBackend:
         update = {"draft": None, "lookup": False, "n_ctx": self.n_ctx}
         return HFBackend(model, options.model_copy(update=update))
 
-    def propose_tokens(self, ids: Sequence[int], n: int, params: SamplingParams, rng, *, p_min: float = 0.0) -> Draft:
+    def propose_tokens(
+        self, ids: Sequence[int], n: int, params: SamplingParams, rng, *, go_on: Callable[[float], bool] | None = None
+    ) -> Draft:
         """As a draft model: up to n tokens after ids (hf_spec.propose), from this model's own cache."""
-        return propose(self._spec_state, self.n_ctx, ids, n, params, rng, p_min)
+        return propose(self._spec_state, self.n_ctx, ids, n, params, rng, go_on)

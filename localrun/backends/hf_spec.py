@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -219,10 +219,10 @@ def propose(
     n: int,
     params: SamplingParams,
     rng: np.random.Generator,
-    p_min: float,
+    go_on: Callable[[float], bool] | None = None,
 ) -> Draft:
     """As a draft model: up to n tokens after ids from its own cache (trimmed to what ids still share),
-    greedy at temperature 0 (stopping where its top probability is below p_min), else drawn from the
+    greedy at temperature 0 (stopping before a token when go_on(its probability under the draft) says so), else drawn from the
     plain path's distribution, which is returned for the acceptance rule."""
     if len(ids) + n >= n_ctx:
         return Draft()
@@ -234,12 +234,15 @@ def propose(
     tokens: list[int] = []
     rows: list[np.ndarray] = []
     steps = 0
+    confidence: list[float] = []
     for j in range(n):
         if scorer.greedy:
             s = scorer.scores(row, seq)
             tok = int(torch.argmax(s))
-            if p_min > 0 and j > 0 and float(torch.softmax(s, dim=-1)[tok]) < p_min:
+            conf = float(torch.softmax(s, dim=-1)[tok])
+            if go_on is not None and not go_on(conf) and j > 0:
                 break
+            confidence.append(conf)
         else:
             q = scorer.probs(row, seq)
             tok = sample_from(q, rng)
@@ -249,7 +252,7 @@ def propose(
         if j + 1 < n:
             row = state.eval([tok])[-1]
             steps += 1
-    return Draft(tuple(tokens), np.stack(rows) if rows else None, catchup, 1 + steps)
+    return Draft(tuple(tokens), np.stack(rows) if rows else None, catchup, 1 + steps, tuple(confidence))
 
 
 def tokenizer_vocab(tokenizer: Any) -> VocabSummary:

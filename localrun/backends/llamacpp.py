@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -292,11 +292,17 @@ class LlamaCppBackend:
         return vocab_summary_of(self._model)
 
     def propose_tokens(
-        self, ids: Sequence[int], n: int, params: SamplingParams, rng: np.random.Generator, *, p_min: float = 0.0
+        self,
+        ids: Sequence[int],
+        n: int,
+        params: SamplingParams,
+        rng: np.random.Generator,
+        *,
+        go_on: Callable[[float], bool] | None = None,
     ) -> Draft:
         """As a draft model: up to n tokens after ids, greedy at temperature 0, else drawn from the
         same filtered distribution the target uses (returned, for the acceptance rule). Stops early
-        where the greedy draft's own top probability is below p_min."""
+        before a greedy token when go_on(its probability under the draft) says so (never before the first)."""
         runner = self._runner
         if len(ids) + n >= runner.n_ctx:
             return Draft()
@@ -307,12 +313,15 @@ class LlamaCppBackend:
         rows: list[np.ndarray] = []
         steps = 0
         greedy = params.temperature <= 0
+        confidence: list[float] = []
         for j in range(n):
             logits = runner.logits(-1)
             if greedy:
                 tok = int(np.argmax(logits))
-                if p_min > 0 and j > 0 and _top_prob(logits, tok) < p_min:
+                conf = _top_prob(logits, tok)
+                if go_on is not None and not go_on(conf) and j > 0:
                     break
+                confidence.append(conf)
             else:
                 # the repeat penalty sees the text so far, as the target's does
                 q = filtered_probs(logits, params, [*ids[-PENALTY_LAST_N:], *tokens])
@@ -322,7 +331,7 @@ class LlamaCppBackend:
             if j + 1 < n:
                 runner.step(tok)
                 steps += 1
-        return Draft(tuple(tokens), np.stack(rows) if rows else None, catchup, 1 + steps)
+        return Draft(tuple(tokens), np.stack(rows) if rows else None, catchup, 1 + steps, tuple(confidence))
 
 
 def _with_detail(report: LoadReport, key: str, value: str) -> LoadReport:
