@@ -134,7 +134,7 @@ def readme_screenshot(page: Any) -> None:
     page.wait_for_function("document.querySelectorAll('#chatbot [data-testid=bot]').length === 0")
     page.uncheck("#set-ignore_eos input")
     set_number(page, "set-max_tokens", 200)
-    page.fill("#chat-input textarea", "What is the capital of France?")
+    page.fill("#chat-input textarea", "Give me three tips for better sleep.")
     page.press("#chat-input textarea", "Enter")
     page.wait_for_function(  # the reply with its stats line (the status line may still say the last "Done")
         "[...document.querySelectorAll('#chatbot [data-testid=bot]')].some(b => b.innerText.includes('TTFT'))"
@@ -239,6 +239,8 @@ def test_draft_model_shows_acceptance_live(page: Any) -> None:
     open_accordion(page, "#sampling-options", "#set-max_tokens")
     set_number(page, "set-max_tokens", 256)  # a few seconds of streaming: several live panel updates
     page.check("#set-ignore_eos input")
+    page.click("#clear-btn")  # the status line would still say the last reply's "Done"
+    page.wait_for_function("document.querySelector('#chat-status').innerText.trim() === ''")
     page.evaluate(RECORD_METRICS_JS)
     page.fill("#chat-input textarea", "Repeat this list exactly: apples, pears, plums, cherries, grapes, lemons.")
     page.press("#chat-input textarea", "Enter")
