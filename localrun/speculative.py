@@ -122,7 +122,7 @@ class DraftSchedule:
       accepted + rejections). A round of k drafted tokens yields (1 − α^(k+1)) / (1 − α) tokens on average
       in k·d + a + b·(k+1) seconds, where plain decoding takes t per token.
     - pausing: when rounds clearly lose to plain decoding (their measured speed, a moving average, below
-      LOSING of plain's), drafting pauses and probes again later, twice as long after each failed probe; at
+      LOSING of plain's, and the cost model sees no faster length), drafting pauses and probes again later, twice as long after each failed probe; at
       once for the longest when even a draft that is always right could not pay (a draft about as slow as
       the target). Marginal rounds go on: drafting that breaks even early often pays later in a reply.
     - With carry_pause (a draft model, which must catch up on the skipped text before it can probe), a pause
@@ -221,6 +221,13 @@ class DraftSchedule:
         cost = k * d + a + b * (k + 1)
         return tokens * t / cost if cost > 0 else 0.0
 
+    def _clearly_losing(self) -> bool:
+        """The rounds measured slower than plain decoding (a few of them: one unlucky round is not a verdict),
+        and the cost model, from everything measured so far, sees no length that would be faster."""
+        if self.gain is None or self.gain >= self.LOSING or self.timed_rounds < self.JUDGE_AFTER:
+            return False
+        return self.expected_gain(self.k) < 1.0
+
     def extra_token_cost(self) -> float | None:
         """(d + b) / t: what one more drafted token costs, in plain steps (None: not measured yet)."""
         if self.plain_s is None or self.draft_s is None or not self._verify:
@@ -235,7 +242,7 @@ class DraftSchedule:
         if self.expected_gain(self.n_max, alpha=1.0) < 1.0:  # even an always-right draft would lose
             self.pause = self.backoff = self.BACKOFF_MAX
             self.gain = None
-        elif self.gain is not None and self.gain < self.LOSING and self.timed_rounds >= self.JUDGE_AFTER:
+        elif self._clearly_losing():
             self.pause, self.gain = self.backoff, None
             self.backoff = min(self.backoff * 2, self.BACKOFF_MAX)
         elif self.gain is not None and self.gain > 1.1:
