@@ -35,11 +35,11 @@ def _light_package(spec: importlib.machinery.ModuleSpec) -> ModuleType:
     init = Path(spec.origin or "")
     found = re.search(r'__version__\s*=\s*"([^"]+)"', init.read_text()) if init.is_file() else None
     pkg.__version__ = found.group(1) if found else "?"
-    state = {"full": False}
-
     folder = Path(next(iter(spec.submodule_search_locations)))
+    full = False
 
     def __getattr__(name: str):  # PEP 562: names the light module lacks
+        nonlocal full
         if name.startswith("__"):
             raise AttributeError(name)
         bindings = sys.modules.get("llama_cpp.llama_cpp")
@@ -47,8 +47,8 @@ def _light_package(spec: importlib.machinery.ModuleSpec) -> ModuleType:
             return getattr(bindings, name)
         if (folder / f"{name}.py").is_file():  # `from llama_cpp import _internals`: just that submodule
             return importlib.import_module(f"llama_cpp.{name}")
-        if not state["full"]:
-            state["full"] = True
+        if not full:
+            full = True
             spec.loader.exec_module(pkg)  # the package's own __init__, into this same module
             if name in pkg.__dict__:
                 return pkg.__dict__[name]

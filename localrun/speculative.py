@@ -122,9 +122,9 @@ class DraftSchedule:
       accepted + rejections). A round of k drafted tokens yields (1 − α^(k+1)) / (1 − α) tokens on average
       in k·d + a + b·(k+1) seconds, where plain decoding takes t per token.
     - pausing: when rounds clearly lose to plain decoding (their measured speed, a moving average, below
-      LOSING of plain's, and the cost model sees no faster length), drafting pauses and probes again later, twice as long after each failed probe; at
-      once for the longest when even a draft that is always right could not pay (a draft about as slow as
-      the target). Marginal rounds go on: drafting that breaks even early often pays later in a reply.
+      LOSING of plain's, and the cost model sees no faster length), drafting pauses and probes again later,
+      twice as long after each failed probe; at once for the longest when even a draft that is always right
+      could not pay (a draft about as slow as the target). Marginal rounds go on: drafting that breaks even early often pays later in a reply.
     - With carry_pause (a draft model, which must catch up on the skipped text before it can probe), a pause
       goes on into the next request; prompt lookup probes for free, so each request starts drafting."""
 
@@ -308,9 +308,13 @@ class ModelDrafter:
         return draft
 
     def _stop_rule(self) -> Callable[[float], bool] | None:
+        """None in fixed mode; before the costs are measured, a rule that never stops (the calibration still
+        learns from the probabilities it asks for)."""
         calibration, threshold = self.calibration, self.schedule.extra_token_cost()
-        if calibration is None or threshold is None:
+        if calibration is None:
             return None
+        if threshold is None:
+            return _never_stop
         chance = 1.0
 
         def go_on(confidence: float) -> bool:
@@ -335,6 +339,10 @@ class ModelDrafter:
 
     def close(self) -> None:
         self.backend.close()
+
+
+def _never_stop(confidence: float) -> bool:
+    return True
 
 
 class PromptLookupDrafter:

@@ -276,7 +276,9 @@ def test_calibration_learns_how_often_unsure_drafts_are_right() -> None:
 
 def test_a_round_stops_where_one_more_drafted_token_does_not_pay() -> None:
     drafter = ModelDrafter(backend=None)
-    assert drafter._stop_rule() is None  # nothing measured yet: draft the whole length
+    early = drafter._stop_rule()  # nothing measured yet: draft the whole length, whatever the probabilities
+    assert early is not None and early(0.0) and early(0.0)
+    assert ModelDrafter(backend=None, mode="fixed")._stop_rule() is None  # fixed: no probabilities asked for
     s = drafter.schedule
     for _ in range(4):
         s.next_length(), s.observe_plain(0.030)  # a plain step: 30 ms

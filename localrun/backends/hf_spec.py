@@ -222,8 +222,8 @@ def propose(
     go_on: Callable[[float], bool] | None = None,
 ) -> Draft:
     """As a draft model: up to n tokens after ids from its own cache (trimmed to what ids still share),
-    greedy at temperature 0 (stopping before a token when go_on(its probability under the draft) says so), else drawn from the
-    plain path's distribution, which is returned for the acceptance rule."""
+    greedy at temperature 0 (stopping before a token when go_on(its probability under the draft) says so),
+    else drawn from the plain path's distribution, which is returned for the acceptance rule."""
     if len(ids) + n >= n_ctx:
         return Draft()
     scorer = Scorer(params)
@@ -239,10 +239,11 @@ def propose(
         if scorer.greedy:
             s = scorer.scores(row, seq)
             tok = int(torch.argmax(s))
-            conf = float(torch.softmax(s, dim=-1)[tok])
-            if go_on is not None and not go_on(conf) and j > 0:
-                break
-            confidence.append(conf)
+            if go_on is not None:  # the draft's probability of its token: only a stop rule needs it
+                conf = float(torch.softmax(s, dim=-1)[tok])
+                if not go_on(conf) and j > 0:
+                    break
+                confidence.append(conf)
         else:
             q = scorer.probs(row, seq)
             tok = sample_from(q, rng)

@@ -302,7 +302,8 @@ class LlamaCppBackend:
     ) -> Draft:
         """As a draft model: up to n tokens after ids, greedy at temperature 0, else drawn from the
         same filtered distribution the target uses (returned, for the acceptance rule). Stops early
-        before a greedy token when go_on(its probability under the draft) says so (never before the first)."""
+        before a greedy token when go_on(its probability under the draft) says so (never before the
+        first); the probabilities are computed, and returned, only for a go_on."""
         runner = self._runner
         if len(ids) + n >= runner.n_ctx:
             return Draft()
@@ -318,10 +319,11 @@ class LlamaCppBackend:
             logits = runner.logits(-1)
             if greedy:
                 tok = int(np.argmax(logits))
-                conf = _top_prob(logits, tok)
-                if go_on is not None and not go_on(conf) and j > 0:
-                    break
-                confidence.append(conf)
+                if go_on is not None:  # the draft's probability of its token: only a stop rule needs it
+                    conf = _top_prob(logits, tok)
+                    if not go_on(conf) and j > 0:
+                        break
+                    confidence.append(conf)
             else:
                 # the repeat penalty sees the text so far, as the target's does
                 q = filtered_probs(logits, params, [*ids[-PENALTY_LAST_N:], *tokens])

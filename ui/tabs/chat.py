@@ -27,9 +27,7 @@ from ui.metrics import LiveSeries, charts_html, metrics_html, reply_footer, turn
 TITLE = "Chat"
 KEY = "chat"
 # Each update costs the browser and the server CPU on the cores the model runs on, so updates are paced: two a
-# second keep the text moving without slowing generation. The charts are inline SVG (ui.metrics.charts_html):
-# Gradio's LinePlot redrew a Vega chart per update and cost more than the rest of the page (bench/ui.py: 0.78 of
-# the CLI's rate with it, 0.87 with the charts left out).
+# second keep the text moving without slowing generation (the charts are inline SVG: see ui.metrics).
 _TEXT_INTERVAL_S = 0.5  # the streaming reply and the live panel
 _PLOT_INTERVAL_S = 1.0  # the charts
 # Related settings share a row (their Meta group): common load options, then llama.cpp's, then transformers'.
