@@ -11,10 +11,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
-
 from localrun.backends.base import ResolvedModel
 from localrun.errors import UserError
+from localrun.records import Record, RecordError, build, fields, setting
 from localrun.settings import SamplingParams, recommendable
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
@@ -24,66 +23,62 @@ SIDECAR_SUFFIX = ".localrun.json"
 _FILE_SUFFIXES = {".gguf", ".bin", ".safetensors", ".pt", ".pth"}
 
 
-class _RecommendedBase(BaseModel):
+class _RecommendedBase(Record):
     """Per-model defaults (like an Ollama Modelfile's SYSTEM and PARAMETER lines); user flags win."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    system: str | None = Field(default=None, description="System prompt used when the user gives none.")
-    source: str = Field(default="", description="Where these values come from (model card, our measurements).")
+    system: str | None = setting(None, help="System prompt used when the user gives none.")
+    source: str = setting("", help="Where these values come from (model card, our measurements).")
 
     def sampling(self) -> dict[str, Any]:
         """The sampling fields that are set, for SamplingParams(**...)."""
-        return self.model_dump(exclude_none=True, exclude={"system", "source"})
+        names = [n for n in fields(type(self)) if n not in ("system", "source")]
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
-    @model_validator(mode="after")
-    def _valid_sampling(self) -> _RecommendedBase:
-        try:
-            SamplingParams(**self.sampling())
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise ValueError(f"{first['loc'][0]}: {first['msg']}") from None
-        return self
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        build(SamplingParams, self.sampling())  # within SamplingParams' ranges (RecordError names the field)
 
 
-# The sampling fields are the SamplingParams fields whose Meta says a manifest may recommend them.
-Recommended = create_model(
-    "Recommended",
-    __base__=_RecommendedBase,
-    **{name: (SamplingParams.model_fields[name].annotation | None, None) for name in recommendable(SamplingParams)},
-)
+def _recommended_class() -> type:
+    """Recommended: system and source, plus each SamplingParams field whose Meta says a manifest may
+    recommend it, unset by default."""
+    specs = fields(SamplingParams)
+    names = recommendable(SamplingParams)
+    namespace: dict[str, Any] = {name: setting(None, help=specs[name].check.help) for name in names}
+    namespace["__annotations__"] = {name: specs[name].kind | None for name in names}
+    namespace["__module__"] = __name__
+    return type("Recommended", (_RecommendedBase,), namespace)
 
 
-class Variant(BaseModel):
+Recommended = _recommended_class()
+
+
+class Variant(Record):
     """One downloadable form of a model: a GGUF file, or a safetensors repo."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    format: Literal["gguf", "safetensors"]
-    quant: str = Field(description="Quant type (Q4_K_M, Q8_0, ...) or the dtype of a safetensors repo.")
-    repo: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="Hugging Face repo id.")
-    filename: str | None = Field(default=None, description="The GGUF file in the repo (None: the whole repo).")
-    revision: str = Field(default="main", description="Branch, tag or commit the size and checksum belong to.")
-    size_bytes: int | None = Field(default=None, gt=0, description="Exact size, only where confirmed.")
-    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$", description="Only where confirmed.")
-    package_file: str | None = Field(default=None, description="package/file of a copy shipped in a Python package.")
-    gated: bool = Field(default=False, description="The repo asks users to accept a license first.")
+    format: Literal["gguf", "safetensors"] = setting()
+    quant: str = setting(help="Quant type (Q4_K_M, Q8_0, ...) or the dtype of a safetensors repo.")
+    repo: str = setting(pattern=r"^[\w.-]+/[\w.-]+$", help="Hugging Face repo id.")
+    filename: str | None = setting(None, help="The GGUF file in the repo (None: the whole repo).")
+    revision: str = setting("main", help="Branch, tag or commit the size and checksum belong to.")
+    size_bytes: int | None = setting(None, gt=0, help="Exact size, only where confirmed.")
+    sha256: str | None = setting(None, pattern=r"^[0-9a-f]{64}$", help="Only where confirmed.")
+    package_file: str | None = setting(None, help="package/file of a copy shipped in a Python package.")
+    gated: bool = setting(False, help="The repo asks users to accept a license first.")
 
 
-class CatalogModel(BaseModel):
+class CatalogModel(Record):
     """One model of a family, with its variants (the first GGUF one is the default)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]*$")
-    description: str
-    license: str
-    architecture: str = Field(description="GGUF architecture name (llama, qwen2, gemma2, phi3, ...).")
-    parameter_count: int = Field(gt=0, description="Nominal count from the model card (exact for the default).")
-    context_length: int = Field(gt=0)
-    variants: tuple[Variant, ...] = Field(min_length=1)
-    recommended: Recommended | None = None
-    family: str = ""
+    name: str = setting(pattern=r"^[a-z0-9][a-z0-9.-]*$")
+    description: str = setting()
+    license: str = setting()
+    architecture: str = setting(help="GGUF architecture name (llama, qwen2, gemma2, phi3, ...).")
+    parameter_count: int = setting(gt=0, help="Nominal count from the model card (exact for the default).")
+    context_length: int = setting(gt=0)
+    variants: tuple[Variant, ...] = setting(min_items=1)
+    recommended: Recommended | None = setting(None)  # type: ignore[valid-type]
+    family: str = setting("")
 
     def variant(self, quant: str | None = None) -> Variant:
         """The variant for a quant (case-insensitive; "safetensors"/"hf" pick the repo), or the default one."""
@@ -97,14 +92,12 @@ class CatalogModel(BaseModel):
         raise UserError(f"{self.name} has no {quant} variant: pick one of {known}.")
 
 
-class Manifest(BaseModel):
+class Manifest(Record):
     """One file in models/: a model family."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    family: str
-    homepage: str | None = None
-    models: tuple[CatalogModel, ...] = Field(min_length=1)
+    family: str = setting()
+    homepage: str | None = setting(None)
+    models: tuple[CatalogModel, ...] = setting(min_items=1)
 
 
 def manifests_dir() -> Path:
@@ -119,11 +112,13 @@ def manifests_dir() -> Path:
 def load_manifest(path: Path) -> Manifest:
     """Parse and validate one manifest file; a typo fails with the file name and the field."""
     try:
-        return Manifest.model_validate_json(path.read_bytes())
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise UserError(f"Catalog manifest {path.name} is invalid at {where}: {first['msg']}.") from None
+        data = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"Catalog manifest {path.name} is not valid JSON: {exc}.") from None
+    try:
+        return build(Manifest, data)
+    except RecordError as exc:
+        raise UserError(f"Catalog manifest {path.name} is invalid at {exc.loc}: {exc.msg}.") from None
 
 
 @functools.cache
@@ -131,7 +126,7 @@ def _load_catalog(directory: Path) -> tuple[CatalogModel, ...]:
     models: list[CatalogModel] = []
     for path in sorted(directory.glob("*.json")):
         manifest = load_manifest(path)
-        models.extend(m.model_copy(update={"family": manifest.family}) for m in manifest.models)
+        models.extend(m.replace(family=manifest.family) for m in manifest.models)
     names = [m.name for m in models]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from localrun.catalog import ResolvedModel
 from localrun.errors import UserError
 from localrun.events import GenerationEvent
+from localrun.records import fields
 from localrun.settings import LoadOptions, SamplingParams, add_flags, from_args
 
 HELP = """Commands:
@@ -209,7 +210,7 @@ class Repl:
         if name in ("/bye", "/exit", "/quit"):
             return "bye"
         if name in ("/help", "/?"):
-            print(HELP.format(settable=", ".join(type(self.params).model_fields)))
+            print(HELP.format(settable=", ".join(fields(type(self.params)))))
         elif name == "/clear":
             self.session.clear()
             print("Conversation cleared.", file=sys.stderr)

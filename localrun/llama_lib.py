@@ -3,8 +3,9 @@
 `import llama_cpp` runs the package's __init__, which also imports its high-level `Llama` class, the chat
 formats, the grammar converter and their dependencies: about a tenth of a second that `localrun chat` never
 uses (it drives the C API itself). `llama_cpp()` puts a light package module in its place that holds only
-the bindings (`llama_cpp.llama_cpp`); any other name asked of it (`Llama`, a submodule's export) loads the
-rest of the package into that same module first, so code that imports `llama_cpp` later sees the whole of it.
+the bindings (`llama_cpp.llama_cpp`); any other name asked of it (`Llama`, a submodule's export), or dir(),
+loads the rest of the package into that same module first, so code that imports `llama_cpp` later sees the
+whole of it.
 """
 
 from __future__ import annotations
@@ -54,6 +55,14 @@ def _light_package(spec: importlib.machinery.ModuleSpec) -> ModuleType:
                 return pkg.__dict__[name]
         raise AttributeError(f"module 'llama_cpp' has no attribute {name!r}")
 
+    def __dir__() -> list[str]:  # dir() lists the whole package, as after a plain import
+        nonlocal full
+        if not full:
+            full = True
+            spec.loader.exec_module(pkg)
+        return sorted(pkg.__dict__)
+
     pkg.__getattr__ = __getattr__
+    pkg.__dir__ = __dir__
     sys.modules["llama_cpp"] = pkg
     return pkg

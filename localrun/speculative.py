@@ -14,12 +14,13 @@ import bisect
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Protocol
 
 from localrun.errors import UserError
 from localrun.settings import LoadOptions, SamplingParams
+
+if TYPE_CHECKING:  # numpy loads when a speculative request first needs it, not on every cold start
+    import numpy as np
 
 PENALTY_LAST_N = 64  # the repeat window; llama_ctx.PENALTY_LAST_N says the same for the C chain
 # A round always catches the draft up on 1-2 tokens (the target's own token, the last drafted one); more means
@@ -60,6 +61,8 @@ def filtered_probs(logits: np.ndarray, params: SamplingParams, history: Sequence
     """The distribution llama.cpp's chain samples from: repeat penalty over the last 64 tokens, top-k,
     top-p, min-p (all on the untempered softmax, as in the chain's order), then temperature.
     Computed in float64 where the chain uses float32: a token at a filter's exact edge may differ."""
+    import numpy as np
+
     x = np.array(logits, dtype=np.float64)
     n = x.shape[0]
     if params.repeat_penalty != 1.0 and len(history):
@@ -84,6 +87,8 @@ def filtered_probs(logits: np.ndarray, params: SamplingParams, history: Sequence
 
 def sample_from(p: np.ndarray, rng: np.random.Generator) -> int:
     """One draw from a probability vector (inverse CDF: cheaper than rng.choice on a big vocabulary)."""
+    import numpy as np
+
     cdf = np.cumsum(p)
     return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(p) - 1))
 
@@ -91,6 +96,8 @@ def sample_from(p: np.ndarray, rng: np.random.Generator) -> int:
 def accept_sampled(target_row: Callable[[int], np.ndarray], draft: Draft, rng: np.random.Generator) -> tuple[int, int]:
     """Speculative sampling over one verify batch. target_row(i) is the target's distribution at
     drafted position i (and at len(draft.tokens) after the last). Returns (n accepted, next token)."""
+    import numpy as np
+
     for i, x in enumerate(draft.tokens):
         p = target_row(i)
         q_x = 1.0 if draft.probs is None else float(draft.probs[i][x])
@@ -104,6 +111,8 @@ def accept_sampled(target_row: Callable[[int], np.ndarray], draft: Draft, rng: n
 
 
 def _point_mass(x: int, n: int) -> np.ndarray:
+    import numpy as np
+
     q = np.zeros(n)
     q[x] = 1.0
     return q

@@ -147,8 +147,9 @@ def test_devices_lists_the_cpu_and_each_gpu(cli):
 
 
 def test_llama_backend_loads_only_llama_cpps_bindings_until_more_is_asked_for(default_gguf):
-    """The chat path drives llama.cpp's C API: it skips llama-cpp-python's high-level modules (cold start), and
-    code asking the package for more (`llama_cpp.Llama`) still gets the whole package."""
+    """The chat path drives llama.cpp's C API: it skips llama-cpp-python's high-level modules, numpy and
+    pydantic (cold start), and code asking the package for more (`llama_cpp.Llama`, dir()) still gets the
+    whole package."""
     code = (
         "import sys\n"
         "from localrun.backends import load_backend\n"
@@ -157,9 +158,11 @@ def test_llama_backend_loads_only_llama_cpps_bindings_until_more_is_asked_for(de
         "b = load_backend(sys.argv[1], LoadOptions(n_ctx=256))\n"
         "s = generate(b, b.tokenize(b.render_chat([{'role': 'user', 'content': 'Hi'}])), SamplingParams(max_tokens=4))\n"
         "assert s.generated_tokens == 4, s\n"
-        "print(sorted(m for m in ('llama_cpp.llama', 'llama_cpp.llama_chat_format') if m in sys.modules))\n"
+        "heavy = ('llama_cpp.llama', 'llama_cpp.llama_chat_format', 'numpy', 'pydantic')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
         "import llama_cpp\n"
         "from importlib.metadata import version\n"
+        "assert 'LLAMA_FTYPE_MOSTLY_Q8_0' in dir(llama_cpp) and 'Llama' in dir(llama_cpp)\n"
         "print(llama_cpp.Llama.__name__, llama_cpp.__version__ == version('llama_cpp_python'))\n"
     )
     done = subprocess.run([sys.executable, "-c", code, str(default_gguf)], capture_output=True, text=True)

@@ -7,14 +7,13 @@ import argparse
 import json
 import re
 from pathlib import Path
-from typing import Annotated
 
 import pytest
 from conftest import cached_build
-from pydantic import Field
 
 from localrun.catalog import Recommended
 from localrun.errors import UserError
+from localrun.records import RecordError, build, setting
 from localrun.settings import (
     DEFAULT_CTX_CAP,
     Meta,
@@ -30,8 +29,12 @@ from localrun.settings import (
 class WithTypicalP(SamplingParams):
     """A sampling setting added the way the next ones will be: one field."""
 
-    typical_p: Annotated[float, Meta("Typical-p", "sampling", slider=(0.0, 1.0, 0.01), recommend=True)] = Field(
-        1.0, gt=0.0, le=1.0, description="Locally typical sampling (1 = off)."
+    typical_p: float = setting(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        help="Locally typical sampling (1 = off).",
+        meta=Meta("Typical-p", "sampling", slider=(0.0, 1.0, 0.01), recommend=True),
     )
 
 
@@ -79,11 +82,11 @@ def test_set_parses_every_kind_of_field() -> None:
 
 def test_manifests_may_recommend_only_what_meta_allows_and_only_valid_values() -> None:
     assert set(recommendable()) == {"temperature", "top_p", "top_k", "min_p", "repeat_penalty"}
-    assert Recommended(temperature=0.2, top_k=20).sampling() == {"temperature": 0.2, "top_k": 20}
-    with pytest.raises(ValueError, match="max_tokens"):
-        Recommended(max_tokens=10)  # not recommendable: a typo-proof manifest refuses it
-    with pytest.raises(ValueError, match="temperature"):
-        Recommended(temperature=9.0)  # outside SamplingParams' range
+    assert build(Recommended, {"temperature": 0.2, "top_k": 20}).sampling() == {"temperature": 0.2, "top_k": 20}
+    with pytest.raises(RecordError, match="max_tokens: Extra inputs are not permitted"):
+        build(Recommended, {"max_tokens": 10})  # not recommendable: a typo-proof manifest refuses it
+    with pytest.raises(RecordError, match="temperature: Input should be less than or equal to 5"):
+        build(Recommended, {"temperature": 9.0})  # outside SamplingParams' range
 
 
 def test_one_context_rule() -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from localrun.errors import UserError
 from localrun.events import GenerationEvent, GenerationSummary
+from localrun.records import fields
 from localrun.settings import LoadOptions, SamplingParams, meta, ui_fields
 from ui.controls import load_options, sampling_params, visible_fields
 from ui.metrics import LiveSeries, charts_html, metrics_html, reply_footer, turn_row
@@ -20,7 +21,7 @@ def test_every_field_has_a_place_a_label_and_a_description() -> None:
     assert "grammar" not in ui_fields(SamplingParams)  # the chat tab takes a JSON schema instead
     assert "trust_remote_code" not in ui_fields(LoadOptions) and "allow_pickle" not in ui_fields(LoadOptions)
     for model in (LoadOptions, SamplingParams):
-        assert all(model.model_fields[n].description and meta(model, n).label != n for n in model.model_fields)
+        assert all(spec.check.help and meta(model, n).label != n for n, spec in fields(model).items())
 
 
 def test_options_for_another_backend_are_hidden() -> None:

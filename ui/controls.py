@@ -6,6 +6,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from localrun.backends import backend_for
 from localrun.errors import UserError
+from localrun.records import fields
 from localrun.settings import LoadOptions, SamplingParams, is_list, meta, recommendable, ui_fields, validated
 
 
@@ -21,7 +22,7 @@ def recommended_values(recommended: Any | None, model: type = SamplingParams) ->
     """The system prompt and the sampling values a model starts with: its catalog recommendation
     where it has one, the SamplingParams defaults elsewhere (so switching models resets them)."""
     wanted = recommended.sampling() if recommended is not None else {}
-    values = {name: wanted.get(name, model.model_fields[name].default) for name in recommendable(model)}
+    values = {name: wanted.get(name, fields(model)[name].default) for name in recommendable(model)}
     return (recommended.system or "") if recommended is not None else "", values
 
 
@@ -38,11 +39,11 @@ def make_control(model: type, name: str, *, value: Any = None) -> Any:
     value replaces the field's default as the initial value (a model's recommended setting)."""
     import gradio as gr
 
-    field, about = model.model_fields[name], meta(model, name)
+    field, about = fields(model)[name], meta(model, name)
     default = field.default if value is None else value
-    # The whole description: its "llama.cpp:" / "transformers:" prefix says which backend an option is for.
-    common: dict[str, Any] = {"label": about.label, "info": field.description or "", "elem_id": f"set-{name}"}
-    annotation = field.annotation
+    # The whole help text: its "llama.cpp:" / "transformers:" prefix says which backend an option is for.
+    common: dict[str, Any] = {"label": about.label, "info": field.check.help, "elem_id": f"set-{name}"}
+    annotation = field.kind
     if model is LoadOptions and name == "draft":  # a picker of local models, like the chat's own
         from ui.store import draft_choices
 
@@ -50,7 +51,7 @@ def make_control(model: type, name: str, *, value: Any = None) -> Any:
     if about.choices or get_origin(annotation) is Literal:
         options = list(about.choices or [(c, c) for c in get_args(annotation)])
         return gr.Dropdown(choices=options, value=default, **common)
-    if annotation is bool:
+    if annotation is bool and not field.optional:
         return gr.Checkbox(value=default, **common)
     if about.slider is not None:
         lo, hi, step = about.slider
@@ -60,8 +61,7 @@ def make_control(model: type, name: str, *, value: Any = None) -> Any:
     if field.default is None:
         # A blank gr.Number reads as 0 in the browser, and 0 means something (no GPU layers): use text.
         return gr.Textbox(value="" if default is None else str(default), placeholder="auto", **common)
-    minimum = next((m.ge for m in field.metadata if getattr(m, "ge", None) is not None), None)
-    return gr.Number(value=default, precision=0, minimum=minimum, **common)
+    return gr.Number(value=default, precision=0, minimum=field.check.ge, **common)
 
 
 def parse_int(label: str, value: Any) -> int | None:
@@ -81,13 +81,13 @@ def _clean(model: type, values: dict[str, Any]) -> dict[str, Any]:
     """Form values to settings values: blank numbers are unset, whole floats become ints."""
     out: dict[str, Any] = {}
     for name, value in values.items():
-        if name not in model.model_fields:
+        if name not in fields(model):
             continue
         if value is None or (isinstance(value, str) and not value.strip() and not is_list(model, name)):
             continue
         if is_list(model, name):
             value = tuple(s for s in str(value).splitlines() if s)
-        elif model.model_fields[name].annotation in (int, int | None):
+        elif fields(model)[name].kind is int:
             value = parse_int(meta(model, name).label, value)
         out[name] = value
     return out

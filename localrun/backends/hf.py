@@ -346,8 +346,7 @@ class HFBackend:
 
         name = Path(model.path).name if model.path is not None else model.hub_id or model.name
         check_compatible(self.vocab_summary(), tokenizer_vocab(load_tokenizer(model, options)), name)
-        update = {"draft": None, "lookup": False, "n_ctx": self.n_ctx}
-        return HFBackend(model, options.model_copy(update=update))
+        return HFBackend(model, options.replace(draft=None, lookup=False, n_ctx=self.n_ctx))
 
     def propose_tokens(
         self, ids: Sequence[int], n: int, params: SamplingParams, rng, *, go_on: Callable[[float], bool] | None = None

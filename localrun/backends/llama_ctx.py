@@ -3,17 +3,23 @@
 `LlamaRunner` owns a context and the bookkeeping of which tokens sit in its KV cache (sequence 0),
 and decodes with preallocated batches, asking for logits only where they are needed. `SamplerChain`
 is llama.cpp's own sampler chain, built once per request. No llama_cpp.Llama: its constructor
-cannot ask for flash attention "auto", and its generate() does per-token work we do not need.
+cannot ask for flash attention "auto", and its generate() does per-token work we do not need. Nor
+llama_cpp._internals' model and context classes: that module imports numpy, which a plain chat does not
+otherwise need (about 0.06 s of a cold start).
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 from collections.abc import Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from localrun.llama_lib import llama_cpp as _llama_cpp
 from localrun.settings import SamplingParams
+
+if TYPE_CHECKING:
+    import numpy as np
 
 llama_cpp = _llama_cpp()
 
@@ -23,9 +29,8 @@ PENALTY_LAST_N = 64  # llama.cpp's default repeat window (llama-cli --repeat-las
 FLASH_ATTN_TYPES = {"auto": -1, "off": 0, "on": 1}  # LLAMA_FLASH_ATTN_TYPE_*
 
 
-def open_model(path: str, *, n_gpu_layers: int = 0, vocab_only: bool = False):
-    """A llama.cpp model (llama_cpp._internals.LlamaModel), quietly; raises ValueError on failure."""
-    from llama_cpp import _internals
+def open_model(path: str, *, n_gpu_layers: int = 0, vocab_only: bool = False) -> LlamaModel:
+    """A llama.cpp model, quietly; raises ValueError on failure."""
     from llama_cpp._logger import set_verbose
 
     set_verbose(False)  # llama.cpp's log goes to a Python callback: errors only
@@ -33,7 +38,63 @@ def open_model(path: str, *, n_gpu_layers: int = 0, vocab_only: bool = False):
     params = llama_cpp.llama_model_default_params()
     params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers
     params.vocab_only = vocab_only
-    return _internals.LlamaModel(path_model=path, params=params, verbose=False)
+    return LlamaModel(path, params)
+
+
+class LlamaModel:
+    """A loaded llama.cpp model (weights, or only the vocabulary) and its tokenizer."""
+
+    def __init__(self, path: str, params) -> None:
+        self.model = None
+        if not os.path.exists(path):
+            raise ValueError(f"Model path does not exist: {path}")
+        self.model = llama_cpp.llama_model_load_from_file(path.encode("utf-8"), params)
+        if not self.model:
+            self.model = None
+            raise ValueError(f"Failed to load model from file: {path}")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self._piece = ctypes.create_string_buffer(64)
+
+    def token_bos(self) -> int:
+        return llama_cpp.llama_vocab_bos(self.vocab)
+
+    def token_eos(self) -> int:
+        return llama_cpp.llama_vocab_eos(self.vocab)
+
+    def add_bos_token(self) -> bool:
+        return llama_cpp.llama_vocab_get_add_bos(self.vocab)
+
+    def tokenize(self, text: bytes, add_bos: bool, special: bool) -> list[int]:
+        size = len(text) + 2  # at most one token per byte, plus BOS and EOS
+        for _ in range(2):
+            ids = (llama_cpp.llama_token * size)()
+            n = llama_cpp.llama_tokenize(self.vocab, text, len(text), ids, size, add_bos, special)
+            if n >= 0:
+                return ids[:n]
+            size = -n  # too small: -n is what it needs
+        raise RuntimeError(f"llama.cpp could not tokenize {len(text)} bytes of text")
+
+    def token_to_piece(self, token: int, special: bool = False) -> bytes:
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, special)
+        if n < 0:  # a piece longer than the buffer: grow it
+            self._piece = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, special)
+        return self._piece.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
+        """The tokens' text; a leading space after BOS is dropped, as llama-cpp-python does."""
+        out = b"".join(self.token_to_piece(t, special) for t in tokens)
+        if tokens and tokens[0] == self.token_bos() and out[:1] == b" ":
+            return out[1:]
+        return out
+
+    def close(self) -> None:
+        if getattr(self, "model", None) is not None:
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class LlamaRunner:
@@ -51,8 +112,6 @@ class LlamaRunner:
         n_ubatch: int = 512,
         max_verify: int = 65,
     ) -> None:
-        from llama_cpp import _internals
-
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = min(n_ctx, n_batch)
@@ -62,16 +121,18 @@ class LlamaRunner:
         params.flash_attn_type = FLASH_ATTN_TYPES[flash_attn]
         params.type_k = params.type_v = kv_type
         params.no_perf = True
-        self.model = model
-        self._context = _internals.LlamaContext(model=model, params=params, verbose=False)
-        self.ctx = self._context.ctx
+        self.model = model  # held: the model must outlive its context
+        self._verify = None
+        self.ctx = llama_cpp.llama_init_from_model(model.model, params)
+        if not self.ctx:
+            self.ctx = None
+            raise ValueError("llama.cpp could not create a context (out of memory?)")
         self.vocab = model.vocab
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_batch = llama_cpp.llama_n_batch(self.ctx)
-        self.tokens = np.zeros(self.n_ctx, dtype=np.intc)  # what the KV cache holds, positions 0..n_cached-1
-        self.n_cached = 0
+        self.tokens: list[int] = []  # what the KV cache holds, positions 0..n_cached-1 (no numpy: cold start)
         self._live_at = -1  # n_cached when the last decode's last logits row was made
         self._one = (llama_cpp.llama_token * 1)()
         self._one_batch = llama_cpp.llama_batch_get_one(self._one, 1)  # reused for every decode step
@@ -84,19 +145,19 @@ class LlamaRunner:
         """Whether the last logits row belongs to the last cached token."""
         return self._live_at == self.n_cached
 
+    @property
+    def n_cached(self) -> int:
+        return len(self.tokens)
+
     def cached(self) -> list[int]:
-        return self.tokens[: self.n_cached].tolist()
+        return list(self.tokens)
 
     def reuse_prefix(self, ids: Sequence[int]) -> int:
         """Keep the longest cached prefix of ids (at most len(ids) - 1, so the last token is evaluated
         again and gives fresh logits), drop the rest; returns how many tokens are kept."""
-        cached = self.tokens[: self.n_cached]
+        cached = self.tokens
         n = min(len(cached), len(ids))
-        if n:
-            same = np.asarray(ids[:n], dtype=np.intc) == cached[:n]
-            common = n if same.all() else int(np.argmin(same))
-        else:
-            common = 0
+        common = n if cached[:n] == list(ids[:n]) else next(i for i in range(n) if cached[i] != ids[i])
         keep = min(common, len(ids) - 1)
         self.trim(keep)
         return self.n_cached
@@ -108,11 +169,11 @@ class LlamaRunner:
         if not llama_cpp.llama_memory_seq_rm(self.mem, 0, n, -1):  # recurrent models: all or nothing
             llama_cpp.llama_memory_clear(self.mem, True)
             n = 0
-        self.n_cached = n
+        del self.tokens[n:]
 
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self.mem, True)
-        self.n_cached = 0
+        self.tokens.clear()
 
     def eval(self, ids: Sequence[int]) -> None:
         """Decode tokens after the cache in n_batch chunks; logits for the last one only."""
@@ -128,9 +189,8 @@ class LlamaRunner:
         rc = llama_cpp.llama_decode(self.ctx, self._one_batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
-        n = self.n_cached
-        self.tokens[n] = token
-        self.n_cached = self._live_at = n + 1
+        self.tokens.append(token)
+        self._live_at = len(self.tokens)
 
     def eval_all(self, ids: Sequence[int]) -> None:
         """Decode a few tokens with logits for every one of them (a speculative verify batch)."""
@@ -151,12 +211,13 @@ class LlamaRunner:
         rc = llama_cpp.llama_decode(self.ctx, batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
-        n = self.n_cached
-        self.tokens[n : n + len(ids)] = ids
-        self.n_cached = self._live_at = n + len(ids)
+        self.tokens.extend(ids)
+        self._live_at = len(self.tokens)
 
     def logits(self, i: int = -1) -> np.ndarray:
         """A view (no copy) of the logits of output row i of the last decode."""
+        import numpy as np
+
         ptr = llama_cpp.llama_get_logits_ith(self.ctx, i)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
@@ -164,10 +225,15 @@ class LlamaRunner:
         return llama_cpp.llama_vocab_is_eog(self.vocab, token)
 
     def close(self) -> None:
-        if self._verify is not None:
+        if getattr(self, "_verify", None) is not None:  # getattr: __del__ after a failed __init__
             llama_cpp.llama_batch_free(self._verify)
             self._verify = None
-        self._context.close()
+        if getattr(self, "ctx", None) is not None:
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class SamplerChain:

@@ -6,8 +6,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from localrun.backends.base import LoadReport, ResolvedModel
 from localrun.backends.llama_ctx import LlamaRunner, SamplerChain, open_model
@@ -26,6 +25,9 @@ from localrun.speculative import (
     sample_from,
     sample_ids,
 )
+
+if TYPE_CHECKING:  # numpy loads with the first speculative request: a plain chat does not need it
+    import numpy as np
 
 # Why a big context once cost ~20 % of decode speed: without flash attention llama.cpp stores V
 # transposed (one row of n_ctx values per channel), so at n_ctx 8192 a decode step reads the used
@@ -200,6 +202,8 @@ class LlamaCppBackend:
     ) -> Iterator[TokenStep]:
         """Rounds of: draft k tokens, verify [last, d1..dk] in one batch (logits for those k+1 rows
         only), keep the agreeing prefix plus one token of the target's own, trim the KV cache."""
+        import numpy as np
+
         runner = self._runner
         rng = np.random.default_rng(seed)
         greedy = params.temperature <= 0
@@ -283,9 +287,7 @@ class LlamaCppBackend:
         if model.kind != "gguf":
             raise UserError(f"The draft model {model.name} is not a GGUF: a llama.cpp target needs a GGUF draft.")
         check_draft_vocab(self, model.path)
-        draft_options = options.model_copy(
-            update={"draft": None, "lookup": False, "n_ctx": self.report.n_ctx, "kv_type": "f16"}
-        )
+        draft_options = options.replace(draft=None, lookup=False, n_ctx=self.report.n_ctx, kv_type="f16")
         return LlamaCppBackend(model, draft_options)
 
     def vocab_summary(self) -> VocabSummary:
@@ -304,6 +306,8 @@ class LlamaCppBackend:
         same filtered distribution the target uses (returned, for the acceptance rule). Stops early
         before a greedy token when go_on(its probability under the draft) says so (never before the
         first); the probabilities are computed, and returned, only for a go_on."""
+        import numpy as np
+
         runner = self._runner
         if len(ids) + n >= runner.n_ctx:
             return Draft()
@@ -344,6 +348,8 @@ def _with_detail(report: LoadReport, key: str, value: str) -> LoadReport:
 
 def _top_prob(logits: np.ndarray, token: int) -> float:
     """softmax(logits)[token], without building the whole distribution twice."""
+    import numpy as np
+
     top = logits[token]
     return float(1.0 / np.exp(logits - top).sum())
 
