@@ -6,7 +6,9 @@ interleaved) and against llama.cpp's `llama-speculative-simple` on the same targ
 Pairs, all made by `localrun quantize` from the default model: f32-q8 (F32 target, Q8_0 draft;
 also run by llama-speculative-simple with --draft-max 4), and in adaptive mode f32-q4 (F32/Q4_0),
 f16-q4 (F16/Q4_0), self-q4 (the default Q4_1 with its own Q4_0); lookup: prompt lookup on a prompt
-whose answer copies its input. Writes bench/results/speculative-cpu.json.
+whose answer copies its input, timed over the answer itself (up to its end-of-sequence: with EOS ignored
+the model goes on past its answer into text that copies nothing); lookup-list: the list prompt of
+earlier runs, 256 tokens with EOS ignored, for comparison. Writes bench/results/speculative-cpu.json.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from _common import default_model, llama_tool, localrun, median, physical_cores, run, write_result
 
 STORY = "Write a short story about a robot who learns to paint, in about three paragraphs."
-COPY = (
+LIST = (
     "Repeat this list with one change, replacing plums with peaches, and keep everything else exactly: "
     + ", ".join(
         f"item {i}: {w}"
@@ -28,6 +30,18 @@ COPY = (
         )
     )
     + "."
+)
+# A passage the default model does copy (most of it; its answer ends at its own EOS), with one edit asked for.
+COPY = (
+    "Repeat the following text exactly, but write 'dog' instead of 'cat':\n\n"
+    "The cat sat by the window every morning, watching the birds in the garden. When the sun rose over the "
+    "hills, the cat would stretch, yawn, and walk slowly to the kitchen, where an old woman poured fresh milk "
+    "into a small blue bowl. After breakfast, the cat climbed the stairs, curled up on a soft red blanket, and "
+    "slept until the church bells rang at noon. In the afternoon the cat went out through the back door and "
+    "wandered along the stone wall at the end of the lane, stopping now and then to sniff the roses or to chase "
+    "a leaf blown by the wind. The children from the farm next door always waved when they saw the cat, and "
+    "sometimes they brought it a piece of cheese. When evening came, the cat returned home, sat by the fire, and "
+    "listened to the old woman read stories aloud until the lamp was turned off and the house fell quiet."
 )
 
 
@@ -117,7 +131,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--n-gen", type=int, default=256)
-    ap.add_argument("--only", nargs="*", default=None, help="f32-q8 f32-q4 f16-q4 self-q4 lookup")
+    ap.add_argument("--only", nargs="*", default=None, help="f32-q8 f32-q4 f16-q4 self-q4 lookup lookup-list")
     ap.add_argument("--name", default="speculative-cpu")
     a = ap.parse_args()
     threads = a.threads or physical_cores()
@@ -127,7 +141,8 @@ def main() -> None:
         "f32-q4": (m["F32"], ["--draft", str(m["Q4_0"])], STORY, None),
         "f16-q4": (m["F16"], ["--draft", str(m["Q4_0"])], STORY, None),
         "self-q4": (m["default"], ["--draft", str(m["Q4_0"])], STORY, None),
-        "lookup": (m["default"], ["--lookup"], COPY, None),
+        "lookup": (m["default"], ["--lookup", "--until-eos"], COPY, None),
+        "lookup-list": (m["default"], ["--lookup"], LIST, None),
     }
     results = {}
     for name, (target, flags, prompt, llama_draft) in cases.items():
@@ -157,7 +172,7 @@ def main() -> None:
             r["ours_over_llama_speculative_simple"] = ours_tps / median([x["decode_tps"] for x in spec])
         results[name] = r
         o = r["ours"]
-        line = f"{name:<8} speedup {o['speedup']:.2f}x vs plain, acceptance {o['acceptance_rate'] or 0:.0%}"
+        line = f"{name:<11} speedup {o['speedup']:.2f}x vs plain, acceptance {o['acceptance_rate'] or 0:.0%}"
         if "ours_over_llama_speculative_simple" in r:
             line += f", {r['ours_over_llama_speculative_simple']:.2f}x llama-speculative-simple"
         print(line, flush=True)

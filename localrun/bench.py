@@ -199,13 +199,17 @@ BASELINES: dict[str, Callable[[Any, Sequence[int], int], tuple[float, float]]] =
 SPEC_PROMPT = "Write a short story about a robot who learns to paint, in about three paragraphs."
 
 
-def run_spec_bench(backend: Backend, *, prompt: str = SPEC_PROMPT, n_gen: int = 256, reps: int = 3) -> dict:
+def run_spec_bench(
+    backend: Backend, *, prompt: str = SPEC_PROMPT, n_gen: int = 256, reps: int = 3, until_eos: bool = False
+) -> dict:
     """Speculative decoding against plain decoding on the same loaded target, interleaved (the order
-    alternates per repetition), greedy, EOS ignored: median decode tokens/s, speedup, acceptance."""
+    alternates per repetition), greedy: median decode tokens/s, speedup, acceptance. n_gen tokens with EOS
+    ignored, or with until_eos the answer itself (at most n_gen tokens): past its answer a model writes
+    text of no particular kind, which says little about a prompt chosen for what its answer copies."""
     drafter = backend.drafter
     if drafter is None:
         raise ValueError("the backend has no drafter: load it with --draft or --lookup")
-    params = SamplingParams(temperature=0.0, max_tokens=n_gen, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=n_gen, ignore_eos=not until_eos)
     ids = backend.tokenize(backend.render_chat([{"role": "user", "content": prompt}]))
     runs: dict[str, list] = {"plain": [], "draft": []}
     for rep in range(-1, reps):
@@ -236,6 +240,8 @@ def run_spec_bench(backend: Backend, *, prompt: str = SPEC_PROMPT, n_gen: int = 
         "n_ctx": report.n_ctx,
         "prompt_tokens": len(ids),
         "n_gen": n_gen,
+        "until_eos": until_eos,
+        "generated_tokens": med(s.generated_tokens for s in draft),
         "reps": reps,
         "plain_decode_tps": plain_tps,
         "draft_decode_tps": draft_tps,
@@ -259,7 +265,8 @@ def format_spec_bench(r: dict) -> Sequence[str]:
     mean = "n/a" if r["mean_accepted_length"] is None else f"{r['mean_accepted_length']:.2f}"
     return [
         f"{r['backend']} on {r['device']} · {r['n_threads']} threads · draft {r['draft']} · "
-        f"prompt {r['prompt_tokens']} tok · gen {r['n_gen']} tok · greedy · median of {r['reps']}, interleaved",
+        f"prompt {r['prompt_tokens']} tok · gen {r['generated_tokens']} tok{' (the answer)' * r['until_eos']} · "
+        f"greedy · median of {r['reps']}, interleaved",
         f"{'plain decode':<22}{r['plain_decode_tps']:>10.1f} tok/s",
         f"{'speculative decode':<22}{r['draft_decode_tps']:>10.1f} tok/s",
         f"{'speedup':<22}{r['speedup']:>10.2f}x",

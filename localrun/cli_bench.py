@@ -27,6 +27,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--prompt", default=None, help="with --draft or --lookup: the chat prompt to answer (default: a short story)"
     )
+    p.add_argument(
+        "--until-eos",
+        action="store_true",
+        help="with --draft or --lookup: time the answer itself, up to its end-of-sequence (default: --n-gen tokens)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("-o", "--output", type=Path, help="also write the JSON result to this file")
     add_flags(p, LoadOptions)
@@ -52,7 +57,9 @@ def run_bench_cmd(args: argparse.Namespace) -> int:
             from localrun.bench import SPEC_PROMPT, format_spec_bench, run_spec_bench
 
             n_gen = args.n_gen or 256
-            result = run_spec_bench(backend, prompt=args.prompt or SPEC_PROMPT, n_gen=n_gen, reps=args.reps)
+            result = run_spec_bench(
+                backend, prompt=args.prompt or SPEC_PROMPT, n_gen=n_gen, reps=args.reps, until_eos=args.until_eos
+            )
         else:
             result = run_bench(backend, n_prompt=args.n_prompt, n_gen=args.n_gen or 128, reps=args.reps)
     finally:

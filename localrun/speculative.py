@@ -145,7 +145,8 @@ class DraftSchedule:
     def __init__(self, *, n_max: int = 16, mode: str = "adaptive", carry_pause: bool = False) -> None:
         self.n_max, self.mode, self.carry_pause = n_max, mode, carry_pause
         self.k = n_max if mode == "fixed" else min(self.PROBE, n_max)
-        self.plain_s: float | None = None  # EMA of one plain decode step
+        self.plain_s: float | None = None  # one plain decode step: the median of the recent ones
+        self._plain: deque[float] = deque(maxlen=9)
         self.draft_s: float | None = None  # EMA of one draft evaluation (or of a drafted token, without a model)
         self.gain: float | None = None  # EMA of the rounds' speed over plain decoding's
         self.timed_rounds = 0
@@ -206,8 +207,13 @@ class DraftSchedule:
         self._choose()
 
     def observe_plain(self, seconds: float) -> None:
+        """A plain step's seconds. The median, not an average: plain steps are timed only while drafting
+        pauses (a few at a time), and one slow step (the first after a library's threads start, say)
+        would otherwise set the baseline that every round is judged against for a long while."""
         if seconds > 0:
-            self.plain_s = seconds if self.plain_s is None else 0.8 * self.plain_s + 0.2 * seconds
+            self._plain.append(seconds)
+            ordered = sorted(self._plain)
+            self.plain_s = ordered[len(ordered) // 2]
 
     def verify_line(self) -> tuple[float, float]:
         """(a, b): a verify batch of n tokens takes a + b·n seconds. Weighted least squares over recent rounds
@@ -473,6 +479,10 @@ def load_drafter(target: Any, options: LoadOptions) -> Drafter | None:
     target's settings) or prompt lookup."""
     if options.draft and options.lookup:
         raise UserError("Choose one way of drafting: --draft MODEL or --lookup, not both.")
+    if options.draft or options.lookup:
+        # Speculative rounds use numpy; importing it here, at load, keeps its import and the start of its
+        # BLAS threads out of the first timed steps that the adaptive draft length learns from.
+        import numpy  # noqa: F401
     if options.lookup:
         return PromptLookupDrafter(n_max=options.draft_max, mode=options.draft_mode)
     if not options.draft:

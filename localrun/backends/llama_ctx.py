@@ -46,6 +46,7 @@ class LlamaModel:
 
     def __init__(self, path: str, params) -> None:
         self.model = None
+        self._free = llama_cpp.llama_model_free  # held: at interpreter exit the module may be gone first
         if not os.path.exists(path):
             raise ValueError(f"Model path does not exist: {path}")
         self.model = llama_cpp.llama_model_load_from_file(path.encode("utf-8"), params)
@@ -90,7 +91,7 @@ class LlamaModel:
 
     def close(self) -> None:
         if getattr(self, "model", None) is not None:
-            llama_cpp.llama_model_free(self.model)
+            self._free(self.model)
             self.model = None
 
     def __del__(self) -> None:
@@ -123,6 +124,7 @@ class LlamaRunner:
         params.no_perf = True
         self.model = model  # held: the model must outlive its context
         self._verify = None
+        self._free_batch, self._free_ctx = llama_cpp.llama_batch_free, llama_cpp.llama_free  # as in LlamaModel
         self.ctx = llama_cpp.llama_init_from_model(model.model, params)
         if not self.ctx:
             self.ctx = None
@@ -226,10 +228,10 @@ class LlamaRunner:
 
     def close(self) -> None:
         if getattr(self, "_verify", None) is not None:  # getattr: __del__ after a failed __init__
-            llama_cpp.llama_batch_free(self._verify)
+            self._free_batch(self._verify)
             self._verify = None
         if getattr(self, "ctx", None) is not None:
-            llama_cpp.llama_free(self.ctx)
+            self._free_ctx(self.ctx)
             self.ctx = None
 
     def __del__(self) -> None:
