@@ -206,13 +206,20 @@ def test_completions(client, model):
         "unknown-role",
     ],
 )
-def test_bad_requests(client, model, body, status, error_type, param):
+def test_bad_requests(server, client, model, body, status, error_type, param):
     body = {**body, "model": model if body["model"] == "M" else body["model"]}
+    counter = 'localrun_requests_total{route="/v1/chat/completions",status="%s"}'
+    before = {s: metric(server, counter % s) for s in (str(status), "error")}
     with pytest.raises(openai.APIStatusError) as err:
         client.chat.completions.create(**body)
     assert err.value.status_code == status
     assert err.value.type == error_type and err.value.body["message"]
     assert err.value.body["param"] == param
+    # counted once, under its status (a prompt too long for the context was once counted as an error too)
+    assert {s: metric(server, counter % s) for s in before} == {
+        str(status): before[str(status)] + 1,
+        "error": before["error"],
+    }
 
 
 def test_malformed_json_and_keys(server, model):
@@ -255,6 +262,30 @@ def test_disconnect_cancels_and_frees_the_model(server, client, model):
     assert httpx.get(f"{server}/health").json()["busy"] is False
     after = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
     assert after.usage.completion_tokens >= 1
+
+
+def test_a_model_loaded_by_its_store_name_keeps_that_name(tmp_path):
+    """A store file's id is repo:file; once loaded it stays under that id (not its file name as well)."""
+    from localrun.catalog import default_model_path
+
+    folder = tmp_path / "home" / "models" / "me" / "tiny"
+    folder.mkdir(parents=True)
+    (folder / "copy.gguf").symlink_to(default_model_path())
+    env = {k: v for k, v in os.environ.items() if k != "LOCALRUN_API_KEY"} | {"LOCALRUN_HOME": str(tmp_path / "home")}
+    proc, base = start_server(env=env)
+    try:
+        api = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=600)
+        name = "me/tiny:copy.gguf"
+        assert name in [m.id for m in api.models.list().data]
+        api.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+        rows = httpx.get(f"{base}/v1/models").json()["data"]
+        ids = [r["id"] for r in rows]
+        assert len(ids) == len(set(ids)) and [r["id"] for r in rows if r["loaded"]] == [name]
+        assert httpx.get(f"{base}/health").json()["model"] == name
+        again = api.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+        assert again.model == name
+    finally:
+        stop(proc)
 
 
 def test_non_loopback_host_needs_a_key(tmp_path):
@@ -336,3 +367,5 @@ def test_ui_api_serves_both_on_one_port():
         proc.wait(timeout=60)
     refused = run_localrun("ui", "--api", "--host", "0.0.0.0", "--auth", "a:b", env=env)
     assert refused.returncode == 2 and "api-key" in refused.stderr
+    neither = run_localrun("ui", "--api", "--host", "0.0.0.0", env=env)  # both logins named at once
+    assert neither.returncode == 2 and "--auth-file" in neither.stderr and "--api-key-file" in neither.stderr

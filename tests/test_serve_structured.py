@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.serve_support import KEY, keyed_server
+from tests.serve_support import KEY, keyed_server, metric
 
 openai = pytest.importorskip("openai")
 
@@ -160,8 +160,10 @@ WEATHER_TOOL = {
 NAMED_CHOICE = {"type": "function", "function": {"name": "get_weather"}}
 
 
-def test_tool_round_trip(client, model):
+def test_tool_round_trip(server, client, model):
     """The openai package's streaming helper accumulates the call; a strict tool gets its arguments parsed."""
+    counted = 'localrun_requests_total{route="/v1/chat/completions",status="tool_calls"}'
+    calls_before = metric(server, counted)
     strict_tool = {**WEATHER_TOOL, "function": {**WEATHER_TOOL["function"], "strict": True}}
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
     with client.chat.completions.stream(
@@ -178,6 +180,7 @@ def test_tool_round_trip(client, model):
     assert [e.name for e in done] == ["get_weather"]
     choice = completion.choices[0]
     assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    assert metric(server, counted) == calls_before + 1  # the metrics count what the client was told
     call = choice.message.tool_calls[0]
     arguments = json.loads(call.function.arguments)
     assert call.id == deltas[0].id and call.function.parsed_arguments == arguments == done[0].parsed_arguments

@@ -77,7 +77,13 @@ def pick_port(host: str, port: int | None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Serve the UI until Ctrl-C; user mistakes in the flags raise UserError before anything starts."""
     auth = login(args)
-    require_auth(args.host, share=args.share, credentials=auth)
+    # with --api both logins are needed (Gradio's does not cover the API routes): say so at once
+    require_auth(
+        args.host,
+        share=args.share,
+        credentials=auth,
+        flag="--auth-file, and --api-key-file for the API," if args.api else "--auth-file",
+    )
     port = pick_port(args.host, args.port)
     api_key = _api_key(args)
     from localrun.worker import WorkerClient

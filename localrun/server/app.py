@@ -33,17 +33,19 @@ class _Pump:
         self,
         events: Iterator[GenerationEvent],
         on_final: Callable[[GenerationEvent, float | None], None],
-        on_abort: Callable[[], None],
+        on_abort: Callable[[bool], None],
     ):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.t_first: float | None = None
         self._events, self._on_final, self._on_abort = events, on_final, on_abort
         self._finished = False
+        self._sent = False  # an event has gone to the route (after that, it can no longer answer with an error status)
         self._get: asyncio.Future | None = None
         threading.Thread(target=self._run, name="localrun-pump", daemon=True).start()
 
     def _run(self) -> None:
+        answered = False
         try:
             for event in self._events:
                 if self.t_first is None and event.token_ids:
@@ -52,11 +54,13 @@ class _Pump:
                     self._finished = True
                     self._on_final(event, self.t_first)
                 self._put(event)
+                self._sent = True
         except BaseException as exc:  # handed to the route, which answers with the right status
+            answered = not self._sent  # before any event: the route's error response is what gets counted
             self._put(exc)
         finally:
             if not self._finished:  # e.g. the watchdog ended a model process that was slow to stop
-                self._on_abort()
+                self._on_abort(answered)
             self._put(_END)
 
     def _put(self, item: Any) -> None:
@@ -105,9 +109,22 @@ class Api:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
             raise ApiError(401, "Incorrect API key.", code="invalid_api_key")
 
+    def _loaded_id(self) -> str | None:
+        """The loaded model's id: its name in the model list (a model loaded by path keeps its local/...
+        name rather than showing up twice, under its file name too)."""
+        loaded = self.engine.worker.loaded
+        if loaded is None:
+            return None
+        spec = loaded.request.model
+        if spec is not None:
+            for row in _local_models():
+                if spec in (row.name, str(row.path)):
+                    return row.name
+        return loaded.name
+
     def _model_spec(self, name: str) -> str | None:
         """None for the loaded model, else a model on disk to load; 404 for anything else."""
-        if name == self.engine.status().get("model"):
+        if name == self._loaded_id():
             return None
         for row in _local_models():
             if name == row.name:  # by name where the catalog knows it, so the loaded model keeps its name
@@ -135,7 +152,7 @@ class Api:
     async def health(self, request: Any) -> Any:
         from starlette.responses import JSONResponse
 
-        return JSONResponse({"status": "ok", **self.engine.status()})
+        return JSONResponse({"status": "ok", **self.engine.status(), "model": self._loaded_id()})
 
     async def prometheus(self, request: Any) -> Any:
         from starlette.responses import PlainTextResponse
@@ -159,7 +176,7 @@ class Api:
         return JSONResponse(next(r for r in self._model_rows() if r["id"] == name))
 
     def _model_rows(self) -> list[dict[str, Any]]:
-        loaded = self.engine.status().get("model")
+        loaded = self._loaded_id()
         rows = (
             [{"id": loaded, "object": "model", "created": 0, "owned_by": "localrun", "loaded": True}] if loaded else []
         )
@@ -192,9 +209,11 @@ class Api:
             ttft = t_first - t0 if t_first is not None else None
             latency = time.perf_counter() - t0
             self.metrics.observe(summary, ttft_s=ttft, latency_s=latency, overrun_tokens=cancel.overrun_tokens)
-            self.metrics.count_request(route, summary.finish_reason)
+            self.metrics.count_request(route, reply.outcome(summary))
 
-        def on_abort() -> None:
+        def on_abort(answered: bool) -> None:
+            if answered and not cancel.is_set():
+                return  # the route turns the error into a 4xx/5xx, which error_response counts
             self.metrics.count_request(route, "cancelled" if cancel.is_set() else "error")
             if cancel.is_set():
                 self.metrics.count_cancel(cancel.overrun_tokens)

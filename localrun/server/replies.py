@@ -87,6 +87,10 @@ class _Reply:
     def usage_chunk(self, summary: GenerationSummary) -> dict[str, Any]:
         return self._envelope(self.chunk_object, [], usage=usage(summary), localrun=figures(summary))
 
+    def outcome(self, summary: GenerationSummary) -> str:
+        """The finish reason the client is told, for the metrics."""
+        return summary.finish_reason
+
 
 class ChatReply(_Reply):
     """Builds chat.completion chunks (and the whole object) for one request."""
@@ -103,6 +107,11 @@ class ChatReply(_Reply):
 
     def first_chunk(self) -> dict[str, Any]:
         return self._chunk({"role": "assistant", "content": ""})
+
+    def outcome(self, summary: GenerationSummary) -> str:
+        if self.splitter and parse_reply(summary.text, self.splitter.tool_names).tool_calls:
+            return "tool_calls"
+        return super().outcome(summary)
 
     def chunks(self, event: GenerationEvent) -> list[dict[str, Any]]:
         """The chunks one event produces (the last event adds tool calls and the finish reason)."""
