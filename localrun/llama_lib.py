@@ -39,8 +39,14 @@ def _light_package(spec: importlib.machinery.ModuleSpec) -> ModuleType:
     folder = Path(next(iter(spec.submodule_search_locations)))
     full = False
 
-    def __getattr__(name: str):  # PEP 562: names the light module lacks
+    def load_full() -> None:
+        """The package's own __init__, run once into this same module."""
         nonlocal full
+        if not full:
+            full = True
+            spec.loader.exec_module(pkg)
+
+    def __getattr__(name: str):  # PEP 562: names the light module lacks
         if name.startswith("__"):
             raise AttributeError(name)
         bindings = sys.modules.get("llama_cpp.llama_cpp")
@@ -48,18 +54,13 @@ def _light_package(spec: importlib.machinery.ModuleSpec) -> ModuleType:
             return getattr(bindings, name)
         if (folder / f"{name}.py").is_file():  # `from llama_cpp import _internals`: just that submodule
             return importlib.import_module(f"llama_cpp.{name}")
-        if not full:
-            full = True
-            spec.loader.exec_module(pkg)  # the package's own __init__, into this same module
-            if name in pkg.__dict__:
-                return pkg.__dict__[name]
+        load_full()
+        if name in pkg.__dict__:
+            return pkg.__dict__[name]
         raise AttributeError(f"module 'llama_cpp' has no attribute {name!r}")
 
     def __dir__() -> list[str]:  # dir() lists the whole package, as after a plain import
-        nonlocal full
-        if not full:
-            full = True
-            spec.loader.exec_module(pkg)
+        load_full()
         return sorted(pkg.__dict__)
 
     pkg.__getattr__ = __getattr__

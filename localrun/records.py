@@ -147,16 +147,12 @@ def build(cls: type, data: Mapping[str, Any], loc: str = "") -> Any:
     for key in data:
         if key not in specs:
             raise RecordError(_join(loc, key), "Extra inputs are not permitted")
-    values = {}
     for name, spec in specs.items():
-        where = _join(loc, name)
-        if name in data:
-            values[name] = _check(spec, data[name], where)
-        elif spec.required:
-            raise RecordError(where, "Field required")
+        if spec.required and name not in data:
+            raise RecordError(_join(loc, name), "Field required")
     try:
-        return cls(**values)
-    except RecordError as exc:  # a record-level rule (a subclass's __post_init__) broke
+        return cls(**data)  # __post_init__ checks and coerces each value, naming the field
+    except RecordError as exc:  # its path below this record: put this record's in front
         raise RecordError(_join(loc, exc.loc), exc.msg) from None
 
 

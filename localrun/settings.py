@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_origin
 
 from localrun.errors import UserError
-from localrun.records import Record, RecordError, build, fields, setting
+from localrun.records import Record, RecordError, as_dict, build, fields, setting
 
 BackendName = Literal["auto", "llamacpp", "hf"]
 DeviceName = Literal["auto", "cuda", "mps", "cpu"]
@@ -57,7 +57,7 @@ class Settings(Record):
 
     def replace(self, **changes: Any) -> Any:
         """A copy with some fields changed, checked (raises UserError on a bad value)."""
-        return validated(type(self), {**as_values(self), **changes})
+        return validated(type(self), {**as_dict(self), **changes})
 
 
 class SamplingParams(Settings):
@@ -230,11 +230,6 @@ def effective_n_ctx(requested: int | None, trained: int | None) -> int:
     return min(trained or DEFAULT_CTX_CAP, DEFAULT_CTX_CAP)
 
 
-def as_values(settings: Record) -> dict[str, Any]:
-    """The settings' values by field name."""
-    return {name: getattr(settings, name) for name in fields(type(settings))}
-
-
 def validated(model: type, values: dict[str, Any]) -> Any:
     """Build a settings record, turning a bad value into one clear sentence."""
     try:
@@ -287,4 +282,4 @@ def set_value(settings: Record, name: str, text: str) -> Any:
         value = None
     elif is_list(type(settings), name):
         value = (text,) if text else ()
-    return validated(type(settings), {**as_values(settings), name: value})
+    return validated(type(settings), {**as_dict(settings), name: value})

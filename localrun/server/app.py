@@ -96,6 +96,7 @@ class Api:
         self.api_key = api_key
         self.metrics = metrics or Metrics()
         self._recommended_cache: dict[str | None, Any] = {}
+        self._ids: dict[str, str] = {}  # load spec -> the model list's id it was asked for by
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -110,17 +111,12 @@ class Api:
             raise ApiError(401, "Incorrect API key.", code="invalid_api_key")
 
     def _loaded_id(self) -> str | None:
-        """The loaded model's id: its name in the model list (a model loaded by path keeps its local/...
-        name rather than showing up twice, under its file name too)."""
+        """The loaded model's id: the model list's id it was requested by (a store file, loaded by its path,
+        keeps its repo:file id rather than showing up twice, under its file name too), else its name."""
         loaded = self.engine.worker.loaded
         if loaded is None:
             return None
-        spec = loaded.request.model
-        if spec is not None:
-            for row in _local_models():
-                if spec in (row.name, str(row.path)):
-                    return row.name
-        return loaded.name
+        return self._ids.get(loaded.request.model, loaded.name)
 
     def _model_spec(self, name: str) -> str | None:
         """None for the loaded model, else a model on disk to load; 404 for anything else."""
@@ -128,7 +124,9 @@ class Api:
             return None
         for row in _local_models():
             if name == row.name:  # by name where the catalog knows it, so the loaded model keeps its name
-                return str(row.path) if ":" in row.name else row.name
+                spec = str(row.path) if ":" in row.name else row.name
+                self._ids[spec] = row.name
+                return spec
         raise ApiError(
             404,
             f"The model {name!r} does not exist on this machine: GET /v1/models lists the ones that do.",
