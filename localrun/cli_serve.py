@@ -5,16 +5,24 @@ from __future__ import annotations
 import argparse
 import sys
 
+from localrun.limits import Limits
 from localrun.settings import LoadOptions, add_flags, from_args
 
 DEFAULT_PORT = 8000
 
 
 def add_server_flags(p: argparse.ArgumentParser) -> None:
-    """--api-key and --api-key-file (shared with `localrun ui --api`)."""
+    """--api-key, --api-key-file, --max-queue and the request limits (shared with `localrun ui --api`)."""
     p.add_argument("--api-key", default=None, help="require this key (visible in `ps`: prefer --api-key-file)")
     p.add_argument("--api-key-file", default=None, metavar="FILE", help="read the key from the first line of FILE")
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait for the model before 429 (16)")
+    group = p.add_argument_group("request limits", "what one request may ask; a request over one gets a 4xx naming it")
+    add_flags(group, Limits, show_default=True)
+
+
+def limits_from(args: argparse.Namespace) -> Limits:
+    """The request limits the flags set (the defaults for the rest)."""
+    return from_args(Limits, args)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_queue < 1:
         raise UserError("--max-queue must be at least 1.")
     options = from_args(LoadOptions, args)
+    limits = limits_from(args)
     if not port_free(args.host, args.port):  # one sentence, not uvicorn's log line and exit
         raise UserError(f"Port {args.port} on {args.host} is in use: pick another with --port.")
     import uvicorn
@@ -59,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         raise
     print(f"localrun: {loaded.name} loaded ({loaded.report.describe()})", file=sys.stderr)
     config = uvicorn.Config(
-        create_app(engine, api_key=key),
+        create_app(engine, api_key=key, limits=limits),
         host=args.host,
         port=args.port,
         log_level="warning",

@@ -180,6 +180,8 @@ def _array_schema(schema: dict[str, Any], where: str) -> dict[str, Any]:
     counts = [schema.get(k) for k in ("minItems", "maxItems") if k in schema]
     if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
         raise UserError(f"{where}: minItems and maxItems must be whole numbers, 0 or more.")
+    if schema.get("minItems", 0) > schema.get("maxItems", math.inf):
+        raise UserError(f"{where} allows no array: its minItems is above its maxItems.")
     if "prefixItems" in schema or isinstance(schema.get("items"), list):
         tuple_items = schema.get("prefixItems", schema.get("items"))
         if not isinstance(tuple_items, list) or not tuple_items:
@@ -214,9 +216,74 @@ def _string_schema(schema: dict[str, Any], where: str) -> None:
         raise UserError(
             f"{where} has a pattern without ^ and $: localrun enforces whole-string patterns, so anchor it."
         )
+    if has_pattern:
+        schema["pattern"] = check_pattern(pattern, where)
     for k in lengths:
         if not isinstance(schema[k], int) or isinstance(schema[k], bool) or schema[k] < 0:
             raise UserError(f"{where}: {k} must be a whole number, 0 or more.")
+    if schema.get("minLength", 0) > schema.get("maxLength", math.inf):
+        raise UserError(f"{where} allows no string: its minLength is above its maxLength.")
+
+
+# The converter copies escapes into GBNF as they are, and GBNF knows few; so they are rewritten first
+# (\d as [0-9], \. as [\x2E]) and the ones without a GBNF form are refused.
+_CLASSES = {"d": "0-9", "w": "0-9A-Za-z_", "s": " \\t\\n\\r"}
+_GBNF_ESCAPES = frozenset("\\tnr")
+_LOOKS = {"=": "lookahead", "!": "lookahead", "<": "lookbehind or named group", ":": "non-capturing group"}
+
+
+def check_pattern(pattern: str, where: str = "The JSON schema") -> str:
+    """The pattern in the syntax the grammar writer handles; UserError naming what it cannot express."""
+    import re
+
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise UserError(f"{where} has a pattern that is not a valid regular expression: {exc}.") from None
+    body, out, i, in_class = pattern[1:-1], [], 0, False
+    while i < len(body):
+        c = body[i]
+        if c == "\\":
+            if i + 1 == len(body):
+                raise UserError(f"{where} has a pattern whose $ is escaped: end it with an unescaped $.")
+            out.append(_escape(body[i + 1], in_class, where))
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+            if body[i + 1 : i + 2] == "]":  # a ] first in a class is a literal
+                out.append("[\\x5D")
+                i += 2
+                continue
+        elif c == "(" and body[i + 1 : i + 2] == "?":
+            kind = _LOOKS.get(body[i + 2 : i + 3], "group flag")
+            raise UserError(f"{where} has a pattern with a {kind} '(?', which localrun cannot enforce: leave it out.")
+        elif c in "^$":
+            raise UserError(f"{where} has a pattern with {c!r} inside it: localrun only enforces ^ and $ at the ends.")
+        elif c in "*+?}" and body[i + 1 : i + 2] in ("?", "+"):
+            raise UserError(
+                f"{where} has a pattern with a lazy or possessive quantifier, which localrun cannot enforce."
+            )
+        out.append(c)
+        i += 1
+    return "^" + "".join(out) + "$"
+
+
+def _escape(esc: str, in_class: bool, where: str) -> str:
+    """One regex escape (the character after the backslash) in GBNF-safe regex."""
+    if esc in _CLASSES:
+        return _CLASSES[esc] if in_class else f"[{_CLASSES[esc]}]"
+    if esc.lower() in _CLASSES and not in_class:
+        return f"[^{_CLASSES[esc.lower()]}]"
+    if esc in _GBNF_ESCAPES or (in_class and esc in "[]"):
+        return "\\" + esc
+    if not esc.isalnum():
+        code = f"\\x{ord(esc):02X}"
+        return code if in_class else f"[{code}]"
+    what = "a backreference" if esc.isdigit() or esc == "k" else f"the escape \\{esc}"
+    raise UserError(f"{where} has a pattern with {what}, which localrun cannot enforce: leave it out.")
 
 
 def _at(where: str, pointer: str) -> str:

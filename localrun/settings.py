@@ -243,13 +243,14 @@ def is_list(model: type, name: str) -> bool:
     return fields(model)[name].is_list
 
 
-def add_flags(parser: argparse.ArgumentParser, model: type, *, only: tuple[str, ...] | None = None) -> None:
-    """Add one --flag per field of a settings model, with its help text."""
+def add_flags(parser: Any, model: type, *, only: tuple[str, ...] | None = None, show_default: bool = False) -> None:
+    """Add one --flag per field of a settings model, with its help text (and its default, if show_default)."""
     for name, spec in fields(model).items():
         if only is not None and name not in only:
             continue
         flag, kind = "--" + name.replace("_", "-"), spec.kind
-        common: dict[str, Any] = {"dest": name, "default": None, "help": spec.check.help}
+        help_text = f"{spec.check.help.rstrip('.')} (default {spec.default})." if show_default else spec.check.help
+        common: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif spec.is_list:

@@ -8,12 +8,12 @@ so that grammars can be combined.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from typing import Any
 
 from localrun.errors import UserError
+from localrun.limits import Limits
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
@@ -25,21 +25,30 @@ _ANY_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
 _CHAR_RULE = r"""char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" ([0-9a-cA-CefEF] [0-9a-fA-F] | [dD] [0-7]) [0-9a-fA-F] [0-9a-fA-F])"""
 
 
-def json_schema_grammar(schema: dict[str, Any] | None) -> str:
-    """GBNF for JSON text that validates against schema (None: any JSON object)."""
-    return _convert(_ANY_OBJECT_SCHEMA if schema is None else schema)
+def json_schema_grammar(schema: dict[str, Any] | None, *, limits: Limits | None = None) -> str:
+    """GBNF for JSON text that validates against schema (None: any JSON object).
+
+    limits: the size limits the schema is checked against before anything is built (default: Limits())."""
+    from localrun.limits import check_grammar, check_schema
+
+    limits = limits or Limits()
+    check_schema(schema, limits)
+    return check_grammar(_convert(_ANY_OBJECT_SCHEMA if schema is None else schema), limits)
 
 
-def tool_call_grammar(tools: Sequence[dict[str, Any]], *, name: str | None = None) -> str:
+def tool_call_grammar(tools: Sequence[dict[str, Any]], *, name: str | None = None, limits: Limits | None = None) -> str:
     """GBNF for exactly one tool call: <tool_call>{"name": ..., "arguments": {...}}</tool_call>.
 
     name picks one function (tool_choice naming it); None allows any of the tools.
     """
+    from localrun.limits import check_grammar, check_schema
     from localrun.schema_gbnf import prepare
 
+    limits = limits or Limits()
     functions = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
     if not functions:
         raise UserError(f"tool_choice names {name!r}, which is not among the tools of the request.")
+    check_schema([f.get("parameters") for f in functions], limits, "The tools' parameters schemas")
     calls = [
         {
             "type": "object",
@@ -56,7 +65,8 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], *, name: str | None = Non
     ]
     body = _convert(calls[0] if len(calls) == 1 else {"anyOf": calls}, prop_order=["name", "arguments"])
     body = re.sub(r"^root ::=", "tool-call ::=", body, count=1, flags=re.MULTILINE)
-    return f'root ::= "{TOOL_CALL_OPEN}\\n" tool-call "\\n{TOOL_CALL_CLOSE}"\n{body}'
+    grammar = f'root ::= "{TOOL_CALL_OPEN}\\n" tool-call "\\n{TOOL_CALL_CLOSE}"\n{body}'
+    return check_grammar(grammar, limits, "The tools' parameters schemas")
 
 
 def _convert(schema: dict[str, Any], *, prop_order: Sequence[str] = (), where: str = "The JSON schema") -> str:
@@ -98,8 +108,10 @@ def with_json_schema(params: Any, schema_text: str | None) -> Any:
     The chat tab's "JSON schema" field uses this; the API's response_format takes the same path."""
     if not schema_text or not schema_text.strip():
         return params
+    from localrun.limits import loads
+
     try:
-        schema = json.loads(schema_text)
+        schema = loads(schema_text, Limits(), "The JSON schema")
     except ValueError as exc:
         raise UserError(f"The JSON schema is not valid JSON: {exc}.") from None
     return params.replace(grammar=json_schema_grammar(schema))

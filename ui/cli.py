@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from localrun.cli_serve import add_server_flags
+from localrun.cli_serve import add_server_flags, limits_from
 from localrun.errors import UserError
 from localrun.netpolicy import credential_text, is_loopback, port_free, require_auth
 
@@ -100,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
             from localrun.server.app import create_app
             from localrun.server.engine import WorkerEngine
 
-            create_app(WorkerEngine(ctx.worker, max_queue=args.max_queue), api_key=api_key, app=app)
+            limits = limits_from(args)
+            create_app(WorkerEngine(ctx.worker, max_queue=args.max_queue), api_key=api_key, app=app, limits=limits)
 
     launch(ctx, host=args.host, port=port, share=args.share, auth=auth, open_browser=args.open, mount=mount)
     return 0

@@ -6,13 +6,17 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from localrun.errors import UserError
 from localrun.events import GenerationEvent
+from localrun.limits import LimitExceeded, Limits
 from localrun.server.engine import CancelWatch, QueueFull, WorkerEngine
 from localrun.server.metrics import Metrics, process_gauges
 from localrun.server.protocol import ApiError, ChatBody, CompletionBody, parse_body
@@ -20,6 +24,8 @@ from localrun.server.protocol import ApiError, ChatBody, CompletionBody, parse_b
 _DISCONNECT_POLL_S = 0.1
 _END = object()
 _ROUTE_PATHS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+_LOG = logging.getLogger("localrun.server")
+_ABS_PATH = re.compile(r"(?:/[^\s'\"/:]+)+")
 
 
 class ClientGone(Exception):
@@ -91,10 +97,18 @@ class _Pump:
 class Api:
     """Routes and their shared state: the engine, the key, the metrics."""
 
-    def __init__(self, engine: WorkerEngine, *, api_key: str | None = None, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        engine: WorkerEngine,
+        *,
+        api_key: str | None = None,
+        metrics: Metrics | None = None,
+        limits: Limits | None = None,
+    ) -> None:
         self.engine = engine
         self.api_key = api_key
         self.metrics = metrics or Metrics()
+        self.limits = limits or Limits()
         self._recommended_cache: dict[str | None, Any] = {}
         self._ids: dict[str, str] = {}  # load spec -> the model list's id it was asked for by
 
@@ -113,7 +127,7 @@ class Api:
     def _loaded_id(self) -> str | None:
         """The loaded model's id: the model list's id it was requested by (a store file, loaded by its path,
         keeps its repo:file id rather than showing up twice, under its file name too), else its name."""
-        loaded = self.engine.worker.loaded
+        loaded = self.engine.worker.loaded or self.engine.last_loaded  # after a crash: the model to reload
         if loaded is None:
             return None
         return self._ids.get(loaded.request.model, loaded.name)
@@ -171,12 +185,18 @@ class Api:
         self._authorize(request)
         name = request.path_params["model"]
         self._model_spec(name)  # 404 for a model that is not here
-        return JSONResponse(next(r for r in self._model_rows() if r["id"] == name))
+        row = next((r for r in self._model_rows() if r["id"] == name), None)
+        if row is None:  # listed in the store, but its file does not read as a model
+            raise ApiError(
+                400, f"The model {name!r} is damaged: delete it and pull it again.", param="model", code="model_corrupt"
+            )
+        return JSONResponse(row)
 
     def _model_rows(self) -> list[dict[str, Any]]:
         loaded = self._loaded_id()
+        now = self.engine.worker.loaded is not None
         rows = (
-            [{"id": loaded, "object": "model", "created": 0, "owned_by": "localrun", "loaded": True}] if loaded else []
+            [{"id": loaded, "object": "model", "created": 0, "owned_by": "localrun", "loaded": now}] if loaded else []
         )
         for row in _local_models():
             if row.name != loaded and row.quant != "corrupt":
@@ -195,10 +215,13 @@ class Api:
 
     async def _generate(self, request: Any, route: str, body_type: type, convert: Callable) -> Any:
         self._authorize(request)
-        body = parse_body(await request.body(), body_type)
+        body = parse_body(await self._read_body(request), body_type, self.limits)
         load = self.engine.load_request(self._model_spec(body.model))
         recommended = self._recommended(load.model if load is not None else None)
-        job, reply = convert(body, model_name=body.model, load=load, recommended=recommended)
+        # a grammar can take a while to build: off the event loop, so /health and streams keep going
+        job, reply = await asyncio.to_thread(
+            convert, body, model_name=body.model, load=load, recommended=recommended, limits=self.limits
+        )
         t0 = time.perf_counter()
         cancel = CancelWatch()
 
@@ -228,8 +251,8 @@ class Api:
             return _empty()
         except UserError as exc:
             raise ApiError(400, str(exc)) from None
-        except Exception as exc:
-            raise ApiError(500, str(exc), type="server_error") from None
+        except Exception as exc:  # the model process failed (a crash: it restarts with the next request)
+            raise ApiError(503, str(exc), type="server_error", code="model_failed") from None
         if first is not _END and first.summary is not None and first.summary.error:
             raise ApiError(500, f"Generation failed: {first.summary.error}", type="server_error")
         if body.stream:
@@ -243,17 +266,37 @@ class Api:
         finally:
             pump.close()
 
+    async def _read_body(self, request: Any) -> bytes:
+        """The body, read as it streams in and refused (413) once it passes max_body_bytes."""
+        limit = self.limits.max_body_bytes
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise ApiError(415, f"Content-Encoding {encoding[:40]!r} is not accepted: send the body uncompressed.")
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.strip().isdigit() or int(declared) > limit):
+            raise _too_large(limit)
+        parts, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            parts.append(chunk)
+        return b"".join(parts)
+
     def routes(self) -> list[Any]:
         from starlette.routing import Route
 
         def answering_errors(endpoint: Callable) -> Callable:
-            """ApiError -> OpenAI's error JSON, inside the route (a host app's handlers are not ours to add)."""
+            """ApiError -> OpenAI's error JSON, inside the route (a host app's handlers are not ours to add);
+            anything unexpected -> a JSON 500, counted in /metrics and logged in one line."""
 
             async def wrapped(request: Any) -> Any:
                 try:
                     return await endpoint(request)
                 except ApiError as exc:
                     return self.error_response(request, exc)
+                except Exception as exc:
+                    return self.error_response(request, self.unexpected(request, exc))
 
             return wrapped
 
@@ -267,12 +310,29 @@ class Api:
         ]
         return [Route(path, answering_errors(fn), methods=[method]) for path, fn, method in table]
 
+    def unexpected(self, request: Any, exc: BaseException) -> ApiError:
+        """A fault of ours: counted, logged once without a traceback, answered as a JSON 500."""
+        self.metrics.count_internal_error()
+        _LOG.error("localrun: %s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        return ApiError(500, f"The server failed on this request ({type(exc).__name__}).", type="server_error")
+
     def error_response(self, request: Any, exc: ApiError) -> Any:
         from starlette.responses import JSONResponse
 
         path = request.url.path
         self.metrics.count_request(path if path in _ROUTE_PATHS else "other", str(exc.status))
+        exc.message = public_message(exc.message)
         return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def public_message(message: str) -> str:
+    """A message without the server's filesystem paths: a file's name instead of where it lives."""
+    return _ABS_PATH.sub(lambda m: Path(m.group()).name if Path(m.group()).exists() else m.group(), message)
+
+
+def _too_large(limit: int) -> ApiError:
+    exc = LimitExceeded(f"The request body is over {limit} bytes", "max_body_bytes", limit)
+    return ApiError(413, str(exc), code="limit_exceeded")
 
 
 def _local_models() -> list[Any]:
@@ -290,8 +350,13 @@ def _empty() -> Any:
 async def _whole(pump: _Pump, event: Any, reply: Any, request: Any) -> Any:
     from starlette.responses import JSONResponse
 
-    while event is not _END and event.summary is None:
-        event = await pump.next(request)
+    try:
+        while event is not _END and event.summary is None:
+            event = await pump.next(request)
+    except (ClientGone, ApiError):
+        raise
+    except Exception as exc:  # the model process died mid-generation
+        raise ApiError(503, str(exc), type="server_error", code="model_failed") from None
     if event is _END or event.summary is None:
         raise ApiError(500, "The generation ended without a result.", type="server_error")
     if event.summary.error:
@@ -315,7 +380,12 @@ async def _stream(pump: _Pump, event: Any, reply: Any, cancel: CancelWatch, incl
                 if include_usage:
                     yield _data(reply.usage_chunk(event.summary))
                 break
-            event = await pump.next()  # the model process paces these (worker_child.STREAM_INTERVAL_S)
+            try:
+                event = await pump.next()  # the model process paces these (worker_child.STREAM_INTERVAL_S)
+            except Exception as exc:  # the model process died mid-stream: say so, then end the stream properly
+                error = ApiError(503, public_message(str(exc)), type="server_error", code="model_failed")
+                yield _data(error.body())
+                break
         yield "data: [DONE]\n\n"
     finally:
         cancel.set()  # a no-op when the generation is over; stops it when the client left mid-stream
@@ -333,13 +403,18 @@ def _sse(chunks: AsyncIterator[str]) -> Any:
 
 
 def create_app(
-    engine: WorkerEngine, *, api_key: str | None = None, metrics: Metrics | None = None, app: Any = None
+    engine: WorkerEngine,
+    *,
+    api_key: str | None = None,
+    metrics: Metrics | None = None,
+    app: Any = None,
+    limits: Limits | None = None,
 ) -> Any:
     """A FastAPI app serving the API, or the API's routes added in front of an existing app's (Gradio's)."""
     from fastapi import FastAPI
     from starlette.exceptions import HTTPException
 
-    api = Api(engine, api_key=api_key, metrics=metrics)
+    api = Api(engine, api_key=api_key, metrics=metrics, limits=limits)
     own_app = app is None
     app = app or FastAPI(title="localrun", docs_url=None, redoc_url=None, openapi_url=None)
     app.router.routes[0:0] = api.routes()  # ahead of any catch-all route of a host app

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from localrun.errors import UserError
+from localrun.limits import LimitExceeded, Limits
 from localrun.requests import ApiChatRequest, CompletionRequest, LoadRequest
-from localrun.server.protocol import ApiError, ChatBody, CompletionBody, _Sampling
+from localrun.server.protocol import ApiError, ChatBody, CompletionBody, _Sampling, check_tool_arguments
 from localrun.server.replies import ChatReply, CompletionReply
 from localrun.settings import SamplingParams, validated
 
@@ -31,19 +32,27 @@ def sampling(body: _Sampling, *, grammar: str | None = None, defaults: dict[str,
 
 
 def chat_request(
-    body: ChatBody, *, model_name: str, load: LoadRequest | None, recommended: Any = None
+    body: ChatBody,
+    *,
+    model_name: str,
+    load: LoadRequest | None,
+    recommended: Any = None,
+    limits: Limits | None = None,
 ) -> tuple[ApiChatRequest, ChatReply]:
     """The engine request and the reply builder for a chat body (400 for conflicting options).
 
     recommended: the model's catalog recommendation, whose sampling fills what the body leaves out and
-    whose system prompt opens a chat that has none (as `localrun chat` and the UI do)."""
+    whose system prompt opens a chat that has none (as `localrun chat` and the UI do). limits: the
+    server's, which the schema is checked against before its grammar is built."""
+    limits = limits or Limits()
+    check_tool_arguments(body.messages)
     tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
     choice = body.tool_choice
     if choice not in (None, "none") and not tools:
         raise ApiError(400, "tool_choice needs tools: add the tools the model may call.", param="tool_choice")
     if choice == "none":
         tools = []
-    grammar = _format_grammar(body)
+    grammar = _format_grammar(body, limits)
     forced = choice == "required" or (choice is not None and not isinstance(choice, str))
     if forced:
         if grammar is not None:
@@ -51,7 +60,7 @@ def chat_request(
         from localrun.structured import tool_call_grammar
 
         name = None if choice == "required" else choice.function.name
-        grammar = _user_error_as_400(lambda: tool_call_grammar(tools, name=name), "tool_choice")
+        grammar = _user_error_as_400(lambda: tool_call_grammar(tools, name=name, limits=limits), "tool_choice")
     params = sampling(body, grammar=grammar, defaults=_sampling_of(recommended))
     messages = [m.plain() for m in body.messages]
     system = getattr(recommended, "system", None)
@@ -68,23 +77,25 @@ def chat_request(
     return request, ChatReply(model_name, tool_names=names, parse_tools=bool(tools))
 
 
-def _format_grammar(body: ChatBody) -> str | None:
+def _format_grammar(body: ChatBody, limits: Limits) -> str | None:
     fmt = body.response_format
     if fmt is None or fmt.type == "text":
         return None
     from localrun.structured import json_schema_grammar
 
     if fmt.type == "json_object":
-        return json_schema_grammar(None)
+        return json_schema_grammar(None, limits=limits)
     if fmt.json_schema is None:
         raise ApiError(400, "response_format json_schema needs a json_schema object.", param="response_format")
     schema = fmt.json_schema.schema_
-    return _user_error_as_400(lambda: json_schema_grammar(schema), "response_format")
+    return _user_error_as_400(lambda: json_schema_grammar(schema, limits=limits), "response_format")
 
 
 def _user_error_as_400(build: Any, param: str) -> str:
     try:
         return build()
+    except LimitExceeded as exc:
+        raise ApiError(400, str(exc), param=param, code="limit_exceeded") from None
     except UserError as exc:
         raise ApiError(400, str(exc), param=param) from None
 
@@ -94,7 +105,12 @@ def _sampling_of(recommended: Any) -> dict[str, Any]:
 
 
 def completion_request(
-    body: CompletionBody, *, model_name: str, load: LoadRequest | None, recommended: Any = None
+    body: CompletionBody,
+    *,
+    model_name: str,
+    load: LoadRequest | None,
+    recommended: Any = None,
+    limits: Limits | None = None,
 ) -> tuple[CompletionRequest, CompletionReply]:
     prompt = body.prompt
     if isinstance(prompt, list):

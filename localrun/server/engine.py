@@ -53,6 +53,7 @@ class WorkerEngine:
         self._in_flight = 0
         self._ids = itertools.count(1)
         self._last: LoadRequest | None = None  # what to reload after a crash
+        self.last_loaded: Loaded | None = None  # the last model loaded, which a crash does not forget
 
     def load(self, model: str | None) -> Loaded:
         """Load a model now (at start-up); a user mistake raises UserError."""
@@ -61,6 +62,7 @@ class WorkerEngine:
             if isinstance(update, Failed):
                 raise UserError(update.message) if update.kind == "user" else RuntimeError(update.message)
             if isinstance(update, Loaded):
+                self.last_loaded = update
                 return update
         raise RuntimeError("The model process ended the load without a result.")
 
@@ -69,7 +71,7 @@ class WorkerEngine:
         if spec is not None:
             self._last = LoadRequest(spec, self.options)
             return self._last
-        loaded = self.worker.loaded
+        loaded = self.worker.loaded or self.last_loaded
         return loaded.request if loaded is not None else self._last
 
     def submit(self, request: Any, cancel: CancelWatch) -> Iterator[GenerationEvent]:
@@ -87,6 +89,8 @@ class WorkerEngine:
             for update in self.worker.submit(request, owner=owner):
                 if isinstance(update, Failed):
                     raise UserError(update.message) if update.kind == "user" else RuntimeError(update.message)
+                if isinstance(update, Loaded):
+                    self.last_loaded = update
                 if isinstance(update, GenerationEvent):
                     if update.summary is not None:  # the model process counts what came after Stop
                         cancel.overrun_tokens = update.summary.overrun_tokens

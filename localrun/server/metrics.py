@@ -54,6 +54,7 @@ class Metrics:
         self.draft_tokens = 0
         self.accepted_tokens = 0
         self.cancelled = 0
+        self.internal_errors = 0
         self.ttft = Histogram(TTFT_BUCKETS_S)
         self.latency = Histogram(LATENCY_BUCKETS_S)
         self.cancel_overrun = Histogram(OVERRUN_BUCKETS)
@@ -64,6 +65,11 @@ class Metrics:
     def count_request(self, route: str, status: str) -> None:
         with self._lock:
             self.requests[(route, status)] += 1
+
+    def count_internal_error(self) -> None:
+        """An exception the server did not expect (answered as a JSON 500)."""
+        with self._lock:
+            self.internal_errors += 1
 
     def count_cancel(self, overrun_tokens: int) -> None:
         """A cancelled generation that ended without a summary (its model process was ended)."""
@@ -102,6 +108,12 @@ class Metrics:
             add.simple("localrun_prompt_tokens_total", "counter", "Prompt tokens processed.", self.prompt_tokens)
             add.simple("localrun_completion_tokens_total", "counter", "Tokens generated.", self.completion_tokens)
             add.simple("localrun_cancelled_total", "counter", "Generations stopped by a client.", self.cancelled)
+            add.simple(
+                "localrun_internal_errors_total",
+                "counter",
+                "Unexpected server faults (JSON 500s).",
+                self.internal_errors,
+            )
             add.histogram("localrun_ttft_seconds", "Request arrival to first token (queue wait included).", self.ttft)
             add.histogram("localrun_request_latency_seconds", "Request arrival to last token.", self.latency)
             add.histogram(

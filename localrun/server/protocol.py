@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from localrun.limits import LimitExceeded, Limits, loads
+
 # Fields that are fine when they ask for the default behaviour, and refused otherwise.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "presence_penalty": (0, 0.0, None),
@@ -158,20 +160,26 @@ class CompletionBody(_Sampling):
     prompt: str | list[str]
 
 
-def parse_body(raw: bytes, model: type[_Sampling]) -> Any:
-    """Parse and check a request body, raising ApiError(400) with the offending parameter."""
+def parse_body(raw: bytes, model: type[_Sampling], limits: Limits | None = None) -> Any:
+    """Parse and check a request body, raising ApiError(400) with the offending parameter.
+
+    The limits are checked first: nesting depth before json.loads, counts before pydantic."""
+    limits = limits or Limits()
     try:
-        data = json.loads(raw)
-    except ValueError as exc:
+        data = loads(raw, limits)
+    except LimitExceeded as exc:
+        raise ApiError(400, str(exc), code="limit_exceeded") from None
+    except (ValueError, RecursionError) as exc:
         raise ApiError(400, f"The request body is not valid JSON: {exc}.") from None
     if not isinstance(data, dict):
         raise ApiError(400, "The request body must be a JSON object.")
+    _check_counts(data, limits)
     for key in [k for k in data if k not in model.model_fields]:
         neutral = _NEUTRAL.get(key)
         if neutral is None or (neutral and data[key] not in neutral):
             raise ApiError(
                 400,
-                f"localrun does not support the parameter {key!r} (value {data[key]!r}): leave it out.",
+                f"localrun does not support the parameter {key!r} (value {_short(data[key])}): leave it out.",
                 param=key,
                 code="unsupported_parameter",
             )
@@ -185,3 +193,40 @@ def parse_body(raw: bytes, model: type[_Sampling]) -> Any:
     if body.stream_options is not None and not body.stream:  # as OpenAI answers: it would have no effect
         raise ApiError(400, "stream_options is only allowed when stream is true.", param="stream_options")
     return body
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_counts(data: dict[str, Any], limits: Limits) -> None:
+    """The limits on counts and lengths, before validation spends time on a body over them."""
+    counted = (("messages", "max_messages", "messages"), ("tools", "max_tools", "tools"))
+    for key, limit, noun in counted:
+        items = data.get(key)
+        if isinstance(items, list) and len(items) > getattr(limits, limit):
+            exc = LimitExceeded(f"The request has {len(items)} {noun}", limit, getattr(limits, limit))
+            raise ApiError(400, str(exc), param=key, code="limit_exceeded")
+    stops = data.get("stop")
+    for stop in [stops] if isinstance(stops, str) else stops if isinstance(stops, list) else []:
+        if isinstance(stop, str) and len(stop) > limits.max_stop_chars:
+            exc = LimitExceeded(f"A stop string of {len(stop)} characters", "max_stop_chars", limits.max_stop_chars)
+            raise ApiError(400, str(exc), param="stop", code="limit_exceeded")
+
+
+def check_tool_arguments(messages: list[Message]) -> None:
+    """400 for an assistant tool call in the history whose arguments are not a JSON object."""
+    for i, message in enumerate(messages):
+        for j, call in enumerate(message.tool_calls or []):
+            where = f"messages.{i}.tool_calls.{j}.function.arguments"
+            try:
+                args = json.loads(call.function.arguments or "{}", parse_constant=_no_constant)
+            except (ValueError, RecursionError):
+                args = None
+            if not isinstance(args, dict):
+                raise ApiError(400, f"Invalid {where}: it must be a JSON object, as text.", param=where)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(name)
