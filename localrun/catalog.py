@@ -336,6 +336,9 @@ def resolve_model(spec: str | None) -> ResolvedModel:
             DEFAULT_MODEL_NAME, default_model_path(), "gguf", recommended=find_model(DEFAULT_MODEL_NAME).recommended
         )
     path = Path(spec).expanduser()
+    from localrun.gguf_header import require_regular_file
+
+    require_regular_file(path)  # before anything opens it: a FIFO would block the first read
     if path.is_dir():
         if (path / "config.json").is_file():
             return ResolvedModel(path.name, path, "hf_dir")

@@ -57,6 +57,18 @@ def system_prompt(args: argparse.Namespace, model: ResolvedModel) -> str | None:
     return model.recommended.system if model.recommended else None
 
 
+def read_stdin() -> str:
+    """Standard input as UTF-8 text (a BOM is dropped); other bytes are a UserError, never a guess."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"Standard input is not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x}): "
+            "convert it first, e.g. with `iconv -t UTF-8`."
+        ) from None
+
+
 def run(args: argparse.Namespace) -> int:
     from localrun.catalog import resolve_model
 
@@ -66,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     options = from_args(LoadOptions, args)
     one_shot = args.prompt is not None or not sys.stdin.isatty()
     if one_shot:
-        prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+        prompt = args.prompt if args.prompt is not None else read_stdin()
         if not prompt.strip():
             raise UserError("The prompt is empty: pass some text with -p, or on standard input.")
         return _one_shot(args, model, prompt, params, options)

@@ -323,8 +323,23 @@ def _parse(buf: Any, size: int) -> Header:
     return Header(version, fields, described, lengths, tensors, alignment, data_offset)
 
 
+def require_regular_file(path: Path) -> None:
+    """UserError for a path that is a FIFO, a device or a socket: opening one for reading can block forever."""
+    import stat
+
+    from localrun.errors import UserError
+
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # a missing file: the caller's open names it
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise UserError(f"{path.name} is not a regular file (a pipe or a device?): pass a model file.")
+
+
 def read_header(path: Path) -> Header:
     """Parse path's GGUF header and tensor table (the file is memory-mapped; weights are never touched)."""
+    require_regular_file(path)
     with path.open("rb") as handle:
         size = path.stat().st_size
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:

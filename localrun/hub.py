@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -167,9 +168,15 @@ def _pick_gguf(repo: str, files: list[HubFile], quant: str | None) -> HubFile:
     return ggufs[0]
 
 
+# The Hub's rule for repo ids: letters, digits, - _ . ; no leading or trailing dot or dash, no "..".
+_REPO_NAME = re.compile(r"(?!.*\.\.)[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?/[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?")
+
+
 def resolve_target(spec: str) -> PullTarget:
     """A catalog name[:QUANT], REPO, REPO:QUANT or REPO:FILE as one file (or one safetensors repo) to fetch."""
     base, quant = catalog.split_quant(spec)
+    if "/" in base and not _REPO_NAME.fullmatch(base):  # before any request: ../../x is no repo
+        raise UserError(f"{base!r} is not a valid repo name: use OWNER/NAME, as on huggingface.co.")
     if "/" not in base:
         model = catalog.find_model(base)
         v = model.variant(quant)

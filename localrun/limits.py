@@ -107,6 +107,7 @@ def loads(raw: bytes | str, limits: Limits, what: str = "The request body") -> A
 
 _QUANTIFIER = re.compile(r"(?<!\\)\{\s*(\d*)\s*(?:(,)\s*(\d*)\s*)?\}")
 _RULE_BYTES = 24  # a rule name with its spaces, as the converter writes a reference to it
+_NODE_BYTES = 64  # the rules one schema object adds, roughly
 
 
 def _nodes(schema: Any) -> Iterator[dict[str, Any]]:
@@ -136,40 +137,52 @@ def pattern_repeats(pattern: str) -> list[int]:
 
 def check_schema(schema: Any, limits: Limits, where: str = "The JSON schema") -> int:
     """LimitExceeded for a schema over a size limit; returns the estimated grammar size in bytes."""
-    estimate, properties = len(json.dumps(schema)), 0
+    estimate, properties = 0, 0
     for node in _nodes(schema):
-        for key in ("minLength", "maxLength"):
-            if _count(node, key) > limits.max_schema_length:
-                raise LimitExceeded(f"{where} sets {key} {node[key]}", "max_schema_length", limits.max_schema_length)
+        estimate += _NODE_BYTES
+        _check_lengths(node, limits, where)
         estimate += 12 * max(_count(node, "minLength"), _count(node, "maxLength"))
-        for key in ("minItems", "maxItems"):
-            if _count(node, key) > limits.max_schema_items:
-                raise LimitExceeded(f"{where} sets {key} {node[key]}", "max_schema_items", limits.max_schema_items)
         estimate += (_RULE_BYTES + 8) * max(_count(node, "minItems"), _count(node, "maxItems"))
         pattern = node.get("pattern")
         if isinstance(pattern, str):
-            for repeat in pattern_repeats(pattern):
-                if repeat > limits.max_schema_length:
-                    raise LimitExceeded(
-                        f"{where} has a pattern repeating {repeat} times", "max_schema_length", limits.max_schema_length
-                    )
-                estimate += (_RULE_BYTES + 4) * repeat
+            estimate += len(pattern) + (_RULE_BYTES + 4) * sum(pattern_repeats(pattern))
         enum = node.get("enum")
-        if isinstance(enum, list) and len(enum) > limits.max_schema_enum:
-            raise LimitExceeded(f"{where} has an enum of {len(enum)} values", "max_schema_enum", limits.max_schema_enum)
+        if isinstance(enum, list):
+            if len(enum) > limits.max_schema_enum:
+                exc = LimitExceeded(
+                    f"{where} has an enum of {len(enum)} values", "max_schema_enum", limits.max_schema_enum
+                )
+                raise exc
+            estimate += sum(len(v) if isinstance(v, str) else 8 for v in enum) + 8 * len(enum)
         props = node.get("properties")
         if isinstance(props, dict):
             properties += len(props)
+            if properties > limits.max_schema_properties:
+                limit = limits.max_schema_properties
+                raise LimitExceeded(f"{where} has more than {limit} properties", "max_schema_properties", limit)
             estimate += 4 * _RULE_BYTES * len(props)
-    if properties > limits.max_schema_properties:
-        raise LimitExceeded(
-            f"{where} has {properties} properties", "max_schema_properties", limits.max_schema_properties
-        )
-    if estimate > limits.max_grammar_bytes:
-        raise LimitExceeded(
-            f"{where} would make a grammar of about {estimate} bytes", "max_grammar_bytes", limits.max_grammar_bytes
-        )
+        if estimate > limits.max_grammar_bytes:
+            raise LimitExceeded(
+                f"{where} would make a grammar of over {limits.max_grammar_bytes} bytes",
+                "max_grammar_bytes",
+                limits.max_grammar_bytes,
+            )
     return estimate
+
+
+def _check_lengths(node: dict[str, Any], limits: Limits, where: str) -> None:
+    for key, limit in (("minLength", "max_schema_length"), ("maxLength", "max_schema_length")) + (
+        ("minItems", "max_schema_items"),
+        ("maxItems", "max_schema_items"),
+    ):
+        value = node.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > getattr(limits, limit):
+            raise LimitExceeded(f"{where} sets {key} {value:g}", limit, getattr(limits, limit))
+    pattern = node.get("pattern")
+    for repeat in pattern_repeats(pattern) if isinstance(pattern, str) else ():
+        if repeat > limits.max_schema_length:
+            limit = limits.max_schema_length
+            raise LimitExceeded(f"{where} has a pattern repeating {repeat} times", "max_schema_length", limit)
 
 
 def check_grammar(grammar: str, limits: Limits, where: str = "The JSON schema") -> str:

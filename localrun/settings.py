@@ -4,6 +4,7 @@ controls and the catalog's checks."""
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_origin
 
@@ -13,6 +14,8 @@ from localrun.records import Record, RecordError, as_dict, build, fields, settin
 BackendName = Literal["auto", "llamacpp", "hf"]
 DeviceName = Literal["auto", "cuda", "mps", "cpu"]
 KvType = Literal["f16", "q8_0", "q4_0"]
+# More threads than logical CPUs only slow llama.cpp down, and 100000 of them crash it.
+MACHINE_THREADS = os.cpu_count() or 1
 # The context a model loads with when none is asked for: its trained length, capped here (memory grows with it).
 DEFAULT_CTX_CAP = 8192
 
@@ -145,7 +148,11 @@ class LoadOptions(Settings):
         meta=Meta("Context size", "load"),
     )
     n_threads: int | None = setting(
-        None, ge=1, help="CPU threads (default: physical cores).", meta=Meta("CPU threads", "load")
+        None,
+        ge=1,
+        le=MACHINE_THREADS,
+        help=f"CPU threads (default: physical cores; at most this machine's {MACHINE_THREADS} logical CPUs).",
+        meta=Meta("CPU threads", "load"),
     )
     n_gpu_layers: int | None = setting(
         None,
