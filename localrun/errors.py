@@ -1,5 +1,10 @@
 """User-facing errors: one clear sentence, no traceback."""
 
+import re
+from pathlib import Path
+
+_ABS_PATH = re.compile(r"(?:/[^\s'\"/:()]+)+")
+
 
 class UserError(Exception):
     """A mistake the user can fix (bad path, not a GGUF, unknown name, ...).
@@ -9,3 +14,14 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+def without_paths(message: str) -> str:
+    """A message for a client (API, browser): a file or folder of this machine named by its name alone
+    (an absolute path whose top folder exists here; /v1/models and other URL paths stay)."""
+
+    def name(match: re.Match) -> str:
+        path = Path(match.group())
+        return path.name if len(path.parts) > 2 and Path(*path.parts[:2]).is_dir() else match.group()
+
+    return _ABS_PATH.sub(name, message)

@@ -462,3 +462,62 @@ def test_zz_memory_stays_bounded_and_faults_are_counted(served):
     os.set_blocking(served["proc"].stderr.fileno(), False)
     log = served["proc"].stderr.read() or ""
     assert "Traceback" not in log, log[-2000:]
+
+
+def test_ui_delete_message_names_no_path(default_gguf):
+    pytest.importorskip("gradio")
+    from localrun.catalog import DEFAULT_MODEL_NAME
+    from ui.tabs.models import delete
+
+    status, _, _ = delete(DEFAULT_MODEL_NAME, True)
+    assert "outside the model store" in status
+    assert str(default_gguf.parent) not in status and os.path.expanduser("~") not in status
+
+
+# -- the CLI ------------------------------------------------------------------------------------------
+
+
+def _cli(*args: str, stdin: bytes = b"") -> tuple[int, str, float]:
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    t0 = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "localrun.cli", *args], input=stdin, capture_output=True, timeout=60, cwd=REPO
+    )
+    return done.returncode, done.stderr.decode(errors="replace"), time.perf_counter() - t0
+
+
+def _one_sentence(rc: int, err: str, *words: str) -> None:
+    assert rc == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for word in words:
+        assert word in err, err
+
+
+def test_cli_stdin_that_is_not_utf8(default_gguf):
+    rc, err, _ = _cli("chat", str(default_gguf), "--max-tokens", "1", stdin=b"hello \xff\xfe\x00 binary")
+    _one_sentence(rc, err, "not UTF-8", "byte 6")
+
+
+def test_cli_n_threads_bounded_by_the_machine(default_gguf):
+    rc, err, _ = _cli("chat", str(default_gguf), "--n-threads", "100000", "-p", "hi")
+    _one_sentence(rc, err, "n_threads", str(os.cpu_count()))
+
+
+@pytest.mark.parametrize(
+    "command", [("chat", "{}", "-p", "hi"), ("models", "info", "{}"), ("models", "fit", "{}"), ("serve", "{}")]
+)
+def test_cli_refuses_a_fifo(tmp_path, command):
+    fifo = tmp_path / "x.gguf"
+    os.mkfifo(fifo)
+    rc, err, elapsed = _cli(*[str(fifo) if a == "{}" else a for a in command])
+    _one_sentence(rc, err, "not a regular file")
+    assert elapsed < 30  # it never blocked on the open
+
+
+def test_cli_pull_refuses_a_path_as_repo_name():
+    rc, err, _ = _cli("pull", "../../x")
+    _one_sentence(rc, err, "not a valid repo name")

@@ -7,14 +7,12 @@ import asyncio
 import hmac
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
-from localrun.errors import UserError
+from localrun.errors import UserError, without_paths
 from localrun.events import GenerationEvent
 from localrun.limits import LimitExceeded, Limits
 from localrun.server.engine import CancelWatch, QueueFull, WorkerEngine
@@ -25,7 +23,6 @@ _DISCONNECT_POLL_S = 0.1
 _END = object()
 _ROUTE_PATHS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
 _LOG = logging.getLogger("localrun.server")
-_ABS_PATH = re.compile(r"(?:/[^\s'\"/:]+)+")
 
 
 class ClientGone(Exception):
@@ -321,13 +318,8 @@ class Api:
 
         path = request.url.path
         self.metrics.count_request(path if path in _ROUTE_PATHS else "other", str(exc.status))
-        exc.message = public_message(exc.message)
+        exc.message = without_paths(exc.message)
         return JSONResponse(exc.body(), status_code=exc.status)
-
-
-def public_message(message: str) -> str:
-    """A message without the server's filesystem paths: a file's name instead of where it lives."""
-    return _ABS_PATH.sub(lambda m: Path(m.group()).name if Path(m.group()).exists() else m.group(), message)
 
 
 def _too_large(limit: int) -> ApiError:
@@ -383,7 +375,7 @@ async def _stream(pump: _Pump, event: Any, reply: Any, cancel: CancelWatch, incl
             try:
                 event = await pump.next()  # the model process paces these (worker_child.STREAM_INTERVAL_S)
             except Exception as exc:  # the model process died mid-stream: say so, then end the stream properly
-                error = ApiError(503, public_message(str(exc)), type="server_error", code="model_failed")
+                error = ApiError(503, without_paths(str(exc)), type="server_error", code="model_failed")
                 yield _data(error.body())
                 break
         yield "data: [DONE]\n\n"

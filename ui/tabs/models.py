@@ -5,7 +5,7 @@ from collections.abc import Iterator
 from typing import Any, get_args
 
 from localrun import catalog
-from localrun.errors import UserError
+from localrun.errors import UserError, without_paths
 from localrun.settings import DEFAULT_CTX_CAP, KvType
 from localrun.store import allowed_spec
 from ui import store
@@ -83,7 +83,7 @@ def delete(spec: str, confirm: bool) -> tuple[str, Any, Any]:
     try:
         targets = store.delete_model(spec)
     except UserError as exc:
-        return f"⚠️ {exc}", gr.skip(), gr.skip()
+        return f"⚠️ {without_paths(str(exc))}", gr.skip(), gr.skip()
     local = _frame(store.local_table(), store.LOCAL_HEADERS)
     return (
         f"Deleted {spec} ({len(targets)} item{'s' * (len(targets) != 1)} in the store)",
