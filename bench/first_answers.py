@@ -14,7 +14,7 @@ few looser and stricter loop rules, which is how the rule in localrun.repetition
 The questions were written before any run and none was dropped after one; each is recorded with its result.
 This is a pass-rate bench, not a timing one: run it with `nice -n 10` on a busy machine.
 
-Run: python bench/first_answers.py [--candidates LABEL,...] [--backends llamacpp,hf] [--seeds 5] [--normal]
+Run: python bench/first_answers.py [--candidates "LABEL;LABEL"] [--backends llamacpp,hf] [--seeds 5] [--normal]
 """
 
 from __future__ import annotations
@@ -77,8 +77,15 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "t 0.05, top_p 0.5, rp 1.1, DRY 0.8": {"temperature": 0.05, "top_p": 0.5, **_DRY},
     "t 0.2, top_p 0.9, rp 1.1, DRY 0.8": {"temperature": 0.2, "top_p": 0.9, **_DRY},
 }
-# Loop rules compared on the same replies: (max period, min tokens, min repeats); the first is the engine's.
-RULES = {"engine": (50, 64, 3), "2 repeats": (50, 64, 2), "32 tokens": (50, 32, 3), "24 tokens, 2 repeats": (50, 24, 2)}
+# Loop rules compared on the same replies (localrun.repetition's parameters); "engine" is the guard's own.
+RULES: dict[str, dict[str, float]] = {
+    "engine": {},
+    "exact (share 1.0)": {"min_share": 1.0},
+    "share 0.8": {"min_share": 0.8},
+    "share 0.7": {"min_share": 0.7},
+    "32 tokens": {"min_tokens": 32},
+}
+DUMP: list[dict[str, Any]] = []  # every reply, for --dump
 FUNCTION_WORDS = frozenset(
     "the a an is are was were of in on at to and or for with it its this that as by from be has have do "
     "does not can you i we they he she there what which who".split()
@@ -114,13 +121,17 @@ def reply(backend: Any, prompt: str, params: Any) -> tuple[str, list[int], str]:
     return text.strip(), ids, finish
 
 
-def judge(text: str, ids: list[int], finish: str, words: tuple[str, ...]) -> dict[str, bool]:
+def text_of(backend: Any):
+    return lambda token: backend.detokenize([token])
+
+
+def judge(backend: Any, text: str, ids: list[int], finish: str, words: tuple[str, ...]) -> dict[str, bool]:
     from localrun.repetition import find_loop
 
     return {
         "answer": names_answer(text, words),
         "ends": finish == "stop",
-        "no_loop": find_loop(ids) is None,
+        "no_loop": find_loop(ids, text_of(backend)) is None,
         "english": is_english(text),
     }
 
@@ -135,7 +146,8 @@ def run_candidate(backend: Any, label: str, sampling: dict[str, Any], seeds: int
         for seed in range(seeds):
             params = SamplingParams(**sampling, seed=seed, max_tokens=MAX_TOKENS, loop_guard=False)
             text, ids, finish = reply(backend, question, params)
-            verdict = judge(text, ids, finish, words)
+            DUMP.append({"label": label, "prompt": question, "seed": seed, "finish": finish, "ids": ids, "text": text})
+            verdict = judge(backend, text, ids, finish, words)
             for key, ok in verdict.items():
                 fails[key] += not ok
             if all(verdict.values()):
@@ -163,10 +175,11 @@ def run_normal(backend: Any, sampling: dict[str, Any], seeds: int) -> dict[str, 
         for seed in range(seeds):
             params = SamplingParams(**sampling, seed=seed, max_tokens=MAX_TOKENS, loop_guard=False)
             text, ids, finish = reply(backend, prompt, params)
+            DUMP.append({"label": "normal", "prompt": prompt, "seed": seed, "finish": finish, "ids": ids, "text": text})
             natural = finish == "stop"
             ended, capped = ended + natural, capped + (not natural)
-            for name, (period, tokens, repeats) in RULES.items():
-                at = find_loop(ids, max_period=period, min_tokens=tokens, min_repeats=repeats)
+            for name, rule in RULES.items():
+                at = find_loop(ids, text_of(backend), **rule)
                 if at is not None:
                     counts[name]["false_stops" if natural else "loops_caught"] += 1
                     if natural:
@@ -196,11 +209,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--backends", default="llamacpp,hf")
-    parser.add_argument("--candidates", default=None, help="comma-separated labels (default: all)")
+    parser.add_argument("--candidates", default=None, help="labels separated by ; (default: all)")
     parser.add_argument("--normal", action="store_true", help="also count the loop guard's false stops")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "first-answers.json")
+    parser.add_argument("--dump", type=Path, default=None, help="write every reply (text, ids) here as JSON")
     args = parser.parse_args()
-    wanted = args.candidates.split(",") if args.candidates else list(CANDIDATES)
+    wanted = args.candidates.split(";") if args.candidates else list(CANDIDATES)
     candidates = {k: CANDIDATES[k] for k in wanted}
     results = {b: run_backend(b, candidates, args.seeds, args.normal) for b in args.backends.split(",") if b}
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
@@ -225,6 +239,8 @@ def main() -> int:
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(args.out)
+    if args.dump:
+        args.dump.write_text(json.dumps(DUMP))
     return 0
 
 

@@ -249,7 +249,9 @@ def stream_generate(
     stats = _Stats(len(prompt_ids), timed)
     detok = IncrementalDetokenizer(backend.detokenize)
     stops = StopMatcher(params.stop)
-    loops = LoopDetector() if params.loop_guard else None  # the loop guard: finish reason "repetition"
+    loops = (
+        LoopDetector(lambda t: backend.detokenize([t])) if params.loop_guard else None
+    )  # the loop guard: finish reason "repetition"
     steps = backend.generate_tokens(prompt_ids, params, timed)
     finish, error, stop_hit = None, None, False
     try:
