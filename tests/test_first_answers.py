@@ -205,3 +205,27 @@ def test_models_info_shows_an_unknown_architecture_without_a_fit_verdict(tmp_pat
     out = capsys.readouterr().out
     assert "madeupformer (unknown)" in out and "llama.cpp does not know this architecture" in out
     assert "CPU only" not in out and "largest context" not in out
+
+
+# -- the same on transformers: the guard is backend-independent, DRY is our logits processor ----------
+
+
+@pytest.fixture(scope="module")
+def smol_hf():
+    from localrun.backends import load_backend
+    from localrun.settings import LoadOptions
+
+    backend = load_backend(None, LoadOptions(backend="hf", n_ctx=512))
+    yield backend
+    backend.close()
+
+
+def test_transformers_guard_and_dry(smol_hf) -> None:
+    ids = _chat(smol_hf, LOOP_PROMPT)
+    short = {**GREEDY, "max_tokens": 120}
+    guarded = generate(smol_hf, ids, SamplingParams(**short))
+    free = generate(smol_hf, ids, SamplingParams(**short, loop_guard=False))
+    dry = generate(smol_hf, ids, SamplingParams(**short, loop_guard=False, dry_multiplier=0.8))
+    assert free.finish_reason == "length" and guarded.finish_reason == "repetition"
+    assert guarded.generated_tokens < free.generated_tokens
+    assert _repeated_ngrams(dry.text) < _repeated_ngrams(free.text) / 2, dry.text
