@@ -228,9 +228,7 @@ def main() -> int:
         "seeds": list(range(args.seeds)),
         "max_tokens": MAX_TOKENS,
         "pass_rule": "names the answer, ends by itself within 256 tokens, no loop (localrun.repetition), English",
-        "loop_rules": {
-            k: dict(zip(("max_period", "min_tokens", "min_repeats"), v, strict=True)) for k, v in RULES.items()
-        },
+        "loop_rules": {k: v for k, v in RULES.items()},
         "candidates": {**previous.get("candidates", {}), **candidates},
         "results": merged,
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
