@@ -16,7 +16,10 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PENALTY_LAST_N = 64  # llama.cpp's default repeat window (llama-cli --repeat-last-n)
 DRY_BREAKERS = ("\n", ":", '"', "*")  # llama.cpp's default DRY sequence breakers
@@ -82,3 +85,18 @@ def dry_penalties(history: Sequence[int], params: Any, breakers: frozenset[int])
             exp = top
         out[token] = params.dry_multiplier * base**exp
     return out
+
+
+def penalized(
+    logits: np.ndarray, params: Any, history: Sequence[int], *, breakers: frozenset[int] = frozenset()
+) -> np.ndarray:
+    """The logits (float64, a copy) after the repeat, frequency, presence and DRY penalties."""
+    import numpy as np
+
+    x = np.array(logits, dtype=np.float64)
+    if uses_counts(params) and len(history):
+        for token, count in recent_counts(history).items():
+            x[token] = count_penalty(x[token], count, params)
+    for token, amount in dry_penalties(history, params, breakers).items():
+        x[token] -= amount
+    return x

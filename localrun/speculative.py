@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from localrun.errors import UserError
-from localrun.penalties import count_penalty, dry_penalties, recent_counts, uses_counts
+from localrun.penalties import penalized
 from localrun.settings import LoadOptions, SamplingParams
 
 if TYPE_CHECKING:  # numpy loads when a speculative request first needs it, not on every cold start
@@ -82,21 +82,6 @@ def filtered_probs(
     out = np.zeros(n)
     out[cand] = p / p.sum()
     return out
-
-
-def penalized(
-    logits: np.ndarray, params: SamplingParams, history: Sequence[int], *, breakers: frozenset[int] = frozenset()
-) -> np.ndarray:
-    """The logits (float64, a copy) after the repeat, frequency, presence and DRY penalties."""
-    import numpy as np
-
-    x = np.array(logits, dtype=np.float64)
-    if uses_counts(params) and len(history):
-        for token, count in recent_counts(history).items():
-            x[token] = count_penalty(x[token], count, params)
-    for token, amount in dry_penalties(history, params, breakers).items():
-        x[token] -= amount
-    return x
 
 
 def sample_from(p: np.ndarray, rng: np.random.Generator) -> int:
