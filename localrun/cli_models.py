@@ -48,11 +48,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"path: {resolved.path}\nsize on disk: {_size(dir_size(resolved.path))}")
         print((resolved.path / "config.json").read_text().strip())
         return 0
-    from localrun.fit import fit_report, fit_rows
-    from localrun.gguf_info import info_rows, inspect_gguf
+    from localrun.fit import model_rows
+    from localrun.gguf_info import inspect_gguf
 
-    info = inspect_gguf(resolved.path or args.model)
-    for key, value in info_rows(info) + fit_rows(fit_report(info)):
+    for key, value in model_rows(inspect_gguf(resolved.path or args.model)):
         print(f"{key:34} {value}")
     return 0
 

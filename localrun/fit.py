@@ -362,3 +362,17 @@ def fit_rows(report: FitReport) -> list[tuple[str, str]]:
         ("free RAM / usable GPU", f"{fmt_bytes(report.ram_available_bytes)} / {fmt_bytes(report.gpu_budget_bytes)}"),
         (f"largest context that fits ({report.max_ctx_where})", str(report.max_ctx or "none")),
     ]
+
+
+UNKNOWN_FIT = "none: llama.cpp does not know this architecture, so nothing here can load the file"
+
+
+def model_rows(info: GGUFInfo, *, n_ctx: int | None = None, kv_type: str = "f16") -> list[tuple[str, str]]:
+    """What `models info` and the UI show for a GGUF: its rows and, for an architecture llama.cpp knows, the
+    fit. A header without tensors is refused (UserError)."""
+    from localrun.gguf_info import info_rows, known_architecture, require_weights
+
+    require_weights(info)
+    if not known_architecture(info.architecture):
+        return [*info_rows(info), ("fit verdict", UNKNOWN_FIT)]
+    return info_rows(info) + fit_rows(fit_report(info, n_ctx=n_ctx, kv_type=kv_type))

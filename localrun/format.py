@@ -8,6 +8,11 @@ from localrun.events import GenerationEvent, GenerationSummary
 # mostly fixed per-request cost (sampler set-up, one decode step), so tokens/TTFT understates the rate many
 # times over: one new token after an 80-token cache hit read as "prompt 11 tok/s".
 MIN_RATE_TOKENS = 16
+# Why a reply ended, where the user should know: the stats line says it after the figures.
+STOP_NOTES = {
+    "repetition": "repetition, the reply kept repeating itself (--no-loop-guard lets it run on)",
+    "length": "the token limit (--max-tokens)",
+}
 
 
 def fmt_bytes(n: int | None) -> str:
@@ -62,7 +67,16 @@ def stats_line(s: GenerationSummary | GenerationEvent) -> str:
         parts.append(f"draft accepted {s.accepted_tokens}/{s.draft_tokens} ({s.accepted_tokens / s.draft_tokens:.0%})")
     if isinstance(s, GenerationSummary) and s.backend:
         parts.append(f"{s.backend}/{s.device}")
+    if s.finish_reason in STOP_NOTES:
+        parts.append(f"stopped: {STOP_NOTES[s.finish_reason]}")
     return " · ".join(parts)
+
+
+def _finish(reason: str) -> str:
+    note = STOP_NOTES.get(reason)
+    if note is None:
+        return reason
+    return note if note.startswith(reason) else f"{reason}: {note}"
 
 
 def _prompt_processing(s: GenerationSummary) -> str:
@@ -73,7 +87,7 @@ def _prompt_processing(s: GenerationSummary) -> str:
 def summary_table(s: GenerationSummary) -> list[tuple[str, str]]:
     """Every figure of a finished request, as (label, value) rows for /stats and the UI."""
     rows = [
-        ("finish reason", s.finish_reason),
+        ("finish reason", _finish(s.finish_reason)),
         ("backend / device", f"{s.backend} / {s.device}"),
         ("prompt tokens", f"{s.prompt_tokens} ({s.prefill_tokens} evaluated, {s.cached_tokens} from cache)"),
         ("generated tokens", str(s.generated_tokens)),

@@ -10,6 +10,7 @@ from localrun.backends.base import Backend
 from localrun.errors import UserError
 from localrun.events import GenerationEvent, GenerationSummary, TokenStep
 from localrun.hardware import MemorySampler
+from localrun.repetition import LoopDetector
 from localrun.settings import SamplingParams
 from localrun.speculative import Draft, Drafter, as_drafter
 
@@ -238,7 +239,8 @@ def stream_generate(
 ) -> Iterator[GenerationEvent]:
     """Generate from prompt ids, yielding one GenerationEvent per token; the last has finish_reason.
 
-    TTFT is first token out minus the call. Stop early with `cancel.set()` (a final event with
+    A reply that keeps repeating one span (localrun.repetition) ends with finish reason "repetition"
+    unless params.loop_guard is off. TTFT is first token out minus the call. Stop early with `cancel.set()` (a final event with
     finish reason "cancelled" follows) or by closing the iterator; both leave the model usable.
     drafter defaults to the backend's own (loaded with --draft or --lookup); pass one to override.
     """
@@ -247,6 +249,9 @@ def stream_generate(
     stats = _Stats(len(prompt_ids), timed)
     detok = IncrementalDetokenizer(backend.detokenize)
     stops = StopMatcher(params.stop)
+    loops = (
+        LoopDetector(lambda t: backend.detokenize([t])) if params.loop_guard else None
+    )  # the loop guard: finish reason "repetition"
     steps = backend.generate_tokens(prompt_ids, params, timed)
     finish, error, stop_hit = None, None, False
     try:
@@ -265,6 +270,8 @@ def stream_generate(
             stats.text_parts.append(text)
             if hit:
                 finish, stop_hit = "stop", True
+            elif loops is not None and loops.feed(step.token_id):
+                finish = "repetition"
             elif stats.generated >= params.max_tokens:
                 finish = "length"
             yield stats.event(text, (step.token_id,), (step.from_draft,))

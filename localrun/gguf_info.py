@@ -305,6 +305,21 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
 # ---- what `localrun models info` and the UI's Models tab show -------------------------------------------------
 
 
+def known_architecture(arch: str) -> bool:
+    """Whether arch is an architecture llama.cpp's GGUF format defines (the gguf package's list of them)."""
+    from gguf.constants import MODEL_ARCH_NAMES
+
+    return arch in MODEL_ARCH_NAMES.values()
+
+
+def require_weights(info: GGUFInfo) -> None:
+    """Refuse a header with no tensors: there is nothing to load or to size."""
+    if info.tensor_count == 0:
+        raise UserError(
+            f"{info.path} has a GGUF header but no tensors, so there are no weights to load: download the whole model file."
+        )
+
+
 def info_rows(info: GGUFInfo) -> list[tuple[str, str]]:
     """(field, value) rows describing a GGUF file: the same rows on the CLI and in the UI."""
     from localrun.format import fmt_bytes
@@ -314,7 +329,10 @@ def info_rows(info: GGUFInfo) -> list[tuple[str, str]]:
     return [
         ("path", str(info.path)),
         ("file size", f"{fmt_bytes(info.file_bytes)} ({info.file_bytes:,} bytes)"),
-        ("architecture", info.architecture),
+        (
+            "architecture",
+            info.architecture if known_architecture(info.architecture) else f"{info.architecture} (unknown)",
+        ),
         ("name", info.name or "?"),
         ("parameters", f"{info.parameter_count:,} ({info.parameter_count / 1e9:.2f}B)"),
         ("quant type", info.quant_type),

@@ -97,6 +97,53 @@ class SamplingParams(Settings):
         help="Penalty for repeating recent tokens (1 = off).",
         meta=Meta("Repeat penalty", "sampling", slider=(0.8, 2.0, 0.01), recommend=True),
     )
+    presence_penalty: float = setting(
+        0.0,
+        ge=-2.0,
+        le=2.0,
+        help="Subtract this from a token's logit once it appears in the last 64 tokens (OpenAI's presence_penalty; 0 = off).",
+        meta=Meta("Presence penalty", "penalties", slider=(-2.0, 2.0, 0.05), recommend=True),
+    )
+    frequency_penalty: float = setting(
+        0.0,
+        ge=-2.0,
+        le=2.0,
+        help="Subtract this times a token's count in the last 64 tokens from its logit (OpenAI's frequency_penalty; 0 = off).",
+        meta=Meta("Frequency penalty", "penalties", slider=(-2.0, 2.0, 0.05), recommend=True),
+    )
+    dry_multiplier: float = setting(
+        0.0,
+        ge=0.0,
+        le=5.0,
+        help="DRY (don't repeat yourself): penalty strength for a token that would extend a repeated span (0 = off; 0.8 is typical).",
+        meta=Meta("DRY multiplier", "dry", slider=(0.0, 2.0, 0.05), recommend=True),
+    )
+    dry_base: float = setting(
+        1.75,
+        ge=1.0,
+        le=4.0,
+        help="DRY: the penalty grows by this factor for each token the repeat is longer than the allowed length.",
+        meta=Meta("DRY base", "dry", slider=(1.0, 3.0, 0.05), recommend=True),
+    )
+    dry_allowed_length: int = setting(
+        2,
+        ge=1,
+        le=64,
+        help="DRY: repeated spans up to this many tokens go unpenalised.",
+        meta=Meta("DRY allowed length", "dry", recommend=True),
+    )
+    dry_penalty_last_n: int = setting(
+        1024,
+        ge=1,
+        le=1 << 16,
+        help="DRY: how many recent tokens (prompt included) are searched for repeats.",
+        meta=Meta("DRY window (tokens)", "dry", recommend=True),
+    )
+    loop_guard: bool = setting(
+        True,
+        help="Stop a reply that keeps repeating one span (finish reason 'repetition').",
+        meta=Meta("Stop a looping reply", "output"),
+    )
     max_tokens: int = setting(
         512, ge=1, le=1 << 20, help="Most tokens to generate in one reply.", meta=Meta("Max new tokens", "output")
     )

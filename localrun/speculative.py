@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from localrun.errors import UserError
+from localrun.penalties import penalized
 from localrun.settings import LoadOptions, SamplingParams
 
 if TYPE_CHECKING:  # numpy loads when a speculative request first needs it, not on every cold start
     import numpy as np
 
-PENALTY_LAST_N = 64  # the repeat window; llama_ctx.PENALTY_LAST_N says the same for the C chain
 # A round always catches the draft up on 1-2 tokens (the target's own token, the last drafted one); more means
 # it was behind (a new prompt, or plain steps during a pause), and the round is not timed.
 CATCHUP_TIMED_MAX = 2
@@ -57,18 +57,17 @@ class Drafter(Protocol):
 # -- sampling distributions the way llama.cpp's chain builds them -----------------------------------
 
 
-def filtered_probs(logits: np.ndarray, params: SamplingParams, history: Sequence[int] = ()) -> np.ndarray:
-    """The distribution llama.cpp's chain samples from: repeat penalty over the last 64 tokens, top-k,
-    top-p, min-p (all on the untempered softmax, as in the chain's order), then temperature.
+def filtered_probs(
+    logits: np.ndarray, params: SamplingParams, history: Sequence[int] = (), *, breakers: frozenset[int] = frozenset()
+) -> np.ndarray:
+    """The distribution llama.cpp's chain samples from: the repeat, frequency and presence penalties over
+    the last 64 tokens, DRY (breakers: the sequence-breaker token ids), top-k, top-p, min-p (all on the
+    untempered softmax, as in the chain's order), then temperature. history is the whole text so far.
     Computed in float64 where the chain uses float32: a token at a filter's exact edge may differ."""
     import numpy as np
 
-    x = np.array(logits, dtype=np.float64)
+    x = penalized(logits, params, history, breakers=breakers)
     n = x.shape[0]
-    if params.repeat_penalty != 1.0 and len(history):
-        recent = np.unique(np.asarray(history[-PENALTY_LAST_N:], dtype=np.int64))
-        vals = x[recent]
-        x[recent] = np.where(vals <= 0, vals * params.repeat_penalty, vals / params.repeat_penalty)
     cand = np.argpartition(x, n - params.top_k)[n - params.top_k :] if 0 < params.top_k < n else np.arange(n)
     cand = cand[np.argsort(-x[cand], kind="stable")]
     v = x[cand]

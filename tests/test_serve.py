@@ -160,7 +160,7 @@ def test_completions(client, model):
         ),
         ({"model": "M", "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "invalid_request_error", "n"),
         (
-            {"model": "M", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 0.5},
+            {"model": "M", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 2.5},
             400,
             "invalid_request_error",
             "presence_penalty",

@@ -81,7 +81,11 @@ def test_set_parses_every_kind_of_field() -> None:
 
 
 def test_manifests_may_recommend_only_what_meta_allows_and_only_valid_values() -> None:
-    assert set(recommendable()) == {"temperature", "top_p", "top_k", "min_p", "repeat_penalty"}
+    penalties = {"presence_penalty", "frequency_penalty", "dry_multiplier", "dry_base", "dry_allowed_length"}
+    assert (
+        set(recommendable())
+        == {"temperature", "top_p", "top_k", "min_p", "repeat_penalty", "dry_penalty_last_n"} | penalties
+    )
     assert build(Recommended, {"temperature": 0.2, "top_k": 20}).sampling() == {"temperature": 0.2, "top_k": 20}
     with pytest.raises(RecordError, match="max_tokens: Extra inputs are not permitted"):
         build(Recommended, {"max_tokens": 10})  # not recommendable: a typo-proof manifest refuses it

@@ -109,13 +109,20 @@ def test_self_draft_on_the_gpu(default_gguf) -> None:
         b.close()
 
 
-@pytest.mark.parametrize("penalty", [1.0, 1.1])
-def test_sampled_self_draft_accepts_nearly_all(self_drafting, penalty: float) -> None:
+PENALTIES = [
+    {},
+    {"repeat_penalty": 1.1},
+    {"dry_multiplier": 1.5, "dry_allowed_length": 1, "frequency_penalty": 0.5, "presence_penalty": 0.5},
+]
+
+
+@pytest.mark.parametrize("penalty", PENALTIES)
+def test_sampled_self_draft_accepts_nearly_all(self_drafting, penalty: dict) -> None:
     """At temperature 1 with p = q the rule min(1, p/q) accepts everything; the verify batch's logits
     differ from single-token decoding in the last bits, which moves a few tokens across the top-p /
-    min-p edges, so a few are rejected. With a repeat penalty the draft's q sees the same text as p."""
+    min-p edges, so a few are rejected. With penalties and DRY the draft's q sees the same text as p."""
     ids = _chat(self_drafting, "Tell me about the sea.")
-    params = SamplingParams(temperature=1.0, max_tokens=32, seed=3, repeat_penalty=penalty, ignore_eos=True)
+    params = SamplingParams(temperature=1.0, max_tokens=32, seed=3, ignore_eos=True, **penalty)
     tokens, _, summary = _run(self_drafting, ids, params, draft=True)
     assert len(tokens) == 32 and summary.acceptance_rate >= 0.8
     again, _, _ = _run(self_drafting, ids, params, draft=True)

@@ -151,10 +151,11 @@ def test_self_draft_accepts_everything(family: Path) -> None:
         assert summary.draft_tokens >= 20 and summary.acceptance_rate >= 0.99
         assert sum(flags) == summary.accepted_tokens and summary.mean_accepted_length > 2
         # sampled, p = q: min(1, p/q) accepts all but what the batched rows move across a filter's edge
-        sampled = SamplingParams(temperature=1.0, max_tokens=24, seed=3, ignore_eos=True)
-        tokens, _, summary = _run(b, ids, sampled, draft=True)
-        assert len(tokens) == 24 and summary.acceptance_rate >= 0.8
-        assert _run(b, ids, sampled, draft=True)[0] == tokens  # seeded
+        for extra in ({}, {"dry_multiplier": 1.5, "dry_allowed_length": 1, "presence_penalty": 0.5}):
+            sampled = SamplingParams(temperature=1.0, max_tokens=24, seed=3, ignore_eos=True, **extra)
+            tokens, _, summary = _run(b, ids, sampled, draft=True)
+            assert len(tokens) == 24 and summary.acceptance_rate >= 0.8
+            assert _run(b, ids, sampled, draft=True)[0] == tokens  # seeded
     finally:
         b.close()
 

@@ -207,7 +207,9 @@ def _accepted(s: GenerationSummary) -> str | None:
 
 def reply_footer(s: GenerationSummary) -> str:
     """The small stats line shown under an assistant message."""
-    note = "" if s.finish_reason in ("stop", "length") else f" · {s.finish_reason}"
+    note = (
+        "" if s.finish_reason in ("stop", "length", "repetition") else f" · {s.finish_reason}"
+    )  # those two: in the line
     return stats_line(s) + note
 
 

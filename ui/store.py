@@ -130,11 +130,10 @@ def model_info(spec: str, *, n_ctx: int | None = None, kv_type: str = "f16") -> 
 
 
 def _gguf_info_rows(path: Path, *, n_ctx: int | None, kv_type: str) -> list[list[str]]:
-    from localrun.fit import fit_report, fit_rows
-    from localrun.gguf_info import info_rows, inspect_gguf
+    from localrun.fit import model_rows
+    from localrun.gguf_info import inspect_gguf
 
-    info = inspect_gguf(path)
-    return [list(row) for row in info_rows(info) + fit_rows(fit_report(info, n_ctx=n_ctx, kv_type=kv_type))]
+    return [list(row) for row in model_rows(inspect_gguf(path), n_ctx=n_ctx, kv_type=kv_type)]
 
 
 def delete_model(spec: str) -> list[Path]:

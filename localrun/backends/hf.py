@@ -18,9 +18,17 @@ import torch
 
 from localrun.backends.base import LoadReport, ResolvedModel
 from localrun.backends.hf_load import DTYPE_NAMES, load_model, load_tokenizer
-from localrun.backends.hf_spec import KVState, propose, speculative_steps, tokenizer_vocab
+from localrun.backends.hf_spec import (
+    KVState,
+    needs_own_processors,
+    propose,
+    sampling_processors,
+    speculative_steps,
+    tokenizer_vocab,
+)
 from localrun.errors import UserError
 from localrun.events import TokenStep
+from localrun.penalties import breaker_ids, uses_dry
 from localrun.settings import LoadOptions, SamplingParams, effective_n_ctx
 from localrun.speculative import Draft, Drafter, VocabSummary
 
@@ -123,6 +131,7 @@ class HFBackend:
             )
         self.options = options
         self.drafter: Drafter | None = None
+        self._breakers: frozenset[int] | None = None
         self._busy = threading.Lock()
         t0 = time.perf_counter()
         loaded = load_model(model, options)
@@ -241,10 +250,15 @@ class HFBackend:
             config.compile_config._compile_all_devices = True  # transformers compiles on CUDA only by default
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.model.device)
         kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "generation_config": config}
+        if needs_own_processors(params):  # ours must run before the warpers: pass the whole list, in order
+            from transformers import LogitsProcessorList
+
+            config.temperature = config.top_k = config.top_p = config.min_p = config.repetition_penalty = None
+            kwargs["logits_processor"] = LogitsProcessorList(sampling_processors(params, self.dry_breakers(params)))
         if self._static_cache is not None:
             config.cache_implementation = None  # the cache is passed in: transformers refuses both
             self._static_cache.reset()
-            kwargs["past_key_values"] = self._static_cache
+            kwargs["cache"] = self._static_cache  # transformers 5 renamed past_key_values
         return kwargs
 
     # -- the Backend protocol -------------------------------------------------------------
@@ -352,4 +366,14 @@ class HFBackend:
         self, ids: Sequence[int], n: int, params: SamplingParams, rng, *, go_on: Callable[[float], bool] | None = None
     ) -> Draft:
         """As a draft model: up to n tokens after ids (hf_spec.propose), from this model's own cache."""
-        return propose(self._spec_state, self.n_ctx, ids, n, params, rng, go_on)
+        return propose(self._spec_state, self.n_ctx, ids, n, params, rng, go_on, breakers=self.dry_breakers(params))
+
+    def dry_breakers(self, params: SamplingParams) -> frozenset[int]:
+        """DRY's sequence-breaker token ids (decoded from the vocabulary once, only when DRY is on)."""
+        if not uses_dry(params):
+            return frozenset()
+        if self._breakers is None:
+            n = len(self.tokenizer)
+            texts = self.tokenizer.batch_decode([[i] for i in range(n)], clean_up_tokenization_spaces=False)
+            self._breakers = breaker_ids(enumerate(texts))
+        return self._breakers

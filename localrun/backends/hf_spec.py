@@ -20,50 +20,84 @@ import torch
 
 from localrun.errors import UserError
 from localrun.events import TokenStep
+from localrun.penalties import dry_penalties, recent_counts, uses_counts, uses_dry
 from localrun.settings import SamplingParams
 from localrun.speculative import Draft, Drafter, VocabSummary, accept_sampled, sample_from, sample_ids
 
 MAX_VERIFY = 65  # positions in one verify forward: the last token and up to 64 drafted ones
 
 
+class PenaltyProcessor:
+    """A transformers logits processor for what the library lacks: the frequency and presence penalties
+    and DRY, by the same rules as llama.cpp's chain (localrun.penalties)."""
+
+    def __init__(self, params: SamplingParams, breakers: frozenset[int]) -> None:
+        self.params, self.breakers = params, breakers
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        for row in range(input_ids.shape[0]):
+            history = input_ids[row].tolist()
+            change = {t: c * p.frequency_penalty + p.presence_penalty for t, c in recent_counts(history).items()}
+            for token, amount in dry_penalties(history, p, self.breakers).items():
+                change[token] = change.get(token, 0.0) + amount
+            change = {t: v for t, v in change.items() if v and t < scores.shape[1]}
+            if change:
+                index = torch.tensor(list(change), dtype=torch.long, device=scores.device)
+                amounts = torch.tensor(list(change.values()), dtype=scores.dtype, device=scores.device)
+                scores[row, index] -= amounts
+        return scores
+
+
+def needs_own_processors(params: SamplingParams) -> bool:
+    """Whether generate() needs our processor list (penalties transformers does not have)."""
+    return params.frequency_penalty != 0.0 or params.presence_penalty != 0.0 or uses_dry(params)
+
+
+def sampling_processors(params: SamplingParams, breakers: frozenset[int] = frozenset()) -> list[Any]:
+    """The processors the plain path applies, in its order: the repetition penalty over every earlier id,
+    our penalties (frequency, presence, DRY), then temperature, top-k, top-p, min-p when sampling."""
+    from transformers import (
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    out: list[Any] = []
+    if params.repeat_penalty != 1.0:
+        out.append(RepetitionPenaltyLogitsProcessor(float(params.repeat_penalty)))
+    if needs_own_processors(params):
+        out.append(PenaltyProcessor(params, breakers))
+    if params.temperature > 0:  # the same conditions as transformers' _get_logits_processor
+        if params.temperature != 1.0:
+            out.append(TemperatureLogitsWarper(float(params.temperature)))
+        if params.top_k:
+            out.append(TopKLogitsWarper(params.top_k))
+        if params.top_p < 1.0:
+            out.append(TopPLogitsWarper(float(params.top_p)))
+        if params.min_p:
+            out.append(MinPLogitsWarper(float(params.min_p)))
+    return out
+
+
 class Scorer:
-    """The distribution the plain path (model.generate) draws from, for one request's settings:
-    repetition penalty over every earlier id, then temperature, top-k, top-p, min-p when sampling."""
+    """The distribution the plain path (model.generate) draws from, for one request's settings
+    (sampling_processors: the same processors in the same order)."""
 
-    def __init__(self, params: SamplingParams) -> None:
-        from transformers import (
-            MinPLogitsWarper,
-            RepetitionPenaltyLogitsProcessor,
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
-
+    def __init__(self, params: SamplingParams, breakers: frozenset[int] = frozenset()) -> None:
         self.greedy = params.temperature <= 0
-        self.penalty = (
-            RepetitionPenaltyLogitsProcessor(float(params.repeat_penalty)) if params.repeat_penalty != 1.0 else None
-        )
-        self.warpers: list[Any] = []
-        if not self.greedy:  # the same conditions as generate_kwargs() and transformers' _get_logits_processor
-            if params.temperature != 1.0:
-                self.warpers.append(TemperatureLogitsWarper(float(params.temperature)))
-            if params.top_k:
-                self.warpers.append(TopKLogitsWarper(params.top_k))
-            if params.top_p < 1.0:
-                self.warpers.append(TopPLogitsWarper(float(params.top_p)))
-            if params.min_p:
-                self.warpers.append(MinPLogitsWarper(float(params.min_p)))
+        self.processors = sampling_processors(params, breakers)
+        self.needs_ids = uses_counts(params) or uses_dry(params)
 
     @torch.inference_mode()
     def scores(self, row: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
         """Processed scores for one logits row, the text so far being history."""
         s = row.to(torch.float32).reshape(1, -1)
-        ids = None
-        if self.penalty is not None:
-            ids = torch.tensor([list(history)], dtype=torch.long, device=s.device)
-            s = self.penalty(ids, s)
-        for warper in self.warpers:
-            s = warper(ids, s)
+        ids = torch.tensor([list(history)], dtype=torch.long, device=s.device) if self.needs_ids else None
+        for processor in self.processors:
+            s = processor(ids, s)
         return s[0]
 
     @torch.inference_mode()
@@ -126,7 +160,7 @@ class KVState:
         pos = torch.arange(start, start + len(ids), device=device).unsqueeze(0)
         extra = {"logits_to_keep": rows} if self._rows_arg else {}
         try:
-            out = self.model(input_ids=x, position_ids=pos, past_key_values=self.cache, use_cache=True, **extra)
+            out = self.model(input_ids=x, position_ids=pos, cache=self.cache, use_cache=True, **extra)
         except BaseException:  # some layers may hold the new positions and others not: start afresh next time
             self.clear()
             raise
@@ -146,7 +180,7 @@ def speculative_steps(
     """Rounds of: draft, verify [last, d1..dk] in one forward, keep the agreeing prefix plus one token
     of the target's own, crop the cache. With no draft this round, one plain single-token step."""
     rng = np.random.default_rng(params.seed if params.seed is not None else random.randrange(2**31))
-    scorer, eos, width = Scorer(params), backend.eos_ids, backend.n_vocab
+    scorer, eos, width = Scorer(params, backend.dry_breakers(params)), backend.eos_ids, backend.n_vocab
     keep = state.reuse_prefix(prompt_ids)
     prefill = len(prompt_ids) - keep
     history = list(prompt_ids)
@@ -220,13 +254,15 @@ def propose(
     params: SamplingParams,
     rng: np.random.Generator,
     go_on: Callable[[float], bool] | None = None,
+    *,
+    breakers: frozenset[int] = frozenset(),
 ) -> Draft:
     """As a draft model: up to n tokens after ids from its own cache (trimmed to what ids still share),
     greedy at temperature 0 (stopping before a token when go_on(its probability under the draft) says so),
     else drawn from the plain path's distribution, which is returned for the acceptance rule."""
     if len(ids) + n >= n_ctx:
         return Draft()
-    scorer = Scorer(params)
+    scorer = Scorer(params, breakers)
     keep = state.reuse_prefix(ids)
     row = state.eval(ids[keep:])[-1]
     catchup = len(ids) - keep

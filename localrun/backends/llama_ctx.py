@@ -16,15 +16,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from localrun.llama_lib import llama_cpp as _llama_cpp
+from localrun.penalties import DRY_BREAKERS, PENALTY_LAST_N, uses_counts, uses_dry
 from localrun.settings import SamplingParams
 
 if TYPE_CHECKING:
     import numpy as np
 
 llama_cpp = _llama_cpp()
-
-PENALTY_LAST_N = 64  # llama.cpp's default repeat window (llama-cli --repeat-last-n)
-
 
 FLASH_ATTN_TYPES = {"auto": -1, "off": 0, "on": 1}  # LLAMA_FLASH_ATTN_TYPE_*
 
@@ -239,18 +237,20 @@ class LlamaRunner:
 
 
 class SamplerChain:
-    """llama.cpp's sampler chain for one request: penalties, grammar, top-k, top-p, min-p,
-    temperature, then a seeded draw (or greedy at temperature 0), the order llama-cpp-python uses."""
+    """llama.cpp's sampler chain for one request: penalties (repeat, frequency, presence), DRY, grammar,
+    top-k, top-p, min-p, temperature, then a seeded draw (or greedy at temperature 0), llama.cpp's order.
+    speculative.filtered_probs recomputes the same distribution in numpy."""
 
     def __init__(self, runner: LlamaRunner, params: SamplingParams, *, seed: int, history: Sequence[int] = ()) -> None:
         self.chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        if params.repeat_penalty != 1.0:
+        self._ctx = runner.ctx
+        if uses_counts(params):
             penalties = llama_cpp.llama_sampler_init_penalties(
-                runner.n_vocab, PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0
+                runner.n_vocab, PENALTY_LAST_N, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
             )
-            for token in history[-PENALTY_LAST_N:]:  # the prompt's tail counts as recent text
-                llama_cpp.llama_sampler_accept(penalties, token)
-            self._add(penalties)
+            self._add(penalties, history[-PENALTY_LAST_N:])  # the prompt's tail counts as recent text
+        if uses_dry(params):
+            self._add(dry_sampler(runner.vocab, params), history[-params.dry_penalty_last_n :])
         if params.grammar:
             grammar = llama_cpp.llama_sampler_init_grammar(runner.vocab, params.grammar.encode(), b"root")
             if not grammar:
@@ -267,9 +267,10 @@ class SamplerChain:
             self._add(llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
             self._add(llama_cpp.llama_sampler_init_temp(params.temperature))
             self._add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        self._ctx = runner.ctx
 
-    def _add(self, sampler) -> None:
+    def _add(self, sampler, seen: Sequence[int] = ()) -> None:
+        for token in seen:
+            llama_cpp.llama_sampler_accept(sampler, token)
         llama_cpp.llama_sampler_chain_add(self.chain, sampler)
 
     def sample(self, i: int = -1) -> int:
@@ -284,3 +285,17 @@ class SamplerChain:
         if self.chain is not None:
             llama_cpp.llama_sampler_free(self.chain)
             self.chain = None
+
+
+def dry_sampler(vocab, params: SamplingParams):
+    """llama.cpp's DRY sampler with its default sequence breakers."""
+    breakers = (ctypes.c_char_p * len(DRY_BREAKERS))(*(b.encode() for b in DRY_BREAKERS))
+    return llama_cpp.llama_sampler_init_dry(
+        vocab,
+        params.dry_multiplier,
+        params.dry_base,
+        params.dry_allowed_length,
+        params.dry_penalty_last_n,
+        breakers,
+        len(DRY_BREAKERS),
+    )

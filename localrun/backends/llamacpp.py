@@ -14,9 +14,9 @@ from localrun.chat_template import render_chat
 from localrun.errors import UserError
 from localrun.events import TokenStep
 from localrun.hardware import llama_cpp_build, physical_cores
+from localrun.penalties import breaker_ids, uses_dry
 from localrun.settings import LoadOptions, SamplingParams, effective_n_ctx
 from localrun.speculative import (
-    PENALTY_LAST_N,
     Draft,
     Drafter,
     VocabSummary,
@@ -53,6 +53,7 @@ class LlamaCppBackend:
         self.options = options
         self._model = None
         self._runner: LlamaRunner | None = None
+        self._breakers: frozenset[int] | None = None
         self.drafter: Drafter | None = None
         self.report = self._load(Path(path), options)
         if options.draft or options.lookup:
@@ -250,7 +251,8 @@ class LlamaCppBackend:
         recomputed in numpy (the chain cannot hand out its probabilities)."""
 
         def row(i: int) -> np.ndarray:
-            return filtered_probs(self._runner.logits(i), params, history + list(draft.tokens[:i]))
+            seen = history + list(draft.tokens[:i])
+            return filtered_probs(self._runner.logits(i), params, seen, breakers=self.dry_breakers(params))
 
         return accept_sampled(row, draft, rng)
 
@@ -262,6 +264,17 @@ class LlamaCppBackend:
             if own != d:
                 return i, own
         return len(drafted), chain.sample(len(drafted))
+
+    def dry_breakers(self, params: SamplingParams) -> frozenset[int]:
+        """DRY's sequence-breaker token ids (read from the vocabulary once, only when DRY is on)."""
+        if not uses_dry(params):
+            return frozenset()
+        if self._breakers is None:
+            model = self._model
+            n = llama_cpp_n_vocab(model)
+            pieces = ((i, model.token_to_piece(i, special=True).decode("utf-8", "replace")) for i in range(n))
+            self._breakers = breaker_ids(pieces)
+        return self._breakers
 
     def _token_text(self, token_id: int) -> str:
         if token_id < 0:
@@ -329,8 +342,8 @@ class LlamaCppBackend:
                         break
                     confidence.append(conf)
             else:
-                # the repeat penalty sees the text so far, as the target's does
-                q = filtered_probs(logits, params, [*ids[-PENALTY_LAST_N:], *tokens])
+                # the penalties see the text so far, as the target's do
+                q = filtered_probs(logits, params, [*ids, *tokens], breakers=self.dry_breakers(params))
                 tok = sample_from(q, rng)
                 rows.append(q)
             tokens.append(tok)
@@ -352,6 +365,12 @@ def _top_prob(logits: np.ndarray, token: int) -> float:
 
     top = logits[token]
     return float(1.0 / np.exp(logits - top).sum())
+
+
+def llama_cpp_n_vocab(model) -> int:
+    import llama_cpp
+
+    return llama_cpp.llama_vocab_n_tokens(model.vocab)
 
 
 def vocab_summary_of(model) -> VocabSummary:

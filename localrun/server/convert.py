@@ -11,6 +11,16 @@ from localrun.server.protocol import ApiError, ChatBody, CompletionBody, _Sampli
 from localrun.server.replies import ChatReply, CompletionReply
 from localrun.settings import SamplingParams, validated
 
+# API fields named as the settings are: the penalties and DRY
+PENALTY_FIELDS = (
+    "presence_penalty",
+    "frequency_penalty",
+    "dry_multiplier",
+    "dry_base",
+    "dry_allowed_length",
+    "dry_penalty_last_n",
+)
+
 
 def sampling(body: _Sampling, *, grammar: str | None = None, defaults: dict[str, Any] | None = None) -> SamplingParams:
     """The request's sampling; what it leaves out comes from defaults (the model's recommended settings)."""
@@ -20,9 +30,11 @@ def sampling(body: _Sampling, *, grammar: str | None = None, defaults: dict[str,
         "top_k": body.top_k,
         "min_p": body.min_p,
         "repeat_penalty": body.repetition_penalty,
+        **{name: getattr(body, name) for name in PENALTY_FIELDS},
         "seed": body.seed,
         "stop": body.stops(),
         "ignore_eos": body.ignore_eos,
+        "loop_guard": body.loop_guard,
         "grammar": grammar,
     }
     try:

@@ -1,8 +1,8 @@
 """The OpenAI request bodies we accept, checked strictly: a field we do not support is a 400, never ignored.
 
-A few fields clients send by habit (presence_penalty 0, logprobs false, n 1, user) are accepted when
-they ask for nothing. top_k, min_p, repetition_penalty and ignore_eos are accepted as extensions, as
-vLLM and llama-server accept them.
+A few fields clients send by habit (logprobs false, n 1, user) are accepted when they ask for nothing.
+top_k, min_p, repetition_penalty, ignore_eos and the DRY fields are accepted as extensions, named as
+llama-server names them. The bounds of the sampling fields are the settings' own (localrun.settings).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from localrun.limits import LimitExceeded, Limits, loads
+from localrun.records import fields
+from localrun.settings import SamplingParams
 
 # Fields that are fine when they ask for the default behaviour, and refused otherwise.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "presence_penalty": (0, 0.0, None),
-    "frequency_penalty": (0, 0.0, None),
     "logprobs": (False, None),
     "top_logprobs": (None, 0),
     "logit_bias": (None, {}),
@@ -125,6 +125,12 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+def _setting(name: str) -> Any:
+    """An optional API field bounded as the settings field `name` is (one declaration of the bounds)."""
+    c = fields(SamplingParams)[name].check
+    return Field(None, ge=c.ge, gt=c.gt, le=c.le)
+
+
 class _Sampling(_Strict):
     model: str
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -136,10 +142,17 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
     # extensions (vLLM and llama-server accept these too)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=5.0)
+    top_k: int | None = _setting("top_k")
+    min_p: float | None = _setting("min_p")
+    repetition_penalty: float | None = _setting("repeat_penalty")
+    presence_penalty: float | None = _setting("presence_penalty")
+    frequency_penalty: float | None = _setting("frequency_penalty")
+    dry_multiplier: float | None = _setting("dry_multiplier")
+    dry_base: float | None = _setting("dry_base")
+    dry_allowed_length: int | None = _setting("dry_allowed_length")
+    dry_penalty_last_n: int | None = _setting("dry_penalty_last_n")
     ignore_eos: bool = False
+    loop_guard: bool | None = None  # ours: false lets a looping reply run on
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

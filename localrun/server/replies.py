@@ -20,9 +20,16 @@ def usage(summary: GenerationSummary) -> dict[str, int]:
     }
 
 
+def openai_finish(summary: GenerationSummary) -> str:
+    """The finish reason an OpenAI client understands: our loop guard's "repetition" is a "stop" there (the
+    localrun field says which)."""
+    return "stop" if summary.finish_reason == "repetition" else summary.finish_reason
+
+
 def figures(summary: GenerationSummary, *, tool_call_error: str | None = None) -> dict[str, Any]:
-    """Our own figures, in an extra field standard clients ignore."""
+    """Our own figures, in an extra field standard clients ignore (finish_reason: ours, "repetition" too)."""
     out = {
+        "finish_reason": summary.finish_reason,
         "ttft_s": summary.ttft_s,
         "prompt_tps": summary.prompt_tps,
         "decode_tps": summary.decode_tps,
@@ -89,7 +96,7 @@ class _Reply:
 
     def outcome(self, summary: GenerationSummary) -> str:
         """The finish reason the client is told, for the metrics."""
-        return summary.finish_reason
+        return openai_finish(summary)
 
 
 class ChatReply(_Reply):
@@ -126,7 +133,7 @@ class ChatReply(_Reply):
             head = {"index": i, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
             out.append(self._chunk({"tool_calls": [head]}))
             out.append(self._chunk({"tool_calls": [{"index": i, "function": {"arguments": call.arguments}}]}))
-        finish = "tool_calls" if parsed.tool_calls else event.summary.finish_reason
+        finish = "tool_calls" if parsed.tool_calls else openai_finish(event.summary)
         out.append(self._chunk({}, finish, localrun=figures(event.summary, tool_call_error=parsed.error)))
         return out
 
@@ -140,7 +147,7 @@ class ChatReply(_Reply):
             ]
         else:
             message["content"] = parsed.content
-        finish = "tool_calls" if parsed.tool_calls else summary.finish_reason
+        finish = "tool_calls" if parsed.tool_calls else openai_finish(summary)
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
         return self._envelope(
             "chat.completion", [choice], usage=usage(summary), localrun=figures(summary, tool_call_error=parsed.error)
@@ -165,7 +172,7 @@ class CompletionReply(_Reply):
     def chunks(self, event: GenerationEvent) -> list[dict[str, Any]]:
         if event.summary is None:
             return [self._obj(event.text, None)] if event.text else []
-        return [self._obj(event.text, event.summary.finish_reason, localrun=figures(event.summary))]
+        return [self._obj(event.text, openai_finish(event.summary), localrun=figures(event.summary))]
 
     def whole(self, summary: GenerationSummary) -> dict[str, Any]:
-        return self._obj(summary.text, summary.finish_reason, usage=usage(summary), localrun=figures(summary))
+        return self._obj(summary.text, openai_finish(summary), usage=usage(summary), localrun=figures(summary))
