@@ -41,13 +41,37 @@ class TurnReplay:
         return bool(self.sha_then and self.sha_now and self.sha_then != self.sha_now)
 
 
-@dataclass
-class _Loaded:
-    key: tuple = ()
-    backend: Any = None
-    path: str | None = None
-    sha: str | None = None
-    turns: int = 0
+class LocalAnswerer:
+    """Answers replayed turns with a backend in this process, loaded per model and options. A reused KV cache
+    changes the arithmetic (a near-tie can flip), so a reply that was made from a cold cache is answered on a
+    freshly loaded model."""
+
+    def __init__(self, *, progress: Callable[[str], None] | None = None) -> None:
+        self.progress = progress
+        self._key: tuple = ()
+        self._backend: Any = None
+        self._turns = 0
+
+    def __call__(self, spec: str, options: Any, system: str | None, history: list, params: Any, *, cold: bool) -> tuple:
+        """(summary, model file path) of the reply to history's last message."""
+        from localrun.backends import load_backend
+        from localrun.chat import ChatSession
+
+        if self._key != (spec, options) or (cold and self._turns):
+            self.close()
+            if self.progress is not None:
+                self.progress(f"Loading {spec}…")
+            self._backend, self._key, self._turns = load_backend(spec or None, options), (spec, options), 0
+        self._turns += 1
+        summary = None
+        for event in ChatSession(self._backend, system=system).answer(history, params):
+            summary = event.summary or summary
+        return summary, self._backend.report.model_path
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
 
 
 def first_difference(a: str, b: str) -> int | None:
@@ -63,50 +87,35 @@ def replay_chat(
     chat_id: str,
     *,
     model: str | None = None,
-    load: Callable[[str, Any], Any] | None = None,
+    answer: Callable[..., tuple] | None = None,
     progress: Callable[[str], None] | None = None,
+    owner: str | None = None,
 ) -> Iterator[TurnReplay]:
-    """Replay each saved reply of a chat, in order. model: load this model instead of the saved one (e.g.
-    another quant of it); load(spec, options) loads a backend (default: in this process)."""
-    from localrun.chat import ChatSession
-
-    info = store.info(chat_id)
+    """Replay each saved reply of a chat, in order. model: this model instead of the saved one (e.g. another
+    quant of it); answer(spec, options, system, history, params, cold=) -> (summary, model path) makes a reply
+    (default: a LocalAnswerer, in this process)."""
+    info = store.info(chat_id, owner=owner)
     messages = store.messages(chat_id)
     replies = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("run")]
     if not replies:
         raise UserError(f"Chat {chat_id} has no saved reply with its settings to replay.")
-    load = load or _load_here
-    state = _Loaded()
+    local = answer is None
+    answer = answer or LocalAnswerer(progress=progress)
+    shas: dict[str, str | None] = {}
     try:
         for number, i in enumerate(replies, start=1):
             saved = messages[i]
-            run = saved["run"]
-            params, options = _settings(run)
+            params, options = _settings(saved["run"])
             spec = model or saved_spec(saved)
-            key = (spec, options)
-            # A reused KV cache changes the arithmetic (and a near-tie can flip): a reply that was made from a
-            # cold cache is replayed on a freshly loaded model.
-            cold = (saved.get("figures") or {}).get("cached_tokens") == 0
-            if state.key != key or (cold and state.turns):
-                if state.backend is not None:
-                    state.backend.close()
-                if progress is not None:
-                    progress(f"Loading {spec}…")
-                state.backend, state.key, state.turns = load(spec, options), key, 0
-                state.path = state.backend.report.model_path
-                state.sha = store.sha256_of(state.path) if state.path else None
-            state.turns += 1
             history = [{"role": m["role"], "content": m["content"]} for m in messages[:i]]
-            session = ChatSession(state.backend, system=info.system)
-            parts, summary = [], None
-            for event in session.answer(history, params):
-                parts.append(event.text)
-                summary = event.summary or summary
-            now = summary.text if summary is not None else "".join(parts)
-            question = next((m["content"] for m in reversed(messages[:i]) if m["role"] == "user"), "")
+            cold = (saved.get("figures") or {}).get("cached_tokens") == 0
+            summary, path = answer(spec, options, info.system, history, params, cold=cold)
+            if path and path not in shas:
+                shas[path] = store.sha256_of(path)
+            now = summary.text if summary is not None else ""
             yield TurnReplay(
                 index=number,
-                question=question,
+                question=history[-1]["content"] if history else "",
                 saved=saved["content"],
                 now=now,
                 first_diff=first_difference(saved["content"], now),
@@ -115,11 +124,11 @@ def replay_chat(
                 model=spec,
                 sha_then=saved.get("sha256")
                 or (store.sha256_of(saved["model_path"]) if saved.get("model_path") else None),
-                sha_now=state.sha,
+                sha_now=shas.get(path) if path else None,
             )
     finally:
-        if state.backend is not None:
-            state.backend.close()
+        if local:
+            answer.close()
 
 
 def saved_spec(message: dict[str, Any]) -> str:
@@ -204,3 +213,17 @@ _FIGURES = (
     ("peak RAM", _figure("peak_ram_bytes", _fmt("bytes"))),
     ("finish", _figure("finish_reason", _fmt(""))),
 )
+
+
+def summary_line(turn: TurnReplay) -> str:
+    """One Markdown line for a replayed reply: the outcome and the figures then → now."""
+    from localrun.format import fmt_ms, fmt_rate
+
+    def pair(key: str, fmt: Callable[[Any], str]) -> str:
+        return f"{fmt(turn.figures_then.get(key))} → {fmt(turn.figures_now.get(key))}"
+
+    outcome = "identical" if turn.identical else f"**differs** from character {turn.first_diff}"
+    line = f"**Reply {turn.index}**: {outcome} · TTFT {pair('ttft_s', fmt_ms)} · gen {pair('decode_tps', fmt_rate)}"
+    if turn.model_changed:
+        line += f" · model file changed (sha256 {turn.sha_then[:12]}… → {turn.sha_now[:12]}…)"
+    return line

@@ -91,6 +91,12 @@ def test_chats_survive_a_reload_rename_delete_undo_and_stay_per_user(ui: tuple) 
     _wait_listed(page, "Capitals of Europe")
     page.wait_for_function("document.querySelectorAll('#chatbot .lr-stats').length === 2")
 
+    page.click("#replay-chat-btn")  # the saved turns again, on the model process, with their settings and seeds
+    page.wait_for_function("document.querySelector('#chats-status').innerText.includes('Replayed:')")
+    report = page.inner_text("#chats-status")
+    assert "Reply 1" in report and "Reply 2" in report and "TTFT" in report, report
+    assert "Replayed: 2 of 2 replies identical" in report, report
+
     other = _login(browser, url, "bob")
     assert "Capitals" not in _listed(other) and "France" not in other.inner_text("#chatbot")
     other.context.close()

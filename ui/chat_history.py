@@ -8,14 +8,16 @@ owner of a chat is the logged-in user, and nobody else lists or opens it.
 import html
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from types import SimpleNamespace
 from typing import Any
 
 from localrun.chats import ChatStore, reply_message, title_from
 from localrun.errors import UserError
-from localrun.events import GenerationSummary
+from localrun.events import GenerationEvent, GenerationSummary
 from localrun.replay import saved_spec
+from localrun.requests import ChatRequest, Failed, LoadRequest
 
 _LIST_LIMIT = 100
 
@@ -132,6 +134,7 @@ def layout(c: SimpleNamespace) -> None:
             c.rename_chat = gr.Button("Rename", elem_id="rename-chat-btn", size="sm")
             c.delete_chat = gr.Button("Delete", elem_id="delete-chat-btn", size="sm", variant="stop")
         c.undo_delete = gr.Button("Undo delete", elem_id="undo-delete-btn", size="sm", visible=False)
+        c.replay_chat = gr.Button("Replay", elem_id="replay-chat-btn", size="sm")
         c.chats_status = gr.Markdown("", elem_id="chats-status")
 
 
@@ -231,6 +234,11 @@ def wire(ctx: Any, c: SimpleNamespace, chat_outputs: list, replies: list, clear_
         on_rename, inputs=[c.chat_title, c.chat_search], outputs=[c.chat_list, c.chats_status], **hidden
     )
 
+    def on_replay(request: gr.Request) -> Iterator[str]:
+        yield from replay_report(ctx, request)
+
+    c.replay_chat.click(on_replay, outputs=[c.chats_status], **hidden)
+
     def refresh(query: str, request: gr.Request) -> tuple:
         user, bound = user_of(request), keeper.current(session_of(request))
         title = _title(keeper, bound.chat_id) if bound.chat_id else gr.skip()
@@ -239,6 +247,43 @@ def wire(ctx: Any, c: SimpleNamespace, chat_outputs: list, replies: list, clear_
     c.chat_search.change(refresh, inputs=[c.chat_search], outputs=[c.chat_list, c.chat_title], **hidden)
     for event in replies:
         event.then(refresh, inputs=[c.chat_search], outputs=[c.chat_list, c.chat_title], **hidden)
+
+
+def replay_report(ctx: Any, request: Any) -> Iterator[str]:
+    """Replay the session's chat on the model process, one line per reply as it is replayed."""
+    from localrun.replay import replay_chat, summary_line
+    from localrun.store import allowed_spec
+
+    keeper: ChatKeeper = ctx.chat_keeper
+    bound = keeper.current(session_of(request))
+    if bound.chat_id is None:
+        yield "Nothing to replay: this chat is not saved yet."
+        return
+
+    def answer(spec: str, options: Any, system: str | None, history: list, params: Any, *, cold: bool) -> tuple:
+        allowed_spec(spec, loopback=ctx.loopback)
+        summary = None
+        request_ = ChatRequest(tuple(history), params, system, load=LoadRequest(spec or None, options))
+        for update in ctx.worker.submit(request_, owner=session_of(request)):
+            if isinstance(update, Failed):
+                raise UserError(update.message)
+            if isinstance(update, GenerationEvent) and update.summary is not None:
+                summary = update.summary
+        loaded = ctx.worker.loaded
+        return summary, loaded.report.model_path if loaded is not None else None
+
+    lines = ["Replaying with the saved settings and seeds…"]
+    yield "\n\n".join(lines)
+    try:
+        same = total = 0
+        for turn in replay_chat(keeper.store, bound.chat_id, answer=answer, owner=bound.user):
+            lines.append(summary_line(turn))
+            same, total = same + turn.identical, total + 1
+            yield "\n\n".join(lines)
+        lines[0] = f"Replayed: {same} of {total} replies identical to the saved ones."
+    except UserError as exc:
+        lines[0] = f"⚠️ {exc}"
+    yield "\n\n".join(lines)
 
 
 def _title(keeper: ChatKeeper, chat_id: str) -> str:
