@@ -19,6 +19,7 @@ COMMANDS = {
     "devices": "localrun.cli_bench",
     "models": "localrun.cli_models",
     "pull": "localrun.cli_models",
+    "chats": "localrun.cli_chats",
     "quantize": "localrun.cli_quantize",
     "compare": "localrun.cli_compare",
     "serve": "localrun.cli_serve",

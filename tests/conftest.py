@@ -7,11 +7,14 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# The REPL saves its chats: tests (and the processes they start) keep theirs out of the user's own store.
+os.environ.setdefault("LOCALRUN_CHATS", str(Path(tempfile.mkdtemp(prefix="localrun-test-chats-")) / "chats.sqlite"))
 
 
 @functools.cache

@@ -55,6 +55,7 @@ def run_ui(home: Path, *, hub_url: str = "http://127.0.0.1:9", args: tuple[str, 
     env = {
         **os.environ,
         "LOCALRUN_HOME": str(home / "home"),
+        "LOCALRUN_CHATS": str(home / "chats.sqlite"),  # each UI its own saved chats
         "HF_HUB_CACHE": str(home / "hf"),
         "HF_ENDPOINT": hub_url,
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",

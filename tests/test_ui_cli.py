@@ -104,13 +104,16 @@ def test_ui_host_0000_process_exits_2() -> None:
 def test_login_from_file_env_or_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     parser = build_parser()
     secret = tmp_path / "login"
-    secret.write_text("alice:s3cret\nignored second line\n")
+    secret.write_text("alice:s3cret\n\ndave:pw2\n")  # one login a line: each user has their own chats
     monkeypatch.delenv("LOCALRUN_AUTH", raising=False)
     assert login(parser.parse_args(["ui"])) is None
-    assert login(parser.parse_args(["ui", "--auth-file", str(secret)])) == ("alice", "s3cret")
+    assert login(parser.parse_args(["ui", "--auth-file", str(secret)])) == [("alice", "s3cret"), ("dave", "pw2")]
     monkeypatch.setenv("LOCALRUN_AUTH", "bob:pw")
-    assert login(parser.parse_args(["ui"])) == ("bob", "pw")
-    assert login(parser.parse_args(["ui", "--auth", "carol:x"])) == ("carol", "x")  # a flag wins over the env
+    assert login(parser.parse_args(["ui"])) == [("bob", "pw")]
+    assert login(parser.parse_args(["ui", "--auth", "carol:x"])) == [("carol", "x")]  # a flag wins over the env
+    (tmp_path / "twice").write_text("erin:a\nerin:b\n")
+    with pytest.raises(UserError, match="names a user twice"):
+        login(parser.parse_args(["ui", "--auth-file", str(tmp_path / "twice")]))
     with pytest.raises(UserError, match="not both"):
         login(parser.parse_args(["ui", "--auth", "a:b", "--auth-file", str(secret)]))
     with pytest.raises(UserError, match="Cannot read --auth-file"):

@@ -48,7 +48,7 @@ def launch(
     host: str = "127.0.0.1",
     port: int = 7860,
     share: bool = False,
-    auth: tuple[str, str] | None = None,
+    auth: list[tuple[str, str]] | None = None,
     open_browser: bool = False,
     mount: Callable[[Any], None] | None = None,
 ) -> None:

@@ -33,7 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="require this login (visible in `ps`: prefer --auth-file or $LOCALRUN_AUTH)",
     )
     p.add_argument(
-        "--auth-file", metavar="FILE", default=None, help="require the login USER:PASSWORD on FILE's first line"
+        "--auth-file",
+        metavar="FILE",
+        default=None,
+        help="require a login: one USER:PASSWORD per line (each user sees only their own saved chats)",
     )
     p.add_argument("--model", default=None, help="model to preselect in the Chat tab (default: the default model)")
     p.add_argument("--open", action="store_true", help="open the UI in a browser")
@@ -52,12 +55,23 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-def login(args: argparse.Namespace) -> tuple[str, str] | None:
-    """The login from --auth-file, --auth or $LOCALRUN_AUTH, or None."""
+def login(args: argparse.Namespace) -> list[tuple[str, str]] | None:
+    """The logins from --auth-file (one per line), --auth or $LOCALRUN_AUTH, or None."""
     text = credential_text(
         inline=args.auth, file=args.auth_file, env_var=AUTH_ENV, inline_flag="--auth", file_flag="--auth-file"
     )
-    return parse_auth(text)
+    if text is None:
+        return None
+    if args.auth_file is None:
+        return [parse_auth(text)]
+    from pathlib import Path
+
+    lines = [line.strip() for line in Path(args.auth_file).expanduser().read_text(encoding="utf-8").splitlines()]
+    logins = [parse_auth(line) for line in lines if line]
+    users = [user for user, _ in logins]
+    if len(set(users)) != len(users):
+        raise UserError(f"--auth-file {args.auth_file} names a user twice: give each user one line.")
+    return logins
 
 
 def pick_port(host: str, port: int | None) -> int:

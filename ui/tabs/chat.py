@@ -20,7 +20,7 @@ from localrun.requests import ChatRequest, Failed, Loaded, LoadRequest, Progress
 from localrun.settings import LoadOptions, SamplingParams, recommendable
 from localrun.store import allowed_spec
 from localrun.structured import with_json_schema
-from ui import store
+from ui import chat_history, store
 from ui.controls import load_options, make_control, recommended_values, rows, sampling_params, visible_fields
 from ui.metrics import LiveSeries, charts_html, metrics_html, reply_footer, turn_row, turns_frame
 
@@ -38,6 +38,8 @@ RECOMMENDABLE = recommendable(SamplingParams)
 
 def build(ctx: Any) -> None:
     """Lay out the tab and wire its events."""
+    if getattr(ctx, "chat_keeper", None) is None:
+        ctx.chat_keeper = chat_history.ChatKeeper()
     c = _layout(ctx)
     shared = {"model_picker": c.picker, "load_controls": c.load_controls, "load_status": c.load_status}
     ctx.components.update(shared, load_button=c.load)  # the Compare tab loads a picked variant with them
@@ -48,6 +50,7 @@ def _layout(ctx: Any) -> SimpleNamespace:
     import gradio as gr
 
     c = SimpleNamespace()
+    chat_history.layout(c)
     with gr.Row():
         c.picker = gr.Dropdown(
             choices=store.model_choices(),
@@ -184,11 +187,13 @@ def _wire(ctx: Any, c: SimpleNamespace) -> None:
     c.stop.click(on_stop, outputs=[c.status], api_name="stop", concurrency_limit=None, show_progress="hidden")
 
     def on_clear(request: gr.Request) -> tuple:
+        ctx.chat_keeper.bind(_owner(request), chat_history.user_of(request), None)  # the saved chat stays
         return clear_chat(ctx, _owner(request))
 
     # cancels: a reply still streaming would otherwise write the old conversation back after Clear
     c.clear.click(on_clear, outputs=outputs, api_name="clear", cancels=replies)
     _wire_model(ctx, c)
+    chat_history.wire(ctx, c, outputs, replies, clear_chat)
 
 
 def _wire_model(ctx: Any, c: SimpleNamespace) -> None:
@@ -407,7 +412,17 @@ def _stream(ctx: Any, turn: Turn, turns: list, owner: str) -> Iterator[tuple]:
     if event is not None:
         series.add(event)
     model = model or (ctx.worker.loaded.name if ctx.worker.loaded else "?")
-    yield _finish(turn, turns, parts, event, failed, series, model)
+    yield _finish(turn, turns, parts, event, failed, series, model, ctx=ctx, owner=owner)
+
+
+def _save(ctx: Any, owner: str, turn: Turn, history: list) -> None:
+    """Keep the conversation in the chat store after each reply (a failed save is a warning, not a lost reply)."""
+    try:
+        ctx.chat_keeper.save(owner, history, turn.request.system)
+    except UserError as exc:
+        import gradio as gr
+
+        gr.Warning(f"The chat was not saved: {exc}")
 
 
 # The chat outputs, in order (the API returns them without the two States).
@@ -429,8 +444,12 @@ def _finish(
     failed: Failed | None,
     series: LiveSeries,
     model: str,
+    *,
+    ctx: Any = None,
+    owner: str = "",
 ) -> tuple:
-    """The final update: the reply with its stats line, its row in the table, and the outcome."""
+    """The final update: the reply with its stats line, its row in the table, and the outcome; with ctx, the
+    conversation is saved to the chat store."""
     import gradio as gr
 
     summary = event.summary if event is not None else None
@@ -441,8 +460,11 @@ def _finish(
     reply = None
     if text:
         footer = reply_footer(summary) if summary is not None else "interrupted: the model process stopped"
-        reply = {"role": "assistant", "content": text, "stats": footer}
+        made = chat_history.reply_record(ctx, turn.request, text, summary, model) if ctx is not None else {}
+        reply = {**made, "role": "assistant", "content": text, "stats": footer}
     history = after_turn(turn.before, turn.history, reply)  # nothing came back: the turn did not happen
+    if reply is not None and ctx is not None:
+        _save(ctx, owner, turn, history)
     # ...and a typed message goes back to the box, to send again
     unanswered = turn.message if reply is None and turn.message is not None else gr.skip()
     if failed is not None:
