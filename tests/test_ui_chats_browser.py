@@ -41,7 +41,9 @@ def _login(browser: Any, url: str, user: str) -> Any:
     page.fill("input[data-testid=password]", USERS[user])
     page.click("button.primary")
     page.wait_for_selector("#chat-list")
-    page.wait_for_function("!(document.querySelector('#load-status')?.innerText || 'Connecting').includes('Connecting')")
+    page.wait_for_function(
+        "!(document.querySelector('#load-status')?.innerText || 'Connecting').includes('Connecting')"
+    )
     return page
 
 
