@@ -240,7 +240,7 @@ def stream_generate(
     """Generate from prompt ids, yielding one GenerationEvent per token; the last has finish_reason.
 
     A reply that keeps repeating one span (localrun.repetition) ends with finish reason "repetition"
-    unless params.loop_guard is off. TTFT is first token out minus the call. Stop early with `cancel.set()` (a final event with
+    unless params.loop_guard is off (or ignore_eos on). TTFT is first token out minus the call. Stop early with `cancel.set()` (a final event with
     finish reason "cancelled" follows) or by closing the iterator; both leave the model usable.
     drafter defaults to the backend's own (loaded with --draft or --lookup); pass one to override.
     """
@@ -249,9 +249,9 @@ def stream_generate(
     stats = _Stats(len(prompt_ids), timed)
     detok = IncrementalDetokenizer(backend.detokenize)
     stops = StopMatcher(params.stop)
-    loops = (
-        LoopDetector(lambda t: backend.detokenize([t])) if params.loop_guard else None
-    )  # the loop guard: finish reason "repetition"
+    # the loop guard (finish reason "repetition"); ignore_eos asks for a fixed count of tokens, loops or not
+    guard = params.loop_guard and not params.ignore_eos
+    loops = LoopDetector(lambda t: backend.detokenize([t])) if guard else None
     steps = backend.generate_tokens(prompt_ids, params, timed)
     finish, error, stop_hit = None, None, False
     try:

@@ -141,7 +141,7 @@ class SamplingParams(Settings):
     )
     loop_guard: bool = setting(
         True,
-        help="Stop a reply that keeps repeating one span (finish reason 'repetition').",
+        help="Stop a reply that keeps repeating one span (finish reason 'repetition'; off with --ignore-eos).",
         meta=Meta("Stop a looping reply", "output"),
     )
     max_tokens: int = setting(
