@@ -463,6 +463,7 @@ def test_model_process_killed_without_streaming(served):
 def test_zz_memory_stays_bounded_and_faults_are_counted(served):
     """After every case above: the server process is within 200 MB of its size at rest."""
     rss = psutil.Process(served["proc"].pid).memory_info().rss
+    print(f"server RSS at rest {served['rss0'] >> 20} MB, after the suite {rss >> 20} MB")
     assert rss <= served["rss0"] + RSS_SLACK_BYTES, f"{(rss - served['rss0']) >> 20} MB more than at rest"
     text = httpx.get(f"{served['base']}/metrics").text
     assert 'status="413"' in text and 'status="400"' in text and 'status="503"' in text
