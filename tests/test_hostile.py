@@ -214,6 +214,13 @@ BODY_CASES = [
     ("stop-not-strings", {"stop": [1, 2]}, 400, "stop"),
     ("unknown-model", {"model": "../../etc/passwd"}, 404, "does not exist"),
     ("n-2", {"n": 2}, 400, "n"),
+    # what already held before: keep it so
+    ("bad-role", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
+    ("ref-to-a-url", _schema({"$ref": "https://example.com/schema.json"}), 400, "schema"),
+    ("ref-to-a-file", _schema({"$ref": "file:///etc/passwd"}), 400, "schema"),
+    ("temperature-9", {"temperature": 9}, 400, "temperature"),
+    ("bad-tool-name", {"tools": [_tool({"type": "object"}, "bad name!")]}, 400, "name"),
+    ("unsupported-parameter", {"logit_bias": {"1": 5}}, 400, "logit_bias"),
     (
         "deep-text-in-a-string",
         {"messages": [{"role": "user", "content": "[" * 50_000}], "max_tokens": 1},
@@ -456,6 +463,7 @@ def test_model_process_killed_without_streaming(served):
 def test_zz_memory_stays_bounded_and_faults_are_counted(served):
     """After every case above: the server process is within 200 MB of its size at rest."""
     rss = psutil.Process(served["proc"].pid).memory_info().rss
+    print(f"server RSS at rest {served['rss0'] >> 20} MB, after the suite {rss >> 20} MB")
     assert rss <= served["rss0"] + RSS_SLACK_BYTES, f"{(rss - served['rss0']) >> 20} MB more than at rest"
     text = httpx.get(f"{served['base']}/metrics").text
     assert 'status="413"' in text and 'status="400"' in text and 'status="503"' in text
