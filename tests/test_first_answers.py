@@ -76,6 +76,7 @@ def test_dry_repeats_less(llama_backend) -> None:
 
 def test_cli_says_why_it_stopped(default_gguf, cli) -> None:
     args = ("chat", str(default_gguf), "-p", LOOP_PROMPT, "--temperature", "0", "--repeat-penalty", "1")
+    args += ("--dry-multiplier", "0")  # the catalog recommends DRY for this model: this is the guard on its own
     stopped = cli(*args, "--max-tokens", "200", "--n-ctx", "512", "--n-threads", "1")
     assert stopped.returncode == 0 and "stopped: repetition" in stopped.stderr
     free = cli(*args, "--no-loop-guard", "--max-tokens", "200", "--n-ctx", "512", "--n-threads", "1")
