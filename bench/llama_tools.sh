@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build llama.cpp's own tools (llama-bench, llama-speculative-simple, llama-perplexity, llama-quantize) from the
+# Build llama.cpp's own tools (llama-bench, llama-speculative-simple, llama-perplexity, llama-quantize, llama-server) from the
 # exact llama.cpp that the installed llama-cpp-python vendors, so our ratios compare like with like.
 # Not part of CI: about 6 minutes on 2 cores. Usage: bench/llama_tools.sh [PREFIX]  (default ~/.cache/localrun/llama-tools)
 # The benches look for the tools in $LOCALRUN_LLAMA_TOOLS (default: that prefix)/bin.
@@ -15,9 +15,9 @@ if ! ls -d "$WORK"/llama*python-"$VERSION" >/dev/null 2>&1; then
     tar -xzf "$WORK"/llama*python-"$VERSION".tar.gz -C "$WORK"
 fi
 SRC="$(ls -d "$WORK"/llama*python-"$VERSION")/vendor/llama.cpp"
-cmake -S "$SRC" -B "$PREFIX/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=OFF \
+cmake -S "$SRC" -B "$PREFIX/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=ON \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DBUILD_SHARED_LIBS=OFF >/dev/null
-TARGETS=(llama-bench llama-speculative-simple llama-perplexity llama-quantize)
+TARGETS=(llama-bench llama-speculative-simple llama-perplexity llama-quantize llama-server)
 cmake --build "$PREFIX/build" --config Release -j "$(nproc)" --target "${TARGETS[@]}" >/dev/null
 for t in "${TARGETS[@]}"; do cp "$PREFIX/build/bin/$t" "$PREFIX/bin/"; done
 echo "llama.cpp tools for llama-cpp-python $VERSION in $PREFIX/bin: ${TARGETS[*]}"
