@@ -15,8 +15,12 @@ if ! ls -d "$WORK"/llama*python-"$VERSION" >/dev/null 2>&1; then
     tar -xzf "$WORK"/llama*python-"$VERSION".tar.gz -C "$WORK"
 fi
 SRC="$(ls -d "$WORK"/llama*python-"$VERSION")/vendor/llama.cpp"
+# The same flags as the Makefile's llama-cpp-python build: native, but no AMX on x86 (it faults in some VMs).
+NO_AMX=""
+[ "$(uname -m)" = x86_64 ] && NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 cmake -S "$SRC" -B "$PREFIX/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=ON \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DBUILD_SHARED_LIBS=OFF >/dev/null
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DBUILD_SHARED_LIBS=OFF \
+    -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" >/dev/null
 TARGETS=(llama-bench llama-speculative-simple llama-perplexity llama-quantize llama-server)
 cmake --build "$PREFIX/build" --config Release -j "$(nproc)" --target "${TARGETS[@]}" >/dev/null
 for t in "${TARGETS[@]}"; do cp "$PREFIX/build/bin/$t" "$PREFIX/bin/"; done

@@ -48,8 +48,11 @@ def _login(browser: Any, url: str, user: str) -> Any:
 
 
 def _send(page: Any, text: str) -> None:
+    """Send a message and wait for its reply's stats line (the status still reads Done from the last one)."""
+    replies = page.locator("#chatbot .lr-stats").count()
     page.fill("#chat-input textarea", text)
     page.press("#chat-input textarea", "Enter")
+    page.wait_for_function("n => document.querySelectorAll('#chatbot .lr-stats').length > n", arg=replies)
     status_is(page, "Done")
 
 

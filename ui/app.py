@@ -32,10 +32,13 @@ def build_app(ctx: AppContext) -> Any:
     with gr.Blocks(title="localrun", analytics_enabled=False) as demo:
         ctx.demo = demo
         gr.Markdown("## localrun · run LLMs locally and see how fast they run and how much memory they take")
+        modules = [importlib.import_module(name) for name in TABS]
+        for module in modules:  # a sidebar belongs to the page, not to a tab: mounted once, it never covers the tabs
+            if hasattr(module, "sidebar"):
+                module.sidebar(ctx)
         with gr.Tabs(elem_id="tabs") as tabs:
             ctx.components["tabs"] = tabs  # a tab may switch to another (Compare -> Chat)
-            for name in TABS:
-                module = importlib.import_module(name)
+            for module in modules:
                 with gr.Tab(module.TITLE, id=module.KEY, elem_id=f"tab-{module.KEY}") as tab:
                     ctx.components[f"tab_{module.KEY}"] = tab
                     module.build(ctx)

@@ -121,6 +121,11 @@ def restored(messages: list[dict]) -> tuple[list[dict], list[list]]:
 # ---- layout and events ------------------------------------------------------------------------------
 
 
+# On a narrow window Gradio draws an open sidebar over the whole page: start it closed there.
+NARROW_CLOSES_SIDEBAR = """() => { if (window.innerWidth <= 768)
+  document.querySelector('#chats-sidebar.open .toggle-button')?.click(); }"""
+
+
 def layout(c: SimpleNamespace) -> None:
     """The sidebar: New, search, the list of chats, rename, delete and undo."""
     import gradio as gr
@@ -223,8 +228,13 @@ def wire(ctx: Any, c: SimpleNamespace, chat_outputs: list, replies: list, clear_
 
     hidden = {"api_visibility": "private", "show_progress": "hidden"}
     ctx.demo.load(on_load, outputs=opened, **hidden)
+    ctx.demo.load(None, js=NARROW_CLOSES_SIDEBAR)
     c.chat_list.input(on_select, inputs=[c.chat_list, c.chat_search], outputs=opened, **hidden)
     c.new_chat.click(on_new, inputs=[c.chat_search], outputs=opened, cancels=replies, **hidden)
+    tabs = ctx.components.get("tabs")
+    if tabs is not None:  # the sidebar shows on every tab: opening or starting a chat goes to the Chat tab
+        for picked in (c.chat_list.input, c.new_chat.click):
+            picked(lambda: gr.Tabs(selected="chat"), outputs=tabs, **hidden)
     c.delete_chat.click(on_delete, inputs=[c.chat_search], outputs=opened, cancels=replies, **hidden)
     c.undo_delete.click(on_undo, inputs=[c.chat_search], outputs=opened, **hidden)
     c.rename_chat.click(

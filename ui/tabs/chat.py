@@ -46,11 +46,19 @@ def build(ctx: Any) -> None:
     _wire(ctx, c)
 
 
+def sidebar(ctx: Any) -> None:
+    """The saved chats, in the page's sidebar (built before the tabs; the Chat tab wires it)."""
+    c = SimpleNamespace()
+    chat_history.layout(c)
+    ctx.components["chat_sidebar"] = c
+
+
 def _layout(ctx: Any) -> SimpleNamespace:
     import gradio as gr
 
-    c = SimpleNamespace()
-    chat_history.layout(c)
+    if "chat_sidebar" not in ctx.components:
+        sidebar(ctx)
+    c = ctx.components["chat_sidebar"]
     with gr.Row():
         c.picker = gr.Dropdown(
             choices=store.model_choices(),
