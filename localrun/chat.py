@@ -8,12 +8,13 @@ from collections.abc import Iterator, Sequence
 from localrun.backends.base import Backend
 from localrun.errors import UserError
 from localrun.events import GenerationEvent, GenerationSummary
-from localrun.generate import check_prompt_fits, stream_generate
+from localrun.generate import check_prompt_fits, check_prompt_text, stream_generate
 from localrun.settings import SamplingParams
 
 # The fallback template writes "User: ..." turns: a model without its own template would go on to write
 # the user's next turn too, so replies under it end where one begins.
 FALLBACK_STOP = "\nUser:"
+CHAT_HINT = "type a message, or pass one with -p"
 
 
 def has_chat_template(backend: Backend) -> bool:
@@ -26,8 +27,7 @@ def complete(
     backend: Backend, text: str, params: SamplingParams, *, cancel: threading.Event | None = None
 ) -> Iterator[GenerationEvent]:
     """Plain completion of `text`, no roles: what a one-shot prompt means to a model without a chat template."""
-    if not text.strip():
-        raise UserError("The prompt is empty: type a message, or pass one with -p.")
+    check_prompt_text(text, hint=CHAT_HINT)
     ids = backend.tokenize(text)
     check_prompt_fits(len(ids), backend.report.n_ctx)
     yield from stream_generate(backend, ids, params, cancel=cancel)
@@ -58,8 +58,7 @@ class ChatSession:
         self, text: str, params: SamplingParams, *, cancel: threading.Event | None = None
     ) -> Iterator[GenerationEvent]:
         """Add a user message and stream the assistant's reply."""
-        if not text.strip():
-            raise UserError("The prompt is empty: type a message, or pass one with -p.")
+        check_prompt_text(text, hint=CHAT_HINT)
         yield from self.answer([*self.messages, {"role": "user", "content": text}], params, cancel=cancel)
 
     def regenerate(self, params: SamplingParams, *, cancel: threading.Event | None = None) -> Iterator[GenerationEvent]:

@@ -99,8 +99,9 @@ def run(args: argparse.Namespace) -> int:
     one_shot = args.prompt is not None or not sys.stdin.isatty()
     if one_shot:
         prompt = args.prompt if args.prompt is not None else read_stdin()
-        if not prompt.strip():
-            raise UserError("The prompt is empty: pass some text with -p, or on standard input.")
+        from localrun.generate import check_prompt_text
+
+        check_prompt_text(prompt, hint="pass some text with -p, or on standard input")
         return _one_shot(args, model, prompt, params, options, resumed)
     return Repl(args, model, params, options, resumed).loop()
 

@@ -219,14 +219,20 @@ class _Stats:
         )
 
 
-def check_prompt_fits(n_prompt: int, n_ctx: int) -> None:
+def check_prompt_text(text: str, *, hint: str = "there is nothing to answer") -> None:
+    """The one empty-prompt rule; each edge adds what its user can do about it (hint)."""
+    if not text.strip():
+        raise UserError(f"The prompt is empty: {hint}.")
+
+
+def check_prompt_fits(
+    n_prompt: int, n_ctx: int, *, advice: str = "shorten it, or load the model with a larger --n-ctx"
+) -> None:
     """The one prompt-length rule: a prompt must leave room in the context for at least one new token."""
     if n_prompt == 0:
-        raise UserError("The prompt is empty: there is nothing to answer.")
+        check_prompt_text("")
     if n_prompt >= n_ctx:
-        raise UserError(
-            f"The prompt is {n_prompt} tokens, more than the context of {n_ctx} holds: shorten it, or load the model with a larger --n-ctx."
-        )
+        raise UserError(f"The prompt is {n_prompt} tokens, more than the context of {n_ctx} holds: {advice}.")
 
 
 def stream_generate(

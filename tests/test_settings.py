@@ -143,3 +143,27 @@ def test_models_fit_reports_the_context_chat_loads(long_context_gguf: Path, caps
     assert "KV cache (2048 ctx" in capsys.readouterr().out
     assert main(["models", "fit", str(long_context_gguf), "--ctx", "1024"]) == 0  # the old flag still works
     assert "KV cache (1024 ctx" in capsys.readouterr().out
+
+
+def test_the_api_bounds_are_the_settings_bounds() -> None:
+    # one declaration of each range: an API field named after a sampling setting takes that setting's bounds
+    from localrun.records import fields
+    from localrun.server.protocol import ChatBody, CompletionBody
+
+    aliases = {"repetition_penalty": "repeat_penalty", "max_completion_tokens": "max_tokens"}
+    setting_fields = fields(SamplingParams)
+    checked = 0
+    for body in (ChatBody, CompletionBody):
+        for name, info in body.model_fields.items():
+            field = setting_fields.get(aliases.get(name, name))
+            if field is None:
+                continue
+            api = {kind: getattr(m, kind) for m in info.metadata for kind in ("ge", "gt", "le") if hasattr(m, kind)}
+            want = {
+                k: v
+                for k, v in (("ge", field.check.ge), ("gt", field.check.gt), ("le", field.check.le))
+                if v is not None
+            }
+            assert api == want, (body.__name__, name)
+            checked += 1
+    assert checked >= 2 * 12  # temperature, top_p, max_tokens, top_k, min_p, penalties, DRY ...

@@ -22,8 +22,9 @@ def run_api(backend: Any, request: ApiChatRequest | CompletionRequest, cancel: A
 
         ids = backend.tokenize(render_tool_chat(backend, request.messages, request.tools))
     else:
-        if not request.prompt:
-            raise UserError("The prompt is empty: send some text to complete.")
+        from localrun.generate import check_prompt_text
+
+        check_prompt_text(request.prompt, hint="send some text to complete")
         ids = backend.tokenize(request.prompt)
     yield from _generate(backend, ids, request.params, request.max_tokens, cancel)
 
@@ -31,15 +32,14 @@ def run_api(backend: Any, request: ApiChatRequest | CompletionRequest, cancel: A
 def _generate(
     backend: Any, ids: Sequence[int], params: SamplingParams, max_tokens: int | None, cancel: Any
 ) -> Iterator[GenerationEvent]:
-    from localrun.generate import stream_generate
+    from localrun.generate import check_prompt_fits, stream_generate
 
     if params.grammar and not getattr(backend, "supports_grammar", False):
         raise UserError(
             f"response_format and forced tool calls need grammar-constrained sampling, which the {backend.name} backend does not have: use a GGUF model."
         )
     n_ctx = backend.report.n_ctx
-    if len(ids) >= n_ctx:
-        raise UserError(f"The prompt is {len(ids)} tokens, more than the model's context of {n_ctx} tokens.")
+    check_prompt_fits(len(ids), n_ctx, advice="shorten it, or ask for a model loaded with a larger context")
     room = n_ctx - len(ids)
     if max_tokens is not None and max_tokens > room:
         raise UserError(

@@ -133,11 +133,11 @@ def _setting(name: str) -> Any:
 
 class _Sampling(_Strict):
     model: str
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = _setting("temperature")
+    top_p: float | None = _setting("top_p")
+    max_tokens: int | None = _setting("max_tokens")
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = _setting("seed")
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
@@ -163,7 +163,7 @@ class _Sampling(_Strict):
 
 class ChatBody(_Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = _setting("max_tokens")
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
