@@ -22,8 +22,6 @@ def free_port() -> int:
 @contextmanager
 def serve(*args: str):
     """Run `localrun serve ARGS` on a free loopback port; yields the base URL (…/v1)."""
-    import httpx
-
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "LOCALRUN_API_KEY"}
     proc = subprocess.Popen(
@@ -34,19 +32,27 @@ def serve(*args: str):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("localrun serve did not start")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
+        wait_healthy(proc, base, "localrun serve")
         yield f"{base}/v1"
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def wait_healthy(proc: subprocess.Popen, base: str, name: str, timeout_s: float = 300) -> None:
+    """Wait for GET /health to answer 200 (both localrun serve and llama-server have it)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{name} did not start")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
 
 
 def stream_chat(client, model: str, messages: list[dict], **kwargs) -> dict:

@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max_queue < 1:
         raise UserError("--max-queue must be at least 1.")
     options = from_args(LoadOptions, args)
+    if options.parallel is None:  # several clients at once: slots as the memory allows
+        options = options.replace(parallel=0)
     limits = limits_from(args)
     if not port_free(args.host, args.port):  # one sentence, not uvicorn's log line and exit
         raise UserError(f"Port {args.port} on {args.host} is in use: pick another with --port.")
@@ -67,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         engine.close()
         raise
     print(f"localrun: {loaded.name} loaded ({loaded.report.describe()})", file=sys.stderr)
+    if loaded.report.parallel_why:
+        print(f"localrun: {loaded.report.parallel} slot(s): {loaded.report.parallel_why}", file=sys.stderr)
     config = uvicorn.Config(
         create_app(engine, api_key=key, limits=limits),
         host=args.host,

@@ -250,6 +250,23 @@ class FitReport:
     max_ctx_where: str
 
 
+MAX_AUTO_SLOTS = 4  # llama-server's default too; more slots mostly add latency on a laptop's cores
+
+
+def choose_parallel(
+    info: GGUFInfo, *, n_ctx: int, kv_type: str, n_gpu_layers: int, devices: list[Any]
+) -> tuple[int, str]:
+    """How many sequences to decode together when none was asked for, and why: up to MAX_AUTO_SLOTS, as many
+    as keep their KV caches (n_ctx each) within a quarter of the free memory they would live in."""
+    per_slot = kv_cache_bytes(info, n_ctx=n_ctx, kv_type=kv_type)
+    on_gpu = n_gpu_layers != 0 and bool(_gpus(devices))
+    free = gpu_budget_bytes(devices) if on_gpu else _ram_available(devices)
+    n = int(max(1, min(MAX_AUTO_SLOTS, (free // 4) // max(per_slot, 1))))
+    where = "VRAM" if on_gpu else "RAM"
+    why = f"{n} × {per_slot / 2**20:.0f} MiB of KV cache within a quarter of {free / 2**30:.1f} GiB free {where}"
+    return n, why
+
+
 def _ram_available(devices: list[Any]) -> int:
     cpu = [d for d in devices if getattr(d, "kind", "") == "cpu"]
     if cpu:

@@ -201,6 +201,13 @@ class LoadOptions(Settings):
         help=f"CPU threads (default: physical cores; at most this machine's {MACHINE_THREADS} logical CPUs).",
         meta=Meta("CPU threads", "load"),
     )
+    parallel: int | None = setting(
+        None,
+        ge=0,
+        le=64,
+        help="llama.cpp: requests decoded together (continuous batching), each with its own --n-ctx of KV cache; 0 = as many as fit in memory, up to 4 (the default of serve and ui; 1 elsewhere).",
+        meta=Meta("Parallel requests (slots)", _LLAMA, _LLAMA),
+    )
     n_gpu_layers: int | None = setting(
         None,
         ge=-1,

@@ -1,8 +1,10 @@
-"""The model worker process: runs typed requests (localrun.requests) one at a time and answers with typed replies.
+"""The model worker process: runs typed requests (localrun.requests), each on a thread of its own, and answers
+with typed replies tagged with the request's id.
 
 A request kind is one dataclass in localrun.requests and one handler in HANDLERS below: `handler(request, task)`
 sends its replies with `task.send()`, reads Stop from `task.cancel`, and wraps long native steps (loading,
 prefill, a job) in `task.busy()` so heartbeats tell the parent's watchdog it is alive. Every request ends with Done.
+The parent (localrun.worker) decides what runs together: a load alone, generations up to the model's slots.
 """
 
 from __future__ import annotations
@@ -35,17 +37,20 @@ from localrun.requests import (
 STREAM_INTERVAL_S = 0.05  # 20 messages a second at most while a reply streams (see Task.stream)
 
 
+CANCEL_SLOTS = 256  # Stop values in the shared array: request n reads entry n % CANCEL_SLOTS
+
+
 class CancelFlag:
-    """Stop for one request: the parent writes the id of the request to stop into a shared int64.
+    """Stop for one request: the parent writes the request's id into its entry of a shared int64 array.
 
     Reading it takes no lock, so a worker killed at any moment cannot leave the parent blocked, and the
-    value is created afresh for every worker process."""
+    array is created afresh for every worker process."""
 
     def __init__(self, shared: Any, request_id: int) -> None:
-        self._shared, self._id = shared, request_id
+        self._shared, self._id, self._at = shared, request_id, request_id % CANCEL_SLOTS
 
     def is_set(self) -> bool:
-        return self._shared.value == self._id
+        return self._shared[self._at] == self._id
 
 
 @dataclass
@@ -59,11 +64,12 @@ class Task:
 
     def __init__(self, worker: _Worker, request_id: int) -> None:
         self._worker = worker
+        self.request_id = request_id
         self.state = worker.state
         self.cancel = CancelFlag(worker.cancel_value, request_id)
 
     def send(self, reply: Reply) -> None:
-        self._worker.send(reply)
+        self._worker.send(self.request_id, reply)
 
     def stream(self, events: Iterator[GenerationEvent]) -> None:
         """Send a reply's events: the first at once, then at most one message every STREAM_INTERVAL_S, the
@@ -93,33 +99,46 @@ class Task:
     @contextmanager
     def busy(self) -> Iterator[Callable[[], None]]:
         """Heartbeats while a long step runs; call the yielded function once replies flow on their own."""
-        self._worker.beating.set()
+        worker = self._worker
+        worker.busy(+1)
+        done = False
+
+        def streaming() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                worker.busy(-1)
+
         try:
-            yield self._worker.beating.clear
+            yield streaming
         finally:
-            self._worker.beating.clear()
+            streaming()
 
 
 class _Worker:
     def __init__(self, conn: Any, cancel_value: Any, beat_s: float) -> None:
         self.conn, self.cancel_value, self.beat_s = conn, cancel_value, beat_s
         self.state = _State()
-        self.beating = threading.Event()
-        self._send_lock = threading.Lock()  # the heartbeat thread and the handler share the pipe
+        self._busy = 0  # tasks inside busy(): while any is, silence gets heartbeats
+        self._send_lock = threading.Lock()  # the tasks and the heartbeat thread share the pipe
         self._last_send = time.monotonic()
         threading.Thread(target=self._beat, name="localrun-heartbeat", daemon=True).start()
 
-    def send(self, reply: Reply) -> None:
+    def send(self, request_id: int, reply: Reply) -> None:
         with self._send_lock:
-            self.conn.send(reply)
+            self.conn.send((request_id, reply))
             self._last_send = time.monotonic()
+
+    def busy(self, delta: int) -> None:
+        with self._send_lock:
+            self._busy += delta
 
     def _beat(self) -> None:
         while True:
             time.sleep(self.beat_s / 2)
-            if self.beating.is_set() and time.monotonic() - self._last_send >= self.beat_s:
+            if self._busy > 0 and time.monotonic() - self._last_send >= self.beat_s:
                 try:
-                    self.send(Heartbeat())
+                    self.send(0, Heartbeat())
                 except OSError:  # the parent went away
                     return
 
@@ -128,10 +147,13 @@ class _Worker:
         try:
             handler(request, task)
         except UserError as exc:
-            self.send(Failed(str(exc), "user"))
+            task.send(Failed(str(exc), "user"))
         except Exception as exc:  # an internal failure must not end the worker's loop
-            self.send(Failed(f"{type(exc).__name__}: {exc}", "internal"))
-        self.send(Done())
+            task.send(Failed(f"{type(exc).__name__}: {exc}", "internal"))
+        try:
+            task.send(Done())
+        except OSError:  # the parent went away
+            pass
 
 
 def child_main(conn: Any, cancel_value: Any, beat_s: float, plugins: tuple[str, ...] = ()) -> None:
@@ -141,7 +163,8 @@ def child_main(conn: Any, cancel_value: Any, beat_s: float, plugins: tuple[str, 
     for name in plugins:
         handlers.update(importlib.import_module(name).HANDLERS)
     worker = _Worker(conn, cancel_value, beat_s)
-    worker.send(Heartbeat())  # ready: the parent's watchdog starts counting from here
+    worker.send(0, Heartbeat())  # ready: the parent's watchdog starts counting from here
+    threads: list[threading.Thread] = []
     while True:
         try:
             message = conn.recv()
@@ -149,12 +172,18 @@ def child_main(conn: Any, cancel_value: Any, beat_s: float, plugins: tuple[str, 
             break
         match message:
             case (int(request_id), request) if type(request) in handlers:
-                worker.run(request_id, request, handlers[type(request)])
+                thread = threading.Thread(
+                    target=worker.run, args=(request_id, request, handlers[type(request)]), daemon=True
+                )
+                thread.start()
+                threads = [t for t in threads if t.is_alive()] + [thread]
             case (int(request_id), request):
-                worker.send(Failed(f"The worker has no handler for {type(request).__name__}.", "internal"))
-                worker.send(Done())
+                worker.send(request_id, Failed(f"The worker has no handler for {type(request).__name__}.", "internal"))
+                worker.send(request_id, Done())
             case _:
                 break
+    for thread in threads:
+        thread.join(timeout=5)
     if worker.state.backend is not None:
         worker.state.backend.close()
 

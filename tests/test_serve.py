@@ -299,14 +299,15 @@ def test_non_loopback_host_needs_a_key(tmp_path):
 
 
 def test_full_queue_answers_429_and_a_queued_request_waits(tmp_path):
-    """--max-queue 1: one request runs, one waits (and is answered), the next is refused with a 429.
-    The key comes from --api-key-file."""
+    """--parallel 2 --max-queue 1: two requests run at once, one waits (and is answered), the next is refused
+    with a 429; 429 comes only once the queue beyond the slots is full. The key comes from --api-key-file."""
+    import contextlib
     import threading
 
     key_file = tmp_path / "key"
     key_file.write_text("file-key-9d2e\n")
     env = {k: v for k, v in os.environ.items() if k != "LOCALRUN_API_KEY"}
-    proc, base = start_server("--max-queue", "1", "--api-key-file", str(key_file), env=env)
+    proc, base = start_server("--parallel", "2", "--max-queue", "1", "--api-key-file", str(key_file), env=env)
     headers = {"Authorization": "Bearer file-key-9d2e"}
     url = f"{base}/v1/chat/completions"
     api = openai.OpenAI(base_url=f"{base}/v1", api_key="file-key-9d2e", max_retries=0, timeout=600)
@@ -315,9 +316,15 @@ def test_full_queue_answers_429_and_a_queued_request_waits(tmp_path):
         model = api.models.list().data[0].id
         long = {"model": model, "messages": [{"role": "user", "content": "Count."}], "max_tokens": 1500}
         long |= {"ignore_eos": True, "stream": True}
-        with httpx.stream("POST", url, json=long, headers=headers, timeout=600) as running:
-            lines = running.iter_lines()  # held open: a closed line iterator would hang up on the server
-            next(line for line in lines if line.startswith("data:"))  # it is generating
+        held = []
+        with contextlib.ExitStack() as streams:
+            for _ in range(2):  # both slots busy, neither queued
+                running = streams.enter_context(httpx.stream("POST", url, json=long, headers=headers, timeout=600))
+                lines = running.iter_lines()  # held open: a closed line iterator would hang up on the server
+                next(line for line in lines if line.startswith("data:"))  # it is generating
+                held.append(lines)
+            health = httpx.get(f"{base}/health").json()
+            assert health["queued"] == 0 and health["running"] == 2, health
             waited: list = []
             short = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
             waiter = threading.Thread(target=lambda: waited.append(api.chat.completions.create(**short)))

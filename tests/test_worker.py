@@ -173,3 +173,38 @@ def test_a_silent_worker_is_killed_and_a_beating_one_is_not() -> None:
         assert client.status()["crashes"] == 1
     finally:
         client.close()
+
+
+# ---- several at once ------------------------------------------------------------------------------------
+
+
+def test_with_two_slots_two_chats_stream_at_once_and_a_third_waits() -> None:
+    client = WorkerClient(start=False)
+    load = LoadRequest(None, LoadOptions(parallel=2, n_ctx=1024))
+    try:
+        loaded = [u for u in client.submit(load) if isinstance(u, Loaded)]
+        assert loaded and loaded[0].report.parallel == 2 and client.status()["slots"] == 2
+        long = SamplingParams(max_tokens=3000, ignore_eos=True, temperature=0)
+        a, got_a = in_thread(client, ChatRequest(HELLO, long, load=load), "a")
+        b, got_b = in_thread(client, ChatRequest(HELLO, long, load=load), "b")
+        wait_for(got_a, lambda u: isinstance(u, GenerationEvent))
+        wait_for(got_b, lambda u: isinstance(u, GenerationEvent))  # b did not wait for a
+        assert not any(isinstance(u, Progress) and "Waiting" in u.text for u in got_a + got_b)
+        assert client.status()["running"] == 2
+        c = client.submit(ChatRequest(HELLO, SHORT, load=load), owner="c")
+        assert next(c) == Progress("Waiting for 2 earlier request(s) to finish")
+        assert client.cancel("a")  # Stop reaches a only: b goes on, and c takes a's slot
+        a.join(60)
+        assert events(got_a)[-1].finish_reason == "cancelled"
+        rest = list(c)
+        assert events(rest)[-1].generated_tokens == 4 and events(rest)[-1].finish_reason == "length"
+        assert not any(isinstance(u, GenerationEvent) and u.is_final for u in got_b)
+        assert client.cancel("b")
+        b.join(60)
+        assert events(got_b)[-1].finish_reason == "cancelled"
+        text_a = "".join(e.text for e in events(got_a))
+        text_b = "".join(e.text for e in events(got_b))
+        n = min(len(text_a), len(text_b))
+        assert n > 0 and text_a[:n] == text_b[:n]  # the same greedy chat, decoded side by side
+    finally:
+        client.close()

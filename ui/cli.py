@@ -115,7 +115,10 @@ def run(args: argparse.Namespace) -> int:
             from localrun.server.engine import WorkerEngine
 
             limits = limits_from(args)
-            create_app(WorkerEngine(ctx.worker, max_queue=args.max_queue), api_key=api_key, app=app, limits=limits)
+            from localrun.settings import LoadOptions
+
+            engine = WorkerEngine(ctx.worker, options=LoadOptions(parallel=0), max_queue=args.max_queue)  # as the UI's
+            create_app(engine, api_key=api_key, app=app, limits=limits)
 
     launch(ctx, host=args.host, port=port, share=args.share, auth=auth, open_browser=args.open, mount=mount)
     return 0

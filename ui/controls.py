@@ -94,8 +94,12 @@ def _clean(model: type, values: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_options(values: dict[str, Any], model: type = LoadOptions) -> Any:
-    """LoadOptions from the form; raises UserError with one sentence on a bad value."""
-    return validated(model, _clean(model, values))
+    """LoadOptions from the form; raises UserError with one sentence on a bad value. Left empty, the slots
+    (parallel) are chosen from memory (0): the UI's chats and `ui --api` clients share them."""
+    clean = _clean(model, values)
+    if model is LoadOptions and clean.get("parallel") is None:
+        clean["parallel"] = 0
+    return validated(model, clean)
 
 
 def sampling_params(values: dict[str, Any], model: type = SamplingParams) -> Any:

@@ -44,10 +44,14 @@ class LoadReport:
     weights_bytes: int | None = None
     details: dict[str, str] = field(default_factory=dict)
     chat_template: bool = True  # False: the model ships none, and chat uses the plain User:/Assistant: fallback
+    parallel: int = 1  # sequences decoded together (slots); n_ctx is each one's context
+    parallel_why: str = ""
 
     def describe(self) -> str:
         """One line, e.g. 'llamacpp on cpu · ctx 8192 · 2 threads · loaded in 0.21 s'."""
         parts = [f"{self.backend} on {self.device}", f"ctx {self.n_ctx}"]
+        if self.parallel > 1:
+            parts.append(f"{self.parallel} slots")
         if self.n_threads:
             parts.append(f"{self.n_threads} threads")
         if self.n_gpu_layers:

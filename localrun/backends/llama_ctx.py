@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -52,7 +53,7 @@ class LlamaModel:
             self.model = None
             raise ValueError(f"Failed to load model from file: {path}")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
-        self._piece = ctypes.create_string_buffer(64)
+        self._local = threading.local()
 
     def token_bos(self) -> int:
         return llama_cpp.llama_vocab_bos(self.vocab)
@@ -74,11 +75,15 @@ class LlamaModel:
         raise RuntimeError(f"llama.cpp could not tokenize {len(text)} bytes of text")
 
     def token_to_piece(self, token: int, special: bool = False) -> bytes:
-        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, special)
+        # a buffer per thread: with several slots, requests detokenize on threads of their own
+        piece = getattr(self._local, "piece", None)
+        if piece is None:
+            piece = self._local.piece = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, piece, len(piece), 0, special)
         if n < 0:  # a piece longer than the buffer: grow it
-            self._piece = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, special)
-        return self._piece.raw[:n]
+            piece = self._local.piece = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, piece, len(piece), 0, special)
+        return piece.raw[:n]
 
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
         """The tokens' text; a leading space after BOS is dropped, as llama-cpp-python does."""

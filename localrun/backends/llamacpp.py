@@ -13,6 +13,7 @@ from localrun.backends.llama_ctx import LlamaRunner, SamplerChain, open_model
 from localrun.chat_template import render_chat
 from localrun.errors import UserError
 from localrun.events import TokenStep
+from localrun.generate import check_prompt_fits
 from localrun.hardware import llama_cpp_build, physical_cores
 from localrun.penalties import breaker_ids, uses_dry
 from localrun.settings import LoadOptions, SamplingParams, effective_n_ctx
@@ -53,6 +54,8 @@ class LlamaCppBackend:
         self.options = options
         self._model = None
         self._runner: LlamaRunner | None = None
+        self._slots = None  # with several slots: a LlamaSlots context driven by self.scheduler instead
+        self.scheduler = None
         self._breakers: frozenset[int] | None = None
         self.drafter: Drafter | None = None
         self.report = self._load(Path(path), options)
@@ -87,12 +90,27 @@ class LlamaCppBackend:
             raise UserError(
                 f"A {options.kv_type} KV cache needs flash attention: use --flash-attn auto or on, or --kv-type f16."
             )
+        n_slots, why = self._parallel(options, n_ctx, n_gpu_layers)
         t0 = time.perf_counter()
         try:
             self._model = open_model(str(path), n_gpu_layers=n_gpu_layers)
-            self._runner = LlamaRunner(
-                self._model, n_ctx=n_ctx, n_threads=n_threads, flash_attn=options.flash_attn, kv_type=kv
-            )
+            if n_slots > 1:
+                from localrun.backends.llama_slots import LlamaSlots
+                from localrun.engine.scheduler import Scheduler
+
+                slots = LlamaSlots(
+                    self._model,
+                    n_slots=n_slots,
+                    n_ctx_slot=n_ctx,
+                    n_threads=n_threads,
+                    flash_attn=options.flash_attn,
+                    kv_type=kv,
+                )
+                self._slots, self.scheduler = slots, Scheduler(slots)
+            else:
+                self._runner = LlamaRunner(
+                    self._model, n_ctx=n_ctx, n_threads=n_threads, flash_attn=options.flash_attn, kv_type=kv
+                )
         except ValueError as exc:
             raise UserError(f"llama.cpp could not load {path.name}: {exc}.") from None
         load_s = time.perf_counter() - t0
@@ -103,7 +121,7 @@ class LlamaCppBackend:
             backend=self.name,
             device=device,
             model_path=str(path),
-            n_ctx=self._runner.n_ctx,
+            n_ctx=self._slots.n_ctx_slot if self.scheduler is not None else self._runner.n_ctx,
             n_threads=n_threads,
             n_gpu_layers=n_gpu_layers,
             kv_cache=options.kv_type,
@@ -111,6 +129,24 @@ class LlamaCppBackend:
             weights_bytes=self.info.file_bytes,
             details=details,
             chat_template=bool(self.info.chat_template),
+            parallel=n_slots,
+            parallel_why=why,
+        )
+
+    def _parallel(self, options: LoadOptions, n_ctx: int, n_gpu_layers: int) -> tuple[int, str]:
+        """Slots for continuous batching: the one asked for, else what the memory-fit estimate allows.
+        Drafting decodes one sequence at a time, so it keeps one slot."""
+        if options.draft or options.lookup:
+            return 1, "speculative decoding runs one sequence at a time"
+        if options.parallel is None:
+            return 1, "one sequence"
+        if options.parallel > 0:
+            return options.parallel, "asked for"
+        from localrun import fit
+        from localrun.hardware import probe
+
+        return fit.choose_parallel(
+            self.info, n_ctx=n_ctx, kv_type=options.kv_type, n_gpu_layers=n_gpu_layers, devices=probe()
         )
 
     def _gpu_layers(self, path: Path, options: LoadOptions, n_ctx: int) -> int:
@@ -151,13 +187,17 @@ class LlamaCppBackend:
     ) -> Iterator[TokenStep]:
         """Our decode loop on the C API: prefill what the KV cache lacks, then per token one decode
         and one draw from llama.cpp's sampler chain. With a drafter, speculative rounds instead."""
+        check_prompt_fits(len(prompt_ids), self.report.n_ctx)
+        seed = params.seed if params.seed is not None else random.randrange(2**31)
+        if self.scheduler is not None:  # continuous batching: the scheduler's thread decodes, we hand out
+            chain = SamplerChain(self._slots, params, seed=seed, history=prompt_ids)
+            return (
+                yield from self.scheduler.stream(
+                    prompt_ids, chain, max_new=params.max_tokens, ignore_eos=params.ignore_eos
+                )
+            )
         runner = self._runner
         n_ctx = runner.n_ctx
-        if not prompt_ids or len(prompt_ids) >= n_ctx:
-            raise UserError(
-                f"The prompt is {len(prompt_ids)} tokens and the context {n_ctx}: it must be 1 to {n_ctx - 1} tokens; shorten it or load with a larger --n-ctx."
-            )
-        seed = params.seed if params.seed is not None else random.randrange(2**31)
         prefill = self._prefill(prompt_ids)
         chain = SamplerChain(runner, params, seed=seed, history=prompt_ids)
         try:
@@ -282,6 +322,12 @@ class LlamaCppBackend:
         return self._model.detokenize([token_id], special=True).decode("utf-8", errors="replace")
 
     def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()
+            self.scheduler = None
+        if self._slots is not None:
+            self._slots.close()
+            self._slots = None
         if self.drafter is not None:
             self.drafter.close()
             self.drafter = None

@@ -1,7 +1,8 @@
 """What the routes talk to: the model worker process (localrun.worker), shared with the UI under `ui --api`.
 
-Requests queue in the worker in arrival order and never interleave. The API bounds its own share of
-that queue: past max_queue waiting requests, submit() raises QueueFull (HTTP 429) and queues nothing.
+Requests run together up to the model's slots (continuous batching); the rest wait in arrival order. The
+API bounds its own share of that queue: with max_queue requests waiting beyond the slots, submit() raises
+QueueFull (HTTP 429) and queues nothing.
 """
 
 from __future__ import annotations
@@ -76,9 +77,11 @@ class WorkerEngine:
 
     def submit(self, request: Any, cancel: CancelWatch) -> Iterator[GenerationEvent]:
         """Queue a request (QueueFull when the API's share is full) and return its events."""
+        slots = self.worker.status().get("slots", 1)
         with self._lock:
-            if self._in_flight > self.max_queue:
-                raise QueueFull(f"{self._in_flight - 1} API requests are waiting already: retry in a moment.")
+            waiting = self._in_flight - slots  # the requests beyond the model's slots wait in the queue
+            if waiting >= self.max_queue:
+                raise QueueFull(f"{waiting} API requests are waiting already: retry in a moment.")
             self._in_flight += 1
         owner = f"api-{next(self._ids)}"
         cancel.stop = lambda: self.worker.cancel(owner)
@@ -101,7 +104,8 @@ class WorkerEngine:
 
     def status(self) -> dict[str, Any]:
         state = self.worker.status()
-        return {"model": state["model"], "busy": state["busy"], "queued": state["queued"]}
+        keys = ("model", "busy", "queued", "slots", "running")
+        return {k: state[k] for k in keys if k in state}
 
     def close(self) -> None:
         self.worker.close()

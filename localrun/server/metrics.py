@@ -50,6 +50,7 @@ class Metrics:
         self._lock = threading.Lock()
         self.requests: dict[tuple[str, str], int] = defaultdict(int)
         self.prompt_tokens = 0
+        self.cached_tokens = 0
         self.completion_tokens = 0
         self.draft_tokens = 0
         self.accepted_tokens = 0
@@ -83,6 +84,8 @@ class Metrics:
         """Record a finished generation (a cancelled one too); times from the request's arrival."""
         with self._lock:
             self.prompt_tokens += summary.prompt_tokens
+            if summary.generated_tokens:
+                self.cached_tokens += max(summary.prompt_tokens - summary.prefill_tokens, 0)
             self.completion_tokens += summary.generated_tokens
             self.draft_tokens += summary.draft_tokens
             self.accepted_tokens += summary.accepted_tokens
@@ -106,6 +109,9 @@ class Metrics:
             for (route, status), n in sorted(self.requests.items()):
                 out.append(f'localrun_requests_total{{route="{route}",status="{status}"}} {n}')
             add.simple("localrun_prompt_tokens_total", "counter", "Prompt tokens processed.", self.prompt_tokens)
+            add.simple(
+                "localrun_cached_tokens_total", "counter", "Prompt tokens reused from the KV cache.", self.cached_tokens
+            )
             add.simple("localrun_completion_tokens_total", "counter", "Tokens generated.", self.completion_tokens)
             add.simple("localrun_cancelled_total", "counter", "Generations stopped by a client.", self.cancelled)
             add.simple(
@@ -158,6 +164,8 @@ def process_gauges(status: Callable[[], dict]) -> dict[str, tuple[str, float | N
     state = status()
     return {
         "localrun_server_ram_bytes": ("RSS of the server process.", psutil.Process().memory_info().rss),
-        "localrun_queue_waiting": ("Requests waiting for the model.", state.get("queued", 0)),
+        "localrun_queue_waiting": ("Requests waiting for a slot.", state.get("queued", 0)),
         "localrun_busy": ("1 while a request runs.", 1 if state.get("busy") else 0),
+        "localrun_slots": ("Sequences the model decodes together.", state.get("slots", 1)),
+        "localrun_slots_busy": ("Slots generating now.", state.get("running", 0)),
     }

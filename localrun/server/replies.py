@@ -12,12 +12,18 @@ from localrun.structured import TOOL_CALL_OPEN
 from localrun.tools import ParsedReply, parse_reply
 
 
-def usage(summary: GenerationSummary) -> dict[str, int]:
+def usage(summary: GenerationSummary) -> dict[str, Any]:
+    """OpenAI's usage object; cached_tokens are the prompt tokens the model's cache held already."""
     return {
         "prompt_tokens": summary.prompt_tokens,
         "completion_tokens": summary.generated_tokens,
         "total_tokens": summary.prompt_tokens + summary.generated_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens(summary)},
     }
+
+
+def cached_tokens(summary: GenerationSummary) -> int:
+    return max(summary.prompt_tokens - summary.prefill_tokens, 0) if summary.generated_tokens else 0
 
 
 def openai_finish(summary: GenerationSummary) -> str:

@@ -82,6 +82,7 @@ def worker_rows(ctx: Any) -> list[list[str]]:
         ["model process", "pid", str(s["pid"] or "not running")],
         ["model process", "state", ("busy" if s["busy"] else "idle") if s["alive"] else "stopped"],
         ["model process", "model", s["load_report"] and f"{s['model']} · {s['load_report']}" or "none loaded"],
+        ["model process", "slots busy", f"{s.get('running', 0)} of {s.get('slots', 1)}"],
         ["model process", "queued requests", str(s["queued"])],
         ["model process", "crashes", str(s["crashes"])],
     ]

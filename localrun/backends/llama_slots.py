@@ -1,0 +1,121 @@
+"""One llama.cpp context holding several sequences (slots), each with its own KV stream: the rows the
+scheduler (localrun.engine.scheduler) decodes together in one llama_decode per step.
+
+Slot s is llama.cpp's sequence s. The cache is not unified: each slot owns n_ctx_slot cells, so one long chat
+cannot take the cells of another, and attention reads only the slot's own stream (as `llama-server -np N`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from localrun.backends.llama_ctx import FLASH_ATTN_TYPES, llama_cpp
+
+if TYPE_CHECKING:
+    from localrun.backends.llama_ctx import LlamaModel
+
+
+class LlamaSlots:
+    """A context with n_slots sequences of n_ctx_slot tokens; knows which tokens each slot's cache holds."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        *,
+        n_slots: int,
+        n_ctx_slot: int,
+        n_threads: int,
+        flash_attn: str = "auto",
+        kv_type: int = 1,
+        n_batch: int = 2048,
+        n_ubatch: int = 512,
+    ) -> None:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_slots * n_ctx_slot
+        params.n_batch = n_batch
+        params.n_ubatch = min(n_batch, n_ubatch)
+        params.n_seq_max = n_slots
+        params.kv_unified = False
+        params.n_threads = params.n_threads_batch = n_threads
+        params.flash_attn_type = FLASH_ATTN_TYPES[flash_attn]
+        params.type_k = params.type_v = kv_type
+        params.no_perf = True
+        self.model = model  # held: the model must outlive its context
+        self._batch = None
+        self._free_batch, self._free_ctx = llama_cpp.llama_batch_free, llama_cpp.llama_free
+        self.ctx = llama_cpp.llama_init_from_model(model.model, params)
+        if not self.ctx:
+            self.ctx = None
+            raise ValueError("llama.cpp could not create a context (out of memory?)")
+        self.vocab = model.vocab
+        self.mem = llama_cpp.llama_get_memory(self.ctx)
+        self.n_slots = n_slots
+        self.n_ctx_slot = llama_cpp.llama_n_ctx(self.ctx) // n_slots
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_batch = llama_cpp.llama_n_batch(self.ctx)
+        self.tokens: list[list[int]] = [[] for _ in range(n_slots)]  # what each slot's cache holds
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+
+    def common_prefix(self, slot: int, ids: Sequence[int]) -> int:
+        """How many leading tokens of ids the slot's cache holds already."""
+        cached = self.tokens[slot]
+        n = min(len(cached), len(ids))
+        for i in range(n):
+            if cached[i] != ids[i]:
+                return i
+        return n
+
+    def trim(self, slot: int, n: int) -> int:
+        """Forget the slot's cached tokens from position n on; returns how many stay."""
+        if n >= len(self.tokens[slot]):
+            return len(self.tokens[slot])
+        if not llama_cpp.llama_memory_seq_rm(self.mem, slot, n, -1):  # recurrent models: all or nothing
+            llama_cpp.llama_memory_seq_rm(self.mem, slot, -1, -1)
+            n = 0
+        del self.tokens[slot][n:]
+        return n
+
+    def decode(self, rows: Sequence[tuple[int, Sequence[int], bool]]) -> list[int]:
+        """One llama_decode of (slot, tokens, logits for the last one) rows, each after its slot's cache.
+        Returns, per row, the batch position of its logits (-1 where none was asked for)."""
+        b = self._batch
+        n = 0
+        out: list[int] = []
+        for slot, ids, wants in rows:
+            pos0 = len(self.tokens[slot])
+            for j, token in enumerate(ids):
+                b.token[n] = token
+                b.pos[n] = pos0 + j
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = slot
+                b.logits[n] = 0
+                n += 1
+            if wants:
+                b.logits[n - 1] = 1
+                out.append(n - 1)  # llama_get_logits_ith and llama_sampler_sample take the batch position
+            else:
+                out.append(-1)
+        if n > self.n_batch:
+            raise ValueError(f"a step of {n} tokens > n_batch {self.n_batch}")
+        b.n_tokens = n
+        rc = llama_cpp.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        for slot, ids, _ in rows:
+            self.tokens[slot].extend(ids)
+        return out
+
+    def is_eog(self, token: int) -> bool:
+        return llama_cpp.llama_vocab_is_eog(self.vocab, token)
+
+    def close(self) -> None:
+        if getattr(self, "_batch", None) is not None:
+            self._free_batch(self._batch)
+            self._batch = None
+        if getattr(self, "ctx", None) is not None:
+            self._free_ctx(self.ctx)
+            self.ctx = None
+
+    def __del__(self) -> None:
+        self.close()

@@ -1,0 +1,211 @@
+"""Continuous batching: one thread owns a multi-sequence llama.cpp context and decodes every running
+sequence together, one llama_decode per step.
+
+Each step has one row per generating sequence (its last sampled token) and then chunks of prompts still
+being evaluated, under a token budget (chunked prefill), so a long prompt arriving does not freeze the
+streams already running for longer than one chunk. A sequence joins at the next step and leaves when it
+ends (end of generation, its token budget, or its consumer closing it: Stop, a stop string, a client gone).
+A new sequence takes the free slot whose cache shares the longest prefix with its prompt, so a chat's next
+turn or a repeated system prompt is not evaluated again; the reused count is its `cached_tokens`.
+
+The consumer side is a generator per request (`Scheduler.stream`), so stream_generate's detokenizing, stop
+strings, loop guard and timing stay one code path for batched and single-sequence backends.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from localrun.events import TokenStep
+
+PREFILL_CHUNK = 512  # prompt tokens per step at most: the longest a running stream waits for a newcomer
+
+
+@dataclass(eq=False)
+class _Seq:
+    prompt: list[int]
+    chain: Any  # the sequence's own sampler chain (penalties, grammar, seed)
+    max_new: int
+    ignore_eos: bool
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    slot: int = -1
+    done: int = 0  # prompt tokens in the slot's cache
+    cached: int = 0  # of those, the ones reused from an earlier request
+    generated: int = 0
+    last: int | None = None  # the sampled token not decoded yet
+    closed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _End:
+    reason: str | None  # None: end of generation ("stop"); "length": the slot's context is full
+    error: BaseException | None = None
+
+
+class Scheduler:
+    """Sequences in, one batched decode per step, TokenSteps out to each sequence's generator."""
+
+    def __init__(self, slots: Any, *, prefill_chunk: int = PREFILL_CHUNK) -> None:
+        self.slots = slots
+        self.prefill_chunk = min(prefill_chunk, slots.n_batch)
+        self._lock = threading.Condition()
+        self._waiting: list[_Seq] = []
+        self._running: list[_Seq] = []
+        self._free = list(range(slots.n_slots))
+        self._used_at = [0.0] * slots.n_slots  # when each slot last ended a sequence (LRU among equals)
+        self._closing = False
+        self.steps = 0
+        self.last_batch = 0
+        self.cached_tokens = 0  # summed over every request so far (the /metrics counter)
+        self._thread = threading.Thread(target=self._loop, name="localrun-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- the consumer side ------------------------------------------------------------------------
+
+    def stream(self, prompt: Sequence[int], chain: Any, *, max_new: int, ignore_eos: bool) -> Iterator[TokenStep]:
+        """The sequence's tokens; returns "length" when its slot is full. Closing it frees its slot at the next
+        step. The chain is the scheduler's from here on (it closes it)."""
+        seq = _Seq(list(prompt), chain, max_new, ignore_eos)
+        with self._lock:
+            self._waiting.append(seq)
+            self._lock.notify()
+        try:
+            while True:
+                item = seq.out.get()
+                if isinstance(item, _End):
+                    if item.error is not None:
+                        raise item.error
+                    return item.reason
+                yield item
+        finally:
+            with self._lock:
+                seq.closed = True
+                self._lock.notify()
+
+    def status(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "slots": self.slots.n_slots,
+                "slots_busy": len(self._running),
+                "waiting": len(self._waiting),
+                "batch_size": self.last_batch,
+                "cached_tokens": self.cached_tokens,
+            }
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
+        self._thread.join(timeout=10)
+
+    # -- the scheduler thread -----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                self._retire_closed()
+                self._admit()
+                while not self._running and not self._closing:
+                    self._lock.wait()
+                    self._retire_closed()
+                    self._admit()
+                if self._closing:
+                    for seq in self._running + self._waiting:
+                        self._finish(seq, _End(None, RuntimeError("The model is being unloaded.")))
+                    return
+                running = list(self._running)
+            self._step(running)
+
+    def _admit(self) -> None:
+        """Give waiting sequences free slots, the one with the longest shared prefix first (lock held)."""
+        while self._waiting and self._free:
+            seq = self._waiting.pop(0)
+            if seq.closed:
+                seq.chain.close()
+                continue
+            best = max(self._free, key=lambda s: (self.slots.common_prefix(s, seq.prompt), -self._used_at[s]))
+            self._free.remove(best)
+            keep = min(self.slots.common_prefix(best, seq.prompt), len(seq.prompt) - 1)
+            seq.slot, seq.done = best, self.slots.trim(best, keep)
+            seq.cached = seq.done
+            self.cached_tokens += seq.cached
+            self._running.append(seq)
+
+    def _retire_closed(self) -> None:
+        for seq in [s for s in self._running if s.closed]:
+            self._finish(seq, None)
+
+    def _finish(self, seq: _Seq, end: _End | None) -> None:
+        """Take a sequence out (lock held); its slot keeps the cache for the next request's prefix."""
+        if seq in self._running:
+            self._running.remove(seq)
+            self._free.append(seq.slot)
+            self._used_at[seq.slot] = time.monotonic()
+        elif seq in self._waiting:
+            self._waiting.remove(seq)
+        if seq.chain is not None:
+            seq.chain.close()
+            seq.chain = None
+        if end is not None:
+            seq.out.put(end)
+
+    def _step(self, running: list[_Seq]) -> None:
+        """One llama_decode: a row per generating sequence, then prompt chunks within the budget."""
+        rows: list[tuple[int, list[int], bool]] = []
+        members: list[_Seq] = []
+        for seq in running:
+            if seq.last is not None:
+                rows.append((seq.slot, [seq.last], True))
+                members.append(seq)
+        budget = max(self.prefill_chunk, len(rows) + 1) - len(rows)
+        for seq in running:
+            if seq.last is None and budget > 0:
+                part = seq.prompt[seq.done : seq.done + budget]
+                rows.append((seq.slot, part, seq.done + len(part) == len(seq.prompt)))
+                members.append(seq)
+                budget -= len(part)
+        try:
+            at = self.slots.decode(rows)
+        except Exception as exc:  # a failed step fails its sequences; their slots start empty
+            with self._lock:
+                for seq in members:
+                    self.slots.trim(seq.slot, 0)
+                    self._finish(seq, _End(None, exc))
+            return
+        self.steps += 1
+        self.last_batch = sum(len(r[1]) for r in rows)
+        ended: list[tuple[_Seq, _End]] = []
+        for seq, (_, ids, _wants), i in zip(members, rows, at, strict=True):
+            if seq.last is None:
+                seq.done += len(ids)
+                if i < 0:
+                    continue  # more of its prompt next step
+                first = True
+            else:
+                first = False
+            token = seq.chain.sample(i)
+            end = self._emit(seq, token, first)
+            if end is not None:
+                ended.append((seq, end))
+        if ended:
+            with self._lock:
+                for seq, end in ended:
+                    self._finish(seq, end)
+
+    def _emit(self, seq: _Seq, token: int, first: bool) -> _End | None:
+        if not seq.ignore_eos and self.slots.is_eog(token):
+            return _End(None)
+        seq.out.put(TokenStep(token, prefill_tokens=len(seq.prompt) - seq.cached if first else None))
+        seq.generated += 1
+        seq.last = token
+        in_cache = len(seq.prompt) + seq.generated - 1
+        if in_cache + 1 >= self.slots.n_ctx_slot:
+            return _End("length")
+        if seq.generated >= seq.max_new:
+            return _End(None)  # the consumer stops at max_tokens itself, on this same token
+        return None
