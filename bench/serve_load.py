@@ -2,8 +2,8 @@
 
 For each client count C (1, 2, 4, 8 by default) both servers get the same model, the same threads, the same
 KV memory (C slots of --slot-ctx tokens) and the same requests: C clients x R requests, greedy, exactly
---max-tokens tokens each (ignore_eos). Every request is first sent alone (the reference), then all of them at
-once from C threads; a reply under load must equal the same request alone. The servers take turns, and the
+--max-tokens tokens each (ignore_eos). All of them are sent at once from C threads, on prompts new to the
+server, then each again alone (the reference); a reply under load must equal the same request alone. The servers take turns, and the
 rounds interleave (llama-server, localrun, localrun, llama-server, ...), so drift on the machine hits both.
 
 Records per server and C: total tokens/s under load, TTFT p50/p95, latency p50/p95, and the replies that
@@ -68,8 +68,8 @@ def measure(base: str, jobs: list[list[dict]], clients: int, max_tokens: int) ->
     sampling = {"temperature": 0, "max_tokens": max_tokens, "extra_body": {"ignore_eos": True, "dry_multiplier": 0}}
     client = openai.OpenAI(base_url=base, api_key="none", max_retries=0, timeout=3600)
     model = client.models.list().data[0].id
-    stream_chat(client, model, jobs[0], **sampling)  # warm-up: first-request costs out of the numbers
-    reference = [stream_chat(client, model, m, **sampling) for m in jobs]
+    warm_up = [{"role": "user", "content": "Say hello."}]  # first-request costs out of the numbers
+    stream_chat(client, model, warm_up, **sampling)
     results: list[dict | None] = [None] * len(jobs)
     errors: list[str] = []
     per_client = len(jobs) // clients
@@ -90,6 +90,9 @@ def measure(base: str, jobs: list[list[dict]], clients: int, max_tokens: int) ->
     for t in threads:
         t.join()
     wall_s = time.perf_counter() - t0
+    # The references come after the load: under load every prompt is new to both servers (llama-server keeps
+    # evicted prompts in a RAM cache, --cache-ram, which would otherwise serve the load from the references).
+    reference = [stream_chat(client, model, m, **sampling) for m in jobs]
     done = [r for r in results if r is not None]
     ttft = [r["ttft_s"] for r in done if r["ttft_s"] is not None]
     latency = [r["latency_s"] for r in done]

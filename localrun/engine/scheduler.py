@@ -6,7 +6,8 @@ being evaluated, under a token budget (chunked prefill), so a long prompt arrivi
 streams already running for longer than one chunk. A sequence joins at the next step and leaves when it
 ends (end of generation, its token budget, or its consumer closing it: Stop, a stop string, a client gone).
 A new sequence takes the free slot whose cache shares the longest prefix with its prompt, so a chat's next
-turn or a repeated system prompt is not evaluated again; the reused count is its `cached_tokens`.
+turn or a repeated system prompt is not evaluated again (the reused count is its `cached_tokens`); when no
+slot shares half of the prompt, it takes the slot idle longest, and the other slots keep their chats.
 
 The consumer side is a generator per request (`Scheduler.stream`), so stream_generate's detokenizing, stop
 strings, loop guard and timing stay one code path for batched and single-sequence backends.
@@ -128,13 +129,22 @@ class Scheduler:
             if seq.closed:
                 seq.chain.close()
                 continue
-            best = max(self._free, key=lambda s: (self.slots.common_prefix(s, seq.prompt), -self._used_at[s]))
+            best = self._pick_slot(seq.prompt)
             self._free.remove(best)
             keep = min(self.slots.common_prefix(best, seq.prompt), len(seq.prompt) - 1)
             seq.slot, seq.done = best, self.slots.trim(best, keep)
             seq.cached = seq.done
             self.cached_tokens += seq.cached
             self._running.append(seq)
+
+    def _pick_slot(self, prompt: list[int]) -> int:
+        """The free slot sharing the longest prefix with the prompt when that is at least half of it (a chat's
+        next turn, a long system prompt), else the one idle longest, so other chats keep their caches."""
+        shared = {s: self.slots.common_prefix(s, prompt) for s in self._free}
+        best = max(self._free, key=lambda s: (shared[s], -self._used_at[s]))
+        if shared[best] * 2 >= len(prompt):
+            return best
+        return min(self._free, key=lambda s: self._used_at[s])
 
     def _retire_closed(self) -> None:
         for seq in [s for s in self._running if s.closed]:
