@@ -86,6 +86,22 @@ def test_self_draft_is_plain_output_and_accepts_everything(self_drafting) -> Non
     assert summary.draft_s > 0 and summary.verify_s > 0 and set(summary.draft_lengths) == {4}
 
 
+def test_a_draft_under_auto_slots_keeps_one_sequence(default_gguf) -> None:
+    """The UI and the server ask for slots chosen from memory (parallel 0); drafting keeps the target and its
+    draft to one sequence each, and the reply streams (the draft once took slots and had no runner)."""
+    from localrun.backends import load_backend
+
+    backend = load_backend(default_gguf, LoadOptions(n_threads=1, n_ctx=512, parallel=0, draft=str(default_gguf)))
+    try:
+        assert backend.report.parallel == 1 and backend.drafter.backend.report.parallel == 1
+        events = list(
+            stream_generate(backend, _chat(backend, COPY_PROMPT), SamplingParams(max_tokens=24, ignore_eos=True))
+        )
+        assert events[-1].summary.generated_tokens == 24 and events[-1].summary.draft_tokens > 0
+    finally:
+        backend.close()
+
+
 @pytest.mark.gpu
 def test_self_draft_on_the_gpu(default_gguf) -> None:
     """The same on a CUDA build of llama-cpp-python with an NVIDIA GPU: target and draft both offloaded."""

@@ -342,11 +342,12 @@ class LlamaCppBackend:
 
     def load_draft(self, model, options: LoadOptions) -> LlamaCppBackend:
         """Load a draft GGUF for this target: its vocabulary is checked first (vocab only, fast),
-        then it loads with the target's context, threads and flash-attention settings."""
+        then it loads with the target's context, threads and flash-attention settings, as one sequence (it
+        drafts for the target's single sequence; slots would only take memory)."""
         if model.kind != "gguf":
             raise UserError(f"The draft model {model.name} is not a GGUF: a llama.cpp target needs a GGUF draft.")
         check_draft_vocab(self, model.path)
-        draft_options = options.replace(draft=None, lookup=False, n_ctx=self.report.n_ctx, kv_type="f16")
+        draft_options = options.replace(draft=None, lookup=False, n_ctx=self.report.n_ctx, kv_type="f16", parallel=None)
         return LlamaCppBackend(model, draft_options)
 
     def vocab_summary(self) -> VocabSummary:
