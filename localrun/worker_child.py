@@ -236,7 +236,7 @@ def chat(request: ChatRequest, task: Task) -> None:
 
 def api_generate(request: ApiChatRequest | CompletionRequest, task: Task) -> None:
     """An API chat or completion (`localrun serve`), loading request.load first like chat()."""
-    from localrun.server.jobs import run_api
+    from localrun.engine.jobs import run_api
 
     state = task.state
     if request.load is not None and (state.loaded is None or state.loaded.request != request.load):

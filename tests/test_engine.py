@@ -143,3 +143,34 @@ def test_a_long_prompt_is_fed_in_chunks_between_the_running_streams_steps(backen
     # per step of it (one decode row each, beside the chunk).
     assert len(seen) == 2, seen
     assert min(b - a for a, b in zip(*seen, strict=True)) >= steps - 1, (seen, steps)
+
+
+MODEL_SIDE = """
+import sys
+from localrun.backends import load_backend
+from localrun.catalog import resolve_model
+from localrun.engine.jobs import run_api
+from localrun.requests import ApiChatRequest, CompletionRequest
+from localrun.settings import LoadOptions, SamplingParams
+import localrun.worker_child
+
+params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+tool = {"type": "function", "function": {"name": "now", "description": "the time", "parameters": {"type": "object"}}}
+backend = load_backend(resolve_model(None), LoadOptions(parallel=2, n_ctx=512))
+chat = ApiChatRequest(messages=({"role": "user", "content": "Hi"},), params=params, max_tokens=4, tools=(tool,))
+for request in (chat, CompletionRequest(prompt="Once upon a time", params=params, max_tokens=4)):
+    assert sum(len(e.token_ids) for e in run_api(backend, request, None)) == 4
+backend.close()
+print(sorted(m for m in sys.modules if m.startswith(("localrun.server", "fastapi", "starlette", "uvicorn"))))
+"""
+
+
+def test_the_model_side_of_an_api_request_never_imports_the_server() -> None:
+    """What the model process runs for `localrun serve` (a tool chat and a completion through run_api, and the
+    worker module) imports neither localrun.server nor the HTTP stack: the server sits on one side of the pipe."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", MODEL_SIDE], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

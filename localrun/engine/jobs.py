@@ -1,5 +1,7 @@
 """What the API's request kinds do where the model is (the worker process): prompt, checks, generation.
 
+It lives with the engine, not in localrun.server: the model process never imports the HTTP server's package.
+
 The server has already checked the request's shape; what needs the loaded model (the prompt's length
 against the context, grammar support) is checked here, before the first token, as a UserError.
 """
