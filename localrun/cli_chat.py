@@ -134,8 +134,9 @@ def _resumed(args: argparse.Namespace) -> _Resumed | None:
 
 
 def _recorder(args: argparse.Namespace, resumed: _Resumed | None, *, one_shot: bool):
-    """Where this chat is saved: the REPL saves unless --no-save; a one-shot answer only with --save."""
-    if args.no_save or (one_shot and not args.save):
+    """Where this chat is saved: the REPL saves unless --no-save; a one-shot answer only with --save, or when
+    it continues a saved chat (--resume)."""
+    if args.no_save or (one_shot and not args.save and resumed is None):
         return None
     from localrun.chats import ChatRecorder, ChatStore
 

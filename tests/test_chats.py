@@ -247,3 +247,17 @@ def test_replay_on_another_quant_shows_the_first_difference_and_the_sha256(
     assert done.returncode == 1, done.stdout + done.stderr
     assert "differs from character" in done.stdout
     assert "the model file is not the one saved: sha256" in done.stdout
+
+
+def test_a_one_shot_answer_that_resumes_a_chat_continues_it(tmp_path: Path, cli) -> None:
+    """`-p` saves only with --save, but a `-p` that continues a saved chat (--resume) adds its turn to it."""
+    env = _env(tmp_path)
+    params = ("--temperature", "0", "--max-tokens", "16")
+    assert cli("chat", "-p", "My name is Ada.", *params, env=env).returncode == 0
+    assert ChatStore(tmp_path / "chats.sqlite").list() == []  # no --save: nothing kept
+    assert cli("chat", "-p", "My name is Ada.", *params, "--save", env=env).returncode == 0
+    done = cli("chat", "-p", "What is my name?", *params, "--resume", "last", env=env)
+    assert done.returncode == 0, done.stderr
+    store = ChatStore(tmp_path / "chats.sqlite")
+    [chat] = store.list()
+    assert [m["content"] for m in store.messages(chat.id)][::2] == ["My name is Ada.", "What is my name?"]
