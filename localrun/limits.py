@@ -100,7 +100,14 @@ def loads(raw: bytes | str, limits: Limits, what: str = "The request body") -> A
     def constant(name: str) -> Any:
         raise ValueError(f"{name} is not a JSON value")
 
-    return json.loads(raw, parse_constant=constant)
+    try:
+        return json.loads(raw, parse_constant=constant)
+    except RecursionError:  # unbalanced brackets the scan leaves to the parser, or a limit above its own
+        raise LimitExceeded(
+            f"{what} nests deeper than {limits.max_json_depth} levels (or than the JSON parser's own limit)",
+            "max_json_depth",
+            limits.max_json_depth,
+        ) from None
 
 
 # -- JSON schemas ------------------------------------------------------------------------------------

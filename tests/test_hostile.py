@@ -269,6 +269,8 @@ RAW_CASES = [
     ),
     ("nested-body-2000", b'{"x": ' + b'{"a": ' * 2000 + b"1" + b"}" * 2000 + b"}", 400, "max-json-depth"),
     ("unbalanced-brackets", b'{"messages": [[[[', 400, "not valid JSON"),
+    ("unbalanced-deep-100k", b"[" * 100_000, 400, "max-json-depth"),  # the parser, not the scan, finds it
+    ("unbalanced-deep-closed-wrong", b'{"a": ' + b"[" * 5_000 + b"}" * 5_000, 400, "max-json-depth"),
     ("nan", b'{"model": "m", "messages": [], "temperature": NaN}', 400, "NaN"),
     (
         "infinity-in-schema",
