@@ -14,7 +14,7 @@ import ctypes
 import os
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from localrun.llama_lib import llama_cpp as _llama_cpp
 from localrun.penalties import DRY_BREAKERS, PENALTY_LAST_N, uses_counts, uses_dry
@@ -101,32 +101,35 @@ class LlamaModel:
         self.close()
 
 
-class LlamaRunner:
-    """One llama.cpp model and context; decodes into it and knows which tokens its KV cache holds."""
+class LlamaContext:
+    """A llama.cpp context on a loaded model, for n_seq sequences: its handles, logits rows, the end-of-generation
+    test, and freeing it with the batches it owns. LlamaRunner (one sequence) and LlamaSlots build on it."""
 
     def __init__(
         self,
         model,
         *,
         n_ctx: int,
+        n_seq: int = 1,
         n_threads: int,
         flash_attn: str = "auto",
         kv_type: int = 1,
         n_batch: int = 2048,
         n_ubatch: int = 512,
-        max_verify: int = 65,
     ) -> None:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = min(n_ctx, n_batch)
         params.n_ubatch = min(params.n_batch, n_ubatch)
-        params.n_seq_max = 1
+        params.n_seq_max = n_seq
+        if n_seq > 1:
+            params.kv_unified = False  # each sequence owns n_ctx / n_seq cells
         params.n_threads = params.n_threads_batch = n_threads
         params.flash_attn_type = FLASH_ATTN_TYPES[flash_attn]
         params.type_k = params.type_v = kv_type
         params.no_perf = True
         self.model = model  # held: the model must outlive its context
-        self._verify = None
+        self._batches: list = []  # llama_batch_init batches, freed with the context
         self._free_batch, self._free_ctx = llama_cpp.llama_batch_free, llama_cpp.llama_free  # as in LlamaModel
         self.ctx = llama_cpp.llama_init_from_model(model.model, params)
         if not self.ctx:
@@ -134,16 +137,51 @@ class LlamaRunner:
             raise ValueError("llama.cpp could not create a context (out of memory?)")
         self.vocab = model.vocab
         self.mem = llama_cpp.llama_get_memory(self.ctx)
-        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_batch = llama_cpp.llama_n_batch(self.ctx)
+
+    def _new_batch(self, n_tokens: int):
+        """A batch of up to n_tokens (one sequence id each), freed with the context."""
+        batch = llama_cpp.llama_batch_init(n_tokens, 0, 1)
+        self._batches.append(batch)
+        return batch
+
+    def logits(self, i: int = -1) -> np.ndarray:
+        """A view (no copy) of the logits of output row i of the last decode."""
+        import numpy as np
+
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def is_eog(self, token: int) -> bool:
+        return llama_cpp.llama_vocab_is_eog(self.vocab, token)
+
+    def close(self) -> None:
+        for batch in getattr(self, "_batches", ()):  # getattr: __del__ after a failed __init__
+            self._free_batch(batch)
+        self._batches = []
+        if getattr(self, "ctx", None) is not None:
+            self._free_ctx(self.ctx)
+            self.ctx = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class LlamaRunner(LlamaContext):
+    """One sequence: decodes into the context and knows which tokens its KV cache holds. The keyword
+    arguments are LlamaContext's (n_threads, flash_attn, kv_type, n_batch, n_ubatch)."""
+
+    def __init__(self, model, *, n_ctx: int, max_verify: int = 65, **context: Any) -> None:
+        super().__init__(model, n_ctx=n_ctx, **context)
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
         self.tokens: list[int] = []  # what the KV cache holds, positions 0..n_cached-1 (no numpy: cold start)
         self._live_at = -1  # n_cached when the last decode's last logits row was made
         self._one = (llama_cpp.llama_token * 1)()
         self._one_batch = llama_cpp.llama_batch_get_one(self._one, 1)  # reused for every decode step
         self._chunk = (llama_cpp.llama_token * self.n_batch)()
         self.max_verify = max_verify
-        self._verify = llama_cpp.llama_batch_init(max_verify, 0, 1)
+        self._verify = self._new_batch(max_verify)
 
     @property
     def logits_live(self) -> bool:
@@ -218,27 +256,6 @@ class LlamaRunner:
             raise RuntimeError(f"llama_decode returned {rc}")
         self.tokens.extend(ids)
         self._live_at = len(self.tokens)
-
-    def logits(self, i: int = -1) -> np.ndarray:
-        """A view (no copy) of the logits of output row i of the last decode."""
-        import numpy as np
-
-        ptr = llama_cpp.llama_get_logits_ith(self.ctx, i)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-
-    def is_eog(self, token: int) -> bool:
-        return llama_cpp.llama_vocab_is_eog(self.vocab, token)
-
-    def close(self) -> None:
-        if getattr(self, "_verify", None) is not None:  # getattr: __del__ after a failed __init__
-            self._free_batch(self._verify)
-            self._verify = None
-        if getattr(self, "ctx", None) is not None:
-            self._free_ctx(self.ctx)
-            self.ctx = None
-
-    def __del__(self) -> None:
-        self.close()
 
 
 class SamplerChain:

@@ -8,54 +8,24 @@ cannot take the cells of another, and attention reads only the slot's own stream
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from localrun.backends.llama_ctx import FLASH_ATTN_TYPES, llama_cpp
+from localrun.backends.llama_ctx import LlamaContext, llama_cpp
 
 if TYPE_CHECKING:
     from localrun.backends.llama_ctx import LlamaModel
 
 
-class LlamaSlots:
+class LlamaSlots(LlamaContext):
     """A context with n_slots sequences of n_ctx_slot tokens; knows which tokens each slot's cache holds."""
 
-    def __init__(
-        self,
-        model: LlamaModel,
-        *,
-        n_slots: int,
-        n_ctx_slot: int,
-        n_threads: int,
-        flash_attn: str = "auto",
-        kv_type: int = 1,
-        n_batch: int = 2048,
-        n_ubatch: int = 512,
-    ) -> None:
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_slots * n_ctx_slot
-        params.n_batch = n_batch
-        params.n_ubatch = min(n_batch, n_ubatch)
-        params.n_seq_max = n_slots
-        params.kv_unified = False
-        params.n_threads = params.n_threads_batch = n_threads
-        params.flash_attn_type = FLASH_ATTN_TYPES[flash_attn]
-        params.type_k = params.type_v = kv_type
-        params.no_perf = True
-        self.model = model  # held: the model must outlive its context
-        self._batch = None
-        self._free_batch, self._free_ctx = llama_cpp.llama_batch_free, llama_cpp.llama_free
-        self.ctx = llama_cpp.llama_init_from_model(model.model, params)
-        if not self.ctx:
-            self.ctx = None
-            raise ValueError("llama.cpp could not create a context (out of memory?)")
-        self.vocab = model.vocab
-        self.mem = llama_cpp.llama_get_memory(self.ctx)
+    def __init__(self, model: LlamaModel, *, n_slots: int, n_ctx_slot: int, **context: Any) -> None:
+        """context: LlamaContext's keyword arguments (n_threads, flash_attn, kv_type, n_batch, n_ubatch)."""
+        super().__init__(model, n_ctx=n_slots * n_ctx_slot, n_seq=n_slots, **context)
         self.n_slots = n_slots
         self.n_ctx_slot = llama_cpp.llama_n_ctx(self.ctx) // n_slots
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        self.n_batch = llama_cpp.llama_n_batch(self.ctx)
         self.tokens: list[list[int]] = [[] for _ in range(n_slots)]  # what each slot's cache holds
-        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._batch = self._new_batch(self.n_batch)
 
     def common_prefix(self, slot: int, ids: Sequence[int]) -> int:
         """How many leading tokens of ids the slot's cache holds already."""
@@ -105,17 +75,3 @@ class LlamaSlots:
         for slot, ids, _ in rows:
             self.tokens[slot].extend(ids)
         return out
-
-    def is_eog(self, token: int) -> bool:
-        return llama_cpp.llama_vocab_is_eog(self.vocab, token)
-
-    def close(self) -> None:
-        if getattr(self, "_batch", None) is not None:
-            self._free_batch(self._batch)
-            self._batch = None
-        if getattr(self, "ctx", None) is not None:
-            self._free_ctx(self.ctx)
-            self.ctx = None
-
-    def __del__(self) -> None:
-        self.close()
