@@ -175,9 +175,11 @@ class WorkerClient:
     def _enqueue(self, job: _Job) -> int:
         """Queue a job; returns how many requests it waits behind."""
         with self._lock:
-            running = [j for j in self._running.values() if j.request is not None]
-            full = bool(running) and (len(running) >= self._capacity() or self._exclusive(job))
-            ahead = len(self._pending) + (len(running) if full else 0)
+            # Everything running or queued starts before this job; it waits only when that leaves it no slot (a job
+            # queued a moment ago that the dispatcher has not sent yet still leaves room beside it).
+            before = [j for j in self._running.values() if j.request is not None] + self._pending
+            fits = len(before) < self._capacity() and not any(self._exclusive(j) for j in (*self._pending, job))
+            ahead = 0 if fits else len(before)
             self._pending.append(job)
         self._wake()
         return ahead

@@ -178,6 +178,36 @@ def test_a_silent_worker_is_killed_and_a_beating_one_is_not() -> None:
 # ---- several at once ------------------------------------------------------------------------------------
 
 
+def test_two_chats_queued_before_the_dispatcher_sends_either_are_not_told_to_wait() -> None:
+    """Two chats that reach the queue in the same instant both fit two slots: neither hears 'Waiting' (CI once saw
+    the second one counted behind the first, which the dispatcher had not sent yet)."""
+    client = WorkerClient(start=False)
+    load = LoadRequest(None, LoadOptions(parallel=2, n_ctx=1024))
+    try:
+        assert any(isinstance(u, Loaded) for u in client.submit(load))
+        held = threading.Event()
+        send = client._start_ready
+        client._start_ready = lambda: send() if held.is_set() else None  # the dispatcher sends nothing for now
+        a, got_a = in_thread(client, ChatRequest(HELLO, SHORT, load=load), "a")
+        b, got_b = in_thread(client, ChatRequest(HELLO, SHORT, load=load), "b")
+        for _ in range(200):
+            if client.status()["queued"] == 2:
+                break
+            held.wait(0.05)
+        assert client.status()["queued"] == 2
+        c = client.submit(ChatRequest(HELLO, SHORT, load=load), owner="c")
+        assert next(c) == Progress("Waiting for 2 earlier request(s) to finish")  # a third does wait
+        held.set()
+        client._wake()
+        a.join(60)
+        b.join(60)
+        assert not any(isinstance(u, Progress) and "Waiting" in u.text for u in got_a + got_b)
+        for got in (got_a, got_b, list(c)):
+            assert events(got)[-1].finish_reason == "length" and events(got)[-1].generated_tokens == 4
+    finally:
+        client.close()
+
+
 def test_with_two_slots_two_chats_stream_at_once_and_a_third_waits() -> None:
     client = WorkerClient(start=False)
     load = LoadRequest(None, LoadOptions(parallel=2, n_ctx=1024))
