@@ -99,7 +99,7 @@ class ChatSession:
         while True:
             head = [{"role": "system", "content": self.system}] if self.system else []
             ids = self.backend.tokenize(self.backend.render_chat(head + history))
-            if len(ids) <= room or len(history) <= 1:
+            if not n_ctx or len(ids) <= room or len(history) <= 1:  # n_ctx 0: a remote engine's, unknown here
                 break
             history = history[2:] if len(history) > 2 else history[1:]
         check_prompt_fits(len(ids), n_ctx)

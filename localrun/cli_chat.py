@@ -89,13 +89,13 @@ def read_stdin() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from localrun.catalog import resolve_model
+    from localrun.backends import resolve_for
 
     resumed = _resumed(args)
-    model = resolve_model(args.model or (resumed.model_spec if resumed else None))
+    options = from_args(LoadOptions, args)
+    model = resolve_for(args.model or (resumed.model_spec if resumed else None), options)
     recommended = model.recommended.sampling() if model.recommended else {}
     params = from_args(SamplingParams, args, **recommended)
-    options = from_args(LoadOptions, args)
     one_shot = args.prompt is not None or not sys.stdin.isatty()
     if one_shot:
         prompt = args.prompt if args.prompt is not None else read_stdin()
@@ -398,11 +398,11 @@ class Repl:
             print(f"  {label:<24} {value}")
 
     def _reload(self, spec: str) -> None:
-        from localrun.catalog import resolve_model
+        from localrun.backends import resolve_for
 
         if not spec:
             raise UserError("Usage: /load MODEL (a .gguf path, a model directory or a catalog name).")
-        model = resolve_model(spec)
+        model = resolve_for(spec, self.options)
         backend = self._load(model)  # load first: a failed load keeps the current model
         self.backend.close()
         self.backend = backend

@@ -23,6 +23,17 @@ class TokenStep:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerCounts:
+    """What a server-side backend's generate_tokens() returns at its end (a remote engine): its finish reason and
+    its own counts, from its `usage` (None where it gave none)."""
+
+    finish_reason: str
+    prompt_tokens: int | None = None
+    generated_tokens: int | None = None
+    cached_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationSummary:
     """The full figures of one finished request (what `/stats` prints)."""
 
@@ -34,7 +45,7 @@ class GenerationSummary:
     prompt_tps: float | None
     decode_tps: float | None
     total_s: float
-    peak_ram_bytes: int
+    peak_ram_bytes: int | None  # None: unknown (a remote engine that does not say)
     peak_vram_bytes: int | None
     backend: str = ""
     device: str = ""
@@ -84,8 +95,8 @@ class GenerationEvent:
     prompt_tps: float | None
     decode_tps: float | None
     elapsed_s: float
-    ram_bytes: int
-    peak_ram_bytes: int
+    ram_bytes: int | None
+    peak_ram_bytes: int | None
     vram_bytes: int | None
     peak_vram_bytes: int | None
     draft_tokens: int = 0

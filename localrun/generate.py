@@ -5,10 +5,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from localrun.backends.base import Backend
 from localrun.errors import UserError
-from localrun.events import GenerationEvent, GenerationSummary, TokenStep
+from localrun.events import GenerationEvent, GenerationSummary, ServerCounts, TokenStep
 from localrun.hardware import MemorySampler
 from localrun.repetition import LoopDetector
 from localrun.settings import SamplingParams
@@ -104,7 +105,7 @@ class _TimedDrafter:
 class _Stats:
     """Cumulative counters for one request; turns them into events."""
 
-    def __init__(self, prompt_tokens: int, drafter: _TimedDrafter | None = None) -> None:
+    def __init__(self, prompt_tokens: int, drafter: _TimedDrafter | None = None, memory: Any = None) -> None:
         self.t_start = time.perf_counter()  # first, so TTFT includes all of our own set-up
         self.t_first: float | None = None
         self.t_last = self.t_start
@@ -120,7 +121,7 @@ class _Stats:
         self.draft_lengths: list[int] = []
         self.round_s = 0.0
         self.drafter = drafter
-        self.memory = MemorySampler()
+        self.memory = memory if memory is not None else MemorySampler()
         self.text_parts: list[str] = []
 
     def on_token(self, step: TokenStep) -> None:
@@ -155,6 +156,15 @@ class _Stats:
             d = self.drafter
             d.drafter.observe_round(self.round_drafted, self.round_accepted, seconds, min(d.last_s, seconds))
         self.round_drafted = 0
+
+    def server_counts(self, end: ServerCounts) -> str:
+        """A remote engine's own counts replace ours (we counted streamed pieces); returns its finish reason."""
+        if end.prompt_tokens is not None:
+            self.prompt_tokens = end.prompt_tokens
+            self.prefill_tokens = end.prompt_tokens - (end.cached_tokens or 0)
+        if end.generated_tokens is not None:
+            self.generated = end.generated_tokens
+        return end.finish_reason
 
     def rates(self) -> tuple[float | None, float | None, float | None]:
         """(ttft_s, prompt_tps, decode_tps); decode counts from the first token on."""
@@ -219,6 +229,20 @@ class _Stats:
         )
 
 
+class RemoteMemory:
+    """MemorySampler's fields for a model served elsewhere: what its engine reports (read at the start and the
+    end, not per token: each read is a request), or None, shown as n/a."""
+
+    def __init__(self, read: Callable[[], tuple[int | None, int | None]]) -> None:
+        self._read = read
+        self.sample(force=True)
+
+    def sample(self, *, force: bool = False) -> None:
+        if force:
+            self.ram_bytes, self.vram_bytes = self._read()
+            self.peak_ram_bytes, self.peak_vram_bytes = self.ram_bytes, self.vram_bytes
+
+
 def check_prompt_text(text: str, *, hint: str = "there is nothing to answer") -> None:
     """The one empty-prompt rule; each edge adds what its user can do about it (hint)."""
     if not text.strip():
@@ -228,10 +252,11 @@ def check_prompt_text(text: str, *, hint: str = "there is nothing to answer") ->
 def check_prompt_fits(
     n_prompt: int, n_ctx: int, *, advice: str = "shorten it, or load the model with a larger --n-ctx"
 ) -> None:
-    """The one prompt-length rule: a prompt must leave room in the context for at least one new token."""
+    """The one prompt-length rule: a prompt must leave room in the context for at least one new token (n_ctx 0:
+    not known here, as for a remote engine, which checks its own)."""
     if n_prompt == 0:
         check_prompt_text("")
-    if n_prompt >= n_ctx:
+    if n_ctx and n_prompt >= n_ctx:
         raise UserError(f"The prompt is {n_prompt} tokens, more than the context of {n_ctx} holds: {advice}.")
 
 
@@ -252,7 +277,11 @@ def stream_generate(
     """
     drafter = as_drafter(drafter if drafter is not None else getattr(backend, "drafter", None))
     timed = _TimedDrafter(drafter) if drafter is not None else None
-    stats = _Stats(len(prompt_ids), timed)
+    # A server-side backend (a remote engine) counts, checks the context and stops at max_tokens itself: its
+    # prompt is a handle, its steps are streamed pieces, and its counts come with its end (ServerCounts).
+    server_side = getattr(backend, "server_side", False)
+    memory = RemoteMemory(backend.read_memory) if server_side else None
+    stats = _Stats(0 if server_side else len(prompt_ids), timed, memory)
     detok = IncrementalDetokenizer(backend.detokenize)
     stops = StopMatcher(params.stop)
     # the loop guard (finish reason "repetition"); ignore_eos asks for a fixed count of tokens, loops or not
@@ -261,7 +290,8 @@ def stream_generate(
     steps = backend.generate_tokens(prompt_ids, params, timed)
     finish, error, stop_hit = None, None, False
     try:
-        check_prompt_fits(len(prompt_ids), backend.report.n_ctx)
+        if not server_side:
+            check_prompt_fits(len(prompt_ids), backend.report.n_ctx)
         while finish is None:
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"
@@ -269,7 +299,8 @@ def stream_generate(
             try:
                 step = next(steps)
             except StopIteration as end:
-                finish = end.value or "stop"
+                done = end.value
+                finish = stats.server_counts(done) if isinstance(done, ServerCounts) else done or "stop"
                 break
             stats.on_token(step)
             text, hit = stops.feed(detok.add(step.token_id))
@@ -278,7 +309,7 @@ def stream_generate(
                 finish, stop_hit = "stop", True
             elif loops is not None and loops.feed(step.token_id):
                 finish = "repetition"
-            elif stats.generated >= params.max_tokens:
+            elif not server_side and stats.generated >= params.max_tokens:
                 finish = "length"
             yield stats.event(text, (step.token_id,), (step.from_draft,))
     except UserError as exc:  # the user's mistake (prompt too long, ...): its sentence as it is

@@ -11,7 +11,7 @@ from typing import Any, Literal, get_args, get_origin
 from localrun.errors import UserError
 from localrun.records import Record, RecordError, as_dict, build, fields, setting
 
-BackendName = Literal["auto", "llamacpp", "hf"]
+BackendName = Literal["auto", "llamacpp", "hf", "remote"]
 DeviceName = Literal["auto", "cuda", "mps", "cpu"]
 KvType = Literal["f16", "q8_0", "q4_0"]
 # More threads than logical CPUs only slow llama.cpp down, and 100000 of them crash it.
@@ -179,8 +179,22 @@ class LoadOptions(Settings):
 
     backend: BackendName = setting(
         "auto",
-        help="Inference backend: llamacpp for GGUF, hf for transformers; auto picks by the model.",
-        meta=Meta("Backend", "load", choices=(("auto", "auto"), ("llama.cpp", "llamacpp"), ("transformers", "hf"))),
+        help="Inference backend: llamacpp for GGUF, hf for transformers, remote for an engine elsewhere (--url); auto picks by the model.",
+        meta=Meta(
+            "Backend",
+            "load",
+            choices=(("auto", "auto"), ("llama.cpp", "llamacpp"), ("transformers", "hf"), ("remote engine", "remote")),
+        ),
+    )
+    url: str | None = setting(
+        None,
+        help="remote: the OpenAI API address of the engine (vLLM, TGI, llama-server, Ollama, localrun), e.g. http://gpu-box:8000/v1; the model argument is then its model's name (default: the first it serves).",
+        meta=Meta("Remote engine URL", "remote", "remote"),
+    )
+    remote_api_key_file: str | None = setting(
+        None,
+        help="remote: a file holding the engine's API key (it is never printed or logged).",
+        meta=Meta("API key file", "remote", "remote"),
     )
     device: DeviceName = setting(
         "auto",

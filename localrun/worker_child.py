@@ -193,14 +193,13 @@ def child_main(conn: Any, cancel_value: Any, beat_s: float, plugins: tuple[str, 
 
 def load(request: LoadRequest, task: Task) -> None:
     """Load a model (a mistyped name or a corrupt file fails before the current model is unloaded)."""
-    from localrun.backends import load_backend
-    from localrun.catalog import resolve_model
+    from localrun.backends import load_backend, resolve_for
 
     state = task.state
     if state.loaded is not None and state.loaded.request == request:
         task.send(state.loaded)
         return
-    resolved = resolve_model(request.model)
+    resolved = resolve_for(request.model, request.options)
     if resolved.kind == "gguf":
         from localrun.gguf_info import inspect_gguf
 
@@ -210,7 +209,11 @@ def load(request: LoadRequest, task: Task) -> None:
         state.backend.close()
         state.backend = state.loaded = None
         task.send(Unloaded())
-    task.send(Progress(f"Loading {resolved.name} from {resolved.path or resolved.hub_id}"))
+    task.send(
+        Progress(
+            f"Loading {resolved.name or 'the first model'} from {resolved.path or resolved.hub_id or resolved.url}"
+        )
+    )
     with task.busy():
         backend = load_backend(resolved, request.options)
     state.backend = backend

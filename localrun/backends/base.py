@@ -16,14 +16,15 @@ if TYPE_CHECKING:  # numpy stays out of `localrun --help`
 
 @dataclass(frozen=True, slots=True)
 class ResolvedModel:
-    """A model the backends can load (what localrun.catalog.resolve_model returns): kind is "gguf", "hf_dir"
-    or "hub_id"; recommended is the catalog's Recommended settings for it, if any."""
+    """A model the backends can load (what localrun.catalog.resolve_model returns): kind is "gguf", "hf_dir",
+    "hub_id" or "remote" (a model another engine serves at url); recommended is the catalog's Recommended settings for it, if any."""
 
     name: str
     path: Path | None
     kind: str
     hub_id: str | None = None
     recommended: Any = None
+    url: str | None = None  # kind "remote": the engine's OpenAI API address
 
 
 @dataclass(frozen=True, slots=True)

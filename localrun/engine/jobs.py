@@ -40,6 +40,11 @@ def _generate(
         raise UserError(
             f"response_format and forced tool calls need grammar-constrained sampling, which the {backend.name} backend does not have: use a GGUF model."
         )
+    if getattr(backend, "server_side", False):  # a remote engine checks its context itself
+        yield from stream_generate(
+            backend, ids, params.replace(max_tokens=max_tokens or params.max_tokens), cancel=cancel
+        )
+        return
     n_ctx = backend.report.n_ctx
     check_prompt_fits(len(ids), n_ctx, advice="shorten it, or ask for a model loaded with a larger context")
     room = n_ctx - len(ids)

@@ -167,7 +167,7 @@ class Api:
         from starlette.responses import PlainTextResponse
 
         self._authorize(request)
-        text = self.metrics.render(process_gauges(self.engine.status))
+        text = self.metrics.render(process_gauges(self.engine.status, self.engine.worker.status()["pid"]))
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def models(self, request: Any) -> Any:
@@ -195,6 +195,9 @@ class Api:
         rows = (
             [{"id": loaded, "object": "model", "created": 0, "owned_by": "localrun", "loaded": now}] if loaded else []
         )
+        if rows and now:  # extensions, as vLLM's max_model_len: what a client (a remote localrun) can plan with
+            report = self.engine.worker.loaded.report
+            rows[0].update(context_length=report.n_ctx, slots=report.parallel)
         for row in _local_models():
             if row.name != loaded and row.quant != "corrupt":
                 rows.append({"id": row.name, "object": "model", "created": 0, "owned_by": "localrun", "loaded": False})

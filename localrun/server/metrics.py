@@ -157,13 +157,18 @@ class _Writer:
         self.out += hist.lines(name)
 
 
-def process_gauges(status: Callable[[], dict]) -> dict[str, tuple[str, float | None]]:
-    """Scrape-time gauges: this server's RSS and the queue."""
+def process_gauges(status: Callable[[], dict], model_pid: int | None = None) -> dict[str, tuple[str, float | None]]:
+    """Scrape-time gauges: this server's RSS, the model process's, and the queue."""
     import psutil
 
     state = status()
+    try:
+        model_rss = psutil.Process(model_pid).memory_info().rss if model_pid else None
+    except psutil.Error:  # the model process ended between the status and the read
+        model_rss = None
     return {
         "localrun_server_ram_bytes": ("RSS of the server process.", psutil.Process().memory_info().rss),
+        "localrun_model_process_ram_bytes": ("RSS of the model process (what a remote localrun reports).", model_rss),
         "localrun_queue_waiting": ("Requests waiting for a slot.", state.get("queued", 0)),
         "localrun_busy": ("1 while a request runs.", 1 if state.get("busy") else 0),
         "localrun_slots": ("Sequences the model decodes together.", state.get("slots", 1)),
