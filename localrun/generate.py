@@ -235,12 +235,18 @@ class RemoteMemory:
 
     def __init__(self, read: Callable[[], tuple[int | None, int | None]]) -> None:
         self._read = read
+        self.peak_ram_bytes = self.peak_vram_bytes = None
         self.sample(force=True)
 
     def sample(self, *, force: bool = False) -> None:
         if force:
             self.ram_bytes, self.vram_bytes = self._read()
-            self.peak_ram_bytes, self.peak_vram_bytes = self.ram_bytes, self.vram_bytes
+            self.peak_ram_bytes = _larger(self.peak_ram_bytes, self.ram_bytes)
+            self.peak_vram_bytes = _larger(self.peak_vram_bytes, self.vram_bytes)
+
+
+def _larger(a: int | None, b: int | None) -> int | None:
+    return a if b is None else b if a is None else max(a, b)
 
 
 def check_prompt_text(text: str, *, hint: str = "there is nothing to answer") -> None:

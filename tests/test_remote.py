@@ -109,3 +109,31 @@ def test_the_cli_chats_with_a_remote_engine(server, key_file, cli) -> None:
     result = cli("chat", "--url", server, "--remote-api-key-file", key_file, "-p", "What is the capital of France?")
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout and "remote/localrun at 127.0.0.1" in result.stderr
+
+
+def test_memory_a_remote_engine_does_not_report_is_shown_as_unknown(remote) -> None:
+    """vLLM, TGI and llama-server say nothing of memory: RAM is None, and the API's metrics and the UI's live
+    charts take that without failing."""
+    from dataclasses import replace
+
+    from localrun.format import stats_line
+    from localrun.server.metrics import Metrics
+    from ui.metrics import LiveSeries
+
+    route, remote.memory_route = remote.memory_route, None
+    try:
+        ids = remote.tokenize(remote.render_chat([{"role": "user", "content": "Hi"}]))
+        events = list(stream_generate(remote, ids, SamplingParams(temperature=0, max_tokens=8)))
+    finally:
+        remote.memory_route = route
+    summary = events[-1].summary
+    assert summary.peak_ram_bytes is None and events[0].ram_bytes is None
+    assert "RAM n/a" in stats_line(summary)
+    metrics = Metrics()
+    metrics.observe(summary, ttft_s=summary.ttft_s, latency_s=summary.total_s)
+    metrics.observe(replace(summary, peak_ram_bytes=5), ttft_s=summary.ttft_s, latency_s=summary.total_s)
+    assert metrics.peak_ram_bytes == 5
+    series = LiveSeries()
+    for event in events:
+        series.add(event)
+    assert "RAM" not in series.memory

@@ -112,7 +112,8 @@ class LiveSeries:
             self.rate.setdefault("now", []).append((t, (n1 - n0) / (t1 - t0)))
         if event.decode_tps is not None:
             self.rate.setdefault("average", []).append((t, event.decode_tps))
-        self.memory.setdefault("RAM", []).append((t, event.ram_bytes / _MB))
+        if event.ram_bytes is not None:  # None: a remote engine that does not say
+            self.memory.setdefault("RAM", []).append((t, event.ram_bytes / _MB))
         if event.vram_bytes is not None:
             self.memory.setdefault("VRAM", []).append((t, event.vram_bytes / _MB))
 
@@ -191,7 +192,7 @@ def turn_row(index: int, model: str, s: GenerationSummary) -> list[Any]:
         _num(prompt_rate(s)),
         _num(s.decode_tps),
         s.generated_tokens,
-        _num(s.peak_ram_bytes / _MB, 0),
+        _num(None if s.peak_ram_bytes is None else s.peak_ram_bytes / _MB, 0),
         _num(None if s.peak_vram_bytes is None else s.peak_vram_bytes / _MB, 0),
         _accepted(s),
         s.finish_reason,

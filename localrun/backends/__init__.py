@@ -16,9 +16,11 @@ __all__ = ["Backend", "LoadReport", "ResolvedModel", "backend_for", "load_backen
 
 
 def backend_for(kind: str, backend: str = "auto") -> str:
-    """The backend a load uses for a model kind ("gguf", "hf_dir", "hub_id"): the chosen one, or by the kind."""
-    if backend != "auto" or kind == "remote":
-        return "remote" if kind == "remote" else backend
+    """The backend a load uses for a model kind ("gguf", "hf_dir", "hub_id", "remote"): the chosen one, or by the kind."""
+    if kind == "remote":
+        return "remote"
+    if backend != "auto":
+        return backend
     return "llamacpp" if kind == "gguf" else "hf"
 
 

@@ -56,7 +56,7 @@ _FINISH = {"stop": "stop", "length": "length", "tool_calls": "stop", "function_c
 
 
 def is_remote_url(spec: str | None) -> bool:
-    return bool(spec) and re.match(r"https?://", spec or "", re.I) is not None
+    return re.match(r"https?://", spec or "", re.I) is not None
 
 
 class RemoteBackend:

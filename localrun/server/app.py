@@ -167,7 +167,7 @@ class Api:
         from starlette.responses import PlainTextResponse
 
         self._authorize(request)
-        text = self.metrics.render(process_gauges(self.engine.status, self.engine.worker.status()["pid"]))
+        text = self.metrics.render(process_gauges(self.engine.worker.status))
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def models(self, request: Any) -> Any:

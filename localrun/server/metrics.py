@@ -95,7 +95,8 @@ class Metrics:
             if summary.finish_reason == "cancelled":
                 self.cancelled += 1
                 self.cancel_overrun.observe(overrun_tokens)
-            self.peak_ram_bytes = max(self.peak_ram_bytes, summary.peak_ram_bytes)
+            if summary.peak_ram_bytes is not None:  # None: a remote engine that does not say
+                self.peak_ram_bytes = max(self.peak_ram_bytes, summary.peak_ram_bytes)
             if summary.peak_vram_bytes is not None:
                 self.peak_vram_bytes = max(self.peak_vram_bytes or 0, summary.peak_vram_bytes)
             self.last_decode_tps = summary.decode_tps or self.last_decode_tps
@@ -157,13 +158,13 @@ class _Writer:
         self.out += hist.lines(name)
 
 
-def process_gauges(status: Callable[[], dict], model_pid: int | None = None) -> dict[str, tuple[str, float | None]]:
-    """Scrape-time gauges: this server's RSS, the model process's, and the queue."""
+def process_gauges(status: Callable[[], dict]) -> dict[str, tuple[str, float | None]]:
+    """Scrape-time gauges: this server's RSS, the model process's (status: the worker's, with its pid), the queue."""
     import psutil
 
     state = status()
     try:
-        model_rss = psutil.Process(model_pid).memory_info().rss if model_pid else None
+        model_rss = psutil.Process(state["pid"]).memory_info().rss if state.get("pid") else None
     except psutil.Error:  # the model process ended between the status and the read
         model_rss = None
     return {
