@@ -274,3 +274,171 @@ def format_spec_bench(r: dict) -> Sequence[str]:
         f"{'drafting / verifying':<22}{r['draft_s']:>8.2f} s / {r['verify_s']:.2f} s per run",
         f"{'same text as plain':<22}{'yes' if r['same_text'] else 'NO':>10}",
     ]
+
+
+# ---- many clients at once: the same figures for a model here (through the worker serve uses) or elsewhere ----
+
+LOAD_CLIENTS = (1, 2, 4)
+
+
+def load_prompt(n_words: int, tag: str) -> str:
+    """A plain prompt of about n_words words, different from its first word on so no engine reuses a cache."""
+    words = (_FILLER * (n_words // 30 + 2)).split()
+    return f"Request {tag}. " + " ".join(words[:n_words])
+
+
+def _quantiles(values: Sequence[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "max": None}
+    ordered = sorted(values)
+    return {
+        "p50": statistics.median(ordered),
+        "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
+        "max": ordered[-1],
+    }
+
+
+def run_load_bench(
+    send: Callable[[str, SamplingParams], Any],
+    about: dict[str, Any],
+    *,
+    clients: Sequence[int] = LOAD_CLIENTS,
+    n_prompt: int = 512,
+    n_gen: int = 128,
+    reps: int = 3,
+    ignore_eos: bool = True,
+) -> dict:
+    """TTFT, prompt and generation tok/s per request, and total throughput, with 1..N clients at once.
+
+    send(prompt, params) runs one request to its end and returns its GenerationSummary (stream_generate times it,
+    as for every reply). At each level, `reps` rounds of that many clients start together; total throughput is
+    the round's generated tokens over the round's wall time. One untimed request warms the engine first.
+    """
+    params = SamplingParams(temperature=0.0, max_tokens=n_gen, ignore_eos=ignore_eos, loop_guard=False)
+    n_words = max(4, int(n_prompt * 0.75))  # about n_prompt tokens for English text; the engine's count is kept
+
+    def one(tag: str) -> Any:
+        summary = send(load_prompt(n_words, tag), params)
+        if summary.error:
+            raise RuntimeError(f"bench request failed: {summary.error}")
+        return summary
+
+    one("warm-up")
+    levels = []
+    for level in clients:
+        summaries, totals, walls = [], [], []
+        for rep in range(reps):
+            results, wall = _round(one, level, rep)
+            summaries += results
+            walls.append(wall)
+            totals.append(sum(s.generated_tokens for s in results) / wall)
+        ram = [s.peak_ram_bytes for s in summaries if s.peak_ram_bytes]
+        levels.append(
+            {
+                "clients": level,
+                "ttft_s": _quantiles([s.ttft_s for s in summaries if s.ttft_s is not None]),
+                "prompt_tps": statistics.median(s.prompt_tps for s in summaries if s.prompt_tps) if summaries else None,
+                "decode_tps": statistics.median(s.decode_tps for s in summaries if s.decode_tps) if summaries else None,
+                "total_tps": statistics.median(totals),
+                "wall_s": statistics.median(walls),
+                "prompt_tokens": statistics.median(s.prompt_tokens for s in summaries),
+                "generated_tokens": statistics.median(s.generated_tokens for s in summaries),
+                "peak_ram_bytes": max(ram) if ram else None,
+                "runs": {"total_tps": totals, "ttft_s": [s.ttft_s for s in summaries]},
+            }
+        )
+    base = levels[0]["total_tps"]
+    for row in levels:
+        row["total_over_one_client"] = row["total_tps"] / base if base else None
+    return {
+        **about,
+        "n_prompt": n_prompt,
+        "n_gen": n_gen,
+        "ignore_eos": ignore_eos,
+        "reps": reps,
+        "levels": levels,
+        "machine": machine_info(),
+    }
+
+
+def _round(one: Callable[[str], Any], level: int, rep: int) -> tuple[list[Any], float]:
+    """`level` clients sending one request each, all at once: their summaries, and the round's wall time."""
+    results: list[Any] = [None] * level
+    errors: list[BaseException] = []
+
+    def client(i: int) -> None:
+        try:
+            results[i] = one(f"{level}-{rep}-{i}")
+        except BaseException as exc:  # re-raised below, after the round
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,), name=f"bench-client-{i}") for i in range(level)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return results, wall
+
+
+def remote_sender(backend: Backend) -> Callable[[str, SamplingParams], Any]:
+    """Requests to a remote engine, one per client thread, on the loaded RemoteBackend (its client is shared)."""
+
+    def send(prompt: str, params: SamplingParams) -> Any:
+        return generate(backend, backend.tokenize(prompt), params)
+
+    return send
+
+
+def worker_sender(engine: Any) -> Callable[[str, SamplingParams], Any]:
+    """Requests to a model here, through the model process and its slots that `serve` and the UI use."""
+    from localrun.requests import CompletionRequest
+    from localrun.server.engine import CancelWatch
+
+    def send(prompt: str, params: SamplingParams) -> Any:
+        summary = None
+        for event in engine.submit(CompletionRequest(prompt, params, max_tokens=params.max_tokens), CancelWatch()):
+            summary = event.summary or summary
+        if summary is None:
+            raise RuntimeError("the model process ended the request without a summary")
+        return summary
+
+    return send
+
+
+def load_about(report: Any, *, slots: int | None, engine: str, round_trip_s: float | None = None) -> dict:
+    """The head of a load bench's JSON: what answered, where, with how many slots."""
+    remote = report.backend == "remote"
+    return {
+        "model": report.details.get("model") if remote else report.model_path,
+        "url": report.model_path if remote else None,
+        "backend": report.backend,
+        "device": report.device,
+        "engine": engine,
+        "round_trip_s": round_trip_s,
+        "n_ctx": report.n_ctx,
+        "slots": slots,
+    }
+
+
+def format_load_bench(result: dict) -> Sequence[str]:
+    """The table of a load bench: one row per number of clients."""
+    rtt = "" if result["round_trip_s"] is None else f" · round trip {result['round_trip_s'] * 1e3:.1f} ms"
+    lines = [
+        f"{result['engine']} · {result['device']} · {result['slots'] or '?'} slots · ctx {result['n_ctx']}{rtt}",
+        f"prompt ~{result['n_prompt']} tok · gen {result['n_gen']} tok · greedy · median of {result['reps']} rounds",
+        f"{'clients':>7}{'TTFT p50':>11}{'TTFT p90':>11}{'prompt tok/s':>14}{'gen tok/s':>11}{'total tok/s':>13}{'× 1 client':>12}",
+    ]
+    for row in result["levels"]:
+        ttft = row["ttft_s"]
+        ms = ["n/a" if v is None else f"{v * 1e3:.0f} ms" for v in (ttft["p50"], ttft["p90"])]
+        prompt = "n/a" if row["prompt_tps"] is None else f"{row['prompt_tps']:.1f}"
+        gen = "n/a" if row["decode_tps"] is None else f"{row['decode_tps']:.1f}"
+        lines.append(
+            f"{row['clients']:>7}{ms[0]:>11}{ms[1]:>11}{prompt:>14}{gen:>11}{row['total_tps']:>13.1f}"
+            f"{row['total_over_one_client']:>11.2f}×"
+        )
+    return lines

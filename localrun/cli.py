@@ -23,6 +23,7 @@ COMMANDS = {
     "quantize": "localrun.cli_quantize",
     "compare": "localrun.cli_compare",
     "serve": "localrun.cli_serve",
+    "endpoints": "localrun.cli_endpoints",
 }
 
 

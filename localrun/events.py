@@ -25,12 +25,14 @@ class TokenStep:
 @dataclass(frozen=True, slots=True)
 class ServerCounts:
     """What a server-side backend's generate_tokens() returns at its end (a remote engine): its finish reason and
-    its own counts, from its `usage` (None where it gave none)."""
+    its own counts, from its `usage` (None where it gave none), and the timings it reports itself, where it does
+    (llama-server's `timings`: prompt_ms, predicted_per_second, ...), for benches that hold ours against them."""
 
     finish_reason: str
     prompt_tokens: int | None = None
     generated_tokens: int | None = None
     cached_tokens: int | None = None
+    engine_timings: dict | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -219,7 +219,7 @@ class LoadOptions(Settings):
         None,
         ge=0,
         le=64,
-        help="llama.cpp: requests decoded together (continuous batching), each with its own --n-ctx of KV cache; 0 = as many as fit in memory, up to 4 (the default of serve and ui; 1 elsewhere).",
+        help="llama.cpp: requests decoded together (continuous batching), each with its own --n-ctx of KV cache; 0 = as many as fit in memory, up to 4 (the default of serve, ui and bench --clients; 1 elsewhere).",
         meta=Meta("Parallel requests (slots)", _LLAMA, _LLAMA),
     )
     n_gpu_layers: int | None = setting(

@@ -170,3 +170,20 @@ def test_llama_backend_loads_only_llama_cpps_bindings_until_more_is_asked_for(de
     light, full = done.stdout.splitlines()
     assert light == "[]"
     assert full == "Llama True"
+
+
+def test_bench_with_clients_runs_them_at_once_through_the_slots_serve_uses(cli):
+    import json
+
+    result = cli("bench", "--clients", "1,2", "--n-prompt", "32", "--n-gen", "8", "--reps", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["engine"] == "localrun (this machine)" and report["backend"] == "llamacpp"
+    assert report["slots"] >= 2  # serve's default: as many slots as fit, so both clients decode together
+    assert [row["clients"] for row in report["levels"]] == [1, 2]
+    for row in report["levels"]:
+        assert row["generated_tokens"] == 8 and row["prompt_tokens"] > 16
+        assert row["ttft_s"]["p50"] > 0 and row["decode_tps"] > 0 and row["total_tps"] > 0
+        assert row["peak_ram_bytes"] > 50e6
+    refused = cli("bench", "--clients", "1,x")
+    assert refused.returncode == 2 and "--clients takes numbers" in refused.stderr

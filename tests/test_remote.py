@@ -137,3 +137,96 @@ def test_memory_a_remote_engine_does_not_report_is_shown_as_unknown(remote) -> N
     for event in events:
         series.add(event)
     assert "RAM" not in series.memory
+
+
+def test_bench_measures_a_remote_engine_with_clients_at_once(server, key_file, cli) -> None:
+    """`localrun bench` on a remote: each level's requests reach the engine, which counts exactly what was asked."""
+    import json
+
+    before = metric(server, "localrun_completion_tokens_total")
+    args = ("bench", "--url", server, "--remote-api-key-file", key_file, "--clients", "1,2", "--n-prompt", "32")
+    result = cli(*args, "--n-gen", "8", "--reps", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["engine"] == "localrun" and report["backend"] == "remote" and report["slots"] >= 2
+    assert report["model"] == "smollm2-135m-instruct" and report["round_trip_s"] > 0
+    assert [row["clients"] for row in report["levels"]] == [1, 2]
+    for row in report["levels"]:
+        assert row["generated_tokens"] == 8 and row["prompt_tokens"] > 16  # the engine's own usage counts
+        assert row["ttft_s"]["p50"] > 0 and row["decode_tps"] > 0 and row["total_tps"] > 0
+        assert row["peak_ram_bytes"] > 50e6  # the remote model process, from its /metrics
+    # a warm-up, then one request and two at once: 4 requests of 8 tokens reached the engine
+    assert metric(server, "localrun_completion_tokens_total") == before + 32
+    assert KEY not in result.stdout + result.stderr
+
+
+def test_a_saved_endpoint_names_the_remote_model(server, key_file, cli, tmp_path) -> None:
+    import json
+
+    env = {"LOCALRUN_HOME": str(tmp_path)}
+    added = cli("endpoints", "add", "box", server, "--api-key-file", key_file, env=env)
+    assert added.returncode == 0 and "box:MODEL" in added.stdout, added.stderr
+    assert KEY not in (tmp_path / "endpoints.json").read_text()  # only the key file's path is saved
+    listed = json.loads(cli("endpoints", "list", "--check", "--json", env=env).stdout)
+    assert listed[0]["engine"] == "localrun" and listed[0]["models"] == ["smollm2-135m-instruct"]
+    chat = cli("chat", "box:smollm2-135m-instruct", "-p", "What is the capital of France?", env=env)
+    assert chat.returncode == 0 and "Paris" in chat.stdout, chat.stderr
+    assert "remote/localrun at 127.0.0.1" in chat.stderr
+    unknown = cli("chat", "box:no-such-model", "-p", "Hi", env=env)
+    assert unknown.returncode == 2 and "has no model 'no-such-model'" in unknown.stderr
+    for bad, says in [
+        (("smollm2-135m-instruct", server), "is a model in the catalog"),
+        (("x", "ftp://h"), "not an engine address"),
+    ]:
+        refused = cli("endpoints", "add", *bad, env=env)
+        assert refused.returncode == 2 and says in refused.stderr and "Traceback" not in refused.stderr
+    assert cli("endpoints", "rm", "box", env=env).returncode == 0
+    gone = cli("chat", "box:smollm2-135m-instruct", "-p", "Hi", env=env)
+    assert gone.returncode == 2 and "Unknown model" in gone.stderr
+
+
+def test_serve_proxies_a_remote_engine_and_adds_its_own_metrics(server, key_file) -> None:
+    """`localrun serve --url REMOTE`: the official client talks to the proxy, the proxy streams from the remote,
+    and both count the same tokens."""
+    import os
+
+    from openai import OpenAI
+
+    from tests.serve_support import start_server, stop
+
+    proc, proxy = start_server("--url", server, "--remote-api-key-file", key_file, env=dict(os.environ))
+    try:
+        remote_before = metric(server, "localrun_completion_tokens_total")
+        client = OpenAI(base_url=f"{proxy}/v1", api_key="unused")
+        assert [m.id for m in client.models.list().data] == ["smollm2-135m-instruct"]
+        stream = client.chat.completions.create(
+            model="smollm2-135m-instruct",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        usage = chunks[-1].usage
+        assert "Paris" in text and len(chunks) > 3  # streamed through, piece by piece
+        assert 0 < usage.completion_tokens <= 16 and usage.prompt_tokens > 5
+        assert metric(server, "localrun_completion_tokens_total") == remote_before + usage.completion_tokens
+        assert metric(proxy, "localrun_completion_tokens_total") == usage.completion_tokens
+        assert (
+            metric(proxy, "localrun_ttft_seconds_count") == 1 and metric(proxy, "localrun_model_peak_ram_bytes") > 50e6
+        )
+    finally:
+        stop(proc)
+
+
+def test_a_damaged_endpoints_file_is_one_sentence_and_local_models_still_load(cli, tmp_path) -> None:
+    (tmp_path / "endpoints.json").write_text("{not json")
+    env = {"LOCALRUN_HOME": str(tmp_path)}
+    listed = cli("endpoints", "list", env=env)
+    assert listed.returncode == 2 and "is not a localrun endpoints file" in listed.stderr
+    assert "Traceback" not in listed.stderr
+    local = cli("chat", "-p", "Hi", "--max-tokens", "2", env=env)
+    assert local.returncode == 0, local.stderr
+    assert (tmp_path / "endpoints.json").read_text() == "{not json"  # nothing lost

@@ -26,11 +26,16 @@ def backend_for(kind: str, backend: str = "auto") -> str:
 
 def resolve_for(spec: str | Path | None, options: LoadOptions) -> ResolvedModel:
     """What the user typed, for the load it goes with: with --backend remote or --url it is the name of a model
-    the remote engine serves (blank: its first), else a path, catalog name or hub id (catalog.resolve_model)."""
+    the remote engine serves (blank: its first); a saved endpoint's NAME:MODEL or an engine's URL[#MODEL] is that
+    engine's model; else a path, catalog name or hub id (catalog.resolve_model)."""
     from localrun.catalog import resolve_model
+    from localrun.endpoints import remote_target
 
     if options.backend == "remote" or options.url:
         return ResolvedModel(str(spec or ""), None, "remote", url=options.url)
+    target = remote_target(None if spec is None else str(spec))
+    if target is not None:
+        return ResolvedModel(target.model, None, "remote", url=target.url, api_key_file=target.api_key_file)
     return resolve_model(None if spec is None else str(spec))
 
 

@@ -25,6 +25,7 @@ class ResolvedModel:
     hub_id: str | None = None
     recommended: Any = None
     url: str | None = None  # kind "remote": the engine's OpenAI API address
+    api_key_file: str | None = None  # kind "remote": a saved endpoint's key file (--remote-api-key-file wins)
 
 
 @dataclass(frozen=True, slots=True)

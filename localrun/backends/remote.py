@@ -78,7 +78,7 @@ class RemoteBackend:
         self.root = self.url[: -len("/v1")]
         self.host = urlsplit(self.url).netloc
         headers = {"Accept": "application/json"}
-        key = _read_key(options.remote_api_key_file)
+        key = _read_key(options.remote_api_key_file or model.api_key_file)
         if key:
             headers["Authorization"] = f"Bearer {key}"
         timeout = httpx.Timeout(connect=_PROBE_S, read=600.0, write=60.0, pool=60.0)
@@ -89,6 +89,7 @@ class RemoteBackend:
         t0 = time.perf_counter()
         try:
             self.rtt_s, served = self._probe_models()
+            self.served = [m["id"] for m in served]
             self.model = _pick_model(model.name, served, self.url)
             row = next(m for m in served if m["id"] == self.model) if served else {}
             self.engine, n_ctx, slots, memory_route = self._detect(row)
@@ -96,6 +97,7 @@ class RemoteBackend:
             self._http.close()
             raise
         self.memory_route = memory_route
+        self.last_end: ServerCounts | None = None
         self.supports_grammar = self.engine == "llama.cpp"
         self.fields = ENGINE_FIELDS[self.engine]
         details = {"engine": self.engine, "model": self.model, "round trip": f"{self.rtt_s * 1e3:.1f} ms"}
@@ -183,7 +185,7 @@ class RemoteBackend:
     def _stream(self, path: str, body: dict[str, Any]) -> Iterator[TokenStep]:
         import httpx
 
-        finish, usage = None, None
+        finish, usage, timings = None, None, None
         try:
             with self._http.stream("POST", self.url + path, json=body) as response:
                 if response.status_code >= 400:
@@ -199,6 +201,7 @@ class RemoteBackend:
                     if "error" in chunk:
                         raise UserError(f"The remote engine stopped with an error: {_message(chunk)}.")
                     usage = chunk.get("usage") or usage
+                    timings = chunk.get("timings") or timings
                     for choice in chunk.get("choices") or ():
                         text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
                         if text:
@@ -210,9 +213,11 @@ class RemoteBackend:
             raise UserError("The remote engine ended the stream before it said why (the connection was dropped).")
         usage = usage or {}
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
-        return ServerCounts(
-            _FINISH.get(finish, finish), usage.get("prompt_tokens"), usage.get("completion_tokens"), cached
+        end = ServerCounts(
+            _FINISH.get(finish, finish), usage.get("prompt_tokens"), usage.get("completion_tokens"), cached, timings
         )
+        self.last_end = end  # what the engine said of the last request that ended (for benches)
+        return end
 
     def _get(self, path: str) -> Any:
         import httpx
