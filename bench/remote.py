@@ -87,7 +87,7 @@ def cli_runs(url: str, args: argparse.Namespace, log: Path) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     runs = []
     for rep in range(args.cli_reps):
-        seen = log.read_text().count("prompt eval time")
+        seen = len(SERVER_LOG.findall(log.read_text()))
         cmd = [sys.executable, "-m", "localrun.cli", "chat", "--url", url, "-p", prompt(args.n_prompt, f"C{rep}")]
         cmd += ["--temperature", "0", "--max-tokens", str(args.n_gen), "--ignore-eos", "--no-loop-guard"]
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600, check=True)

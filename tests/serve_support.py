@@ -25,9 +25,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(*args: str, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    """A real `localrun serve` process on a free loopback port, once /health answers."""
-    port = free_port()
+def start_server(*args: str, env: dict[str, str], port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """A real `localrun serve` process on a loopback port (a free one unless given), once /health answers."""
+    port = port or free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "localrun.cli", "serve", "--port", str(port), *args],
         cwd=REPO,

@@ -230,3 +230,11 @@ def test_a_damaged_endpoints_file_is_one_sentence_and_local_models_still_load(cl
     local = cli("chat", "-p", "Hi", "--max-tokens", "2", env=env)
     assert local.returncode == 0, local.stderr
     assert (tmp_path / "endpoints.json").read_text() == "{not json"  # nothing lost
+
+
+def test_a_key_file_with_more_than_one_line_is_refused_without_showing_it(tmp_path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(KEY + "\nsecond-" + KEY + "\n")
+    with pytest.raises(UserError, match="holds more than one key") as err:
+        load_backend(None, LoadOptions(backend="remote", url="http://127.0.0.1:9/v1", remote_api_key_file=str(keys)))
+    assert KEY not in str(err.value)

@@ -262,7 +262,7 @@ def wire(ctx: Any, c: SimpleNamespace, chat_outputs: list, replies: list, clear_
 def replay_report(ctx: Any, request: Any) -> Iterator[str]:
     """Replay the session's chat on the model process, one line per reply as it is replayed."""
     from localrun.replay import replay_chat, summary_line
-    from localrun.store import allowed_spec
+    from ui.store import allowed_load
 
     keeper: ChatKeeper = ctx.chat_keeper
     bound = keeper.current(session_of(request))
@@ -271,7 +271,7 @@ def replay_report(ctx: Any, request: Any) -> Iterator[str]:
         return
 
     def answer(spec: str, options: Any, system: str | None, history: list, params: Any, *, cold: bool) -> tuple:
-        allowed_spec(spec, loopback=ctx.loopback)
+        allowed_load(spec, options, loopback=ctx.loopback)
         summary = None
         request_ = ChatRequest(tuple(history), params, system, load=LoadRequest(spec or None, options))
         for update in ctx.worker.submit(request_, owner=session_of(request)):

@@ -29,8 +29,24 @@ def recommended_values(recommended: Any | None, model: type = SamplingParams) ->
 def visible_fields(backend: str, model_kind: str | None, model: type = LoadOptions) -> dict[str, bool]:
     """Which load controls to show: backend-specific ones only for the backend the load will use
     (all of them while the model is unknown)."""
+    if backend == "remote":  # the engine elsewhere loads its own model: only its address and key apply
+        return {name: name == "backend" or meta(model, name).backend == "remote" for name in ui_fields(model)}
     chosen = None if model_kind is None else backend_for(model_kind, backend)
     return {name: chosen is None or meta(model, name).backend in (None, chosen) for name in ui_fields(model)}
+
+
+def is_remote(options: LoadOptions) -> bool:
+    """Whether a load drives an engine elsewhere (as localrun.backends.resolve_for decides)."""
+    return options.backend == "remote" or bool(options.url)
+
+
+def form_load_options(values: dict[str, Any], model_kind: str | None) -> LoadOptions:
+    """LoadOptions from the form as the load uses them: the remote engine's address and key count only while
+    they are shown (a hidden URL left from an earlier remote load would turn a local load into a remote one)."""
+    options = load_options(values)
+    if not visible_fields(options.backend, model_kind)["url"] and (options.url or options.remote_api_key_file):
+        options = options.replace(url=None, remote_api_key_file=None)
+    return options
 
 
 def make_control(model: type, name: str, *, value: Any = None) -> Any:

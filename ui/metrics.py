@@ -38,28 +38,36 @@ def _card(key: str, label: str, value: str, raw: float | int | None, note: str =
     )
 
 
-def metrics_html(event: GenerationEvent | None, *, state: str = "idle") -> str:
+def metrics_html(event: GenerationEvent | None, *, state: str = "idle", remote: bool = False) -> str:
     """The live panel: TTFT, prompt and generation tok/s, tokens, RAM and VRAM now and at peak.
 
-    Each value carries data-value with the raw number (seconds, tok/s, bytes) for tests and scripts.
+    Each value carries data-value with the raw number (seconds, tok/s, bytes) for tests and scripts. remote: the
+    model runs on an engine elsewhere, whose memory is what it reports (often nothing).
     """
     if event is None:
         cards = [_card(k, label, "–", None) for k, label in _LABELS]
         return _wrap(cards, state)
-    vram_note = f"peak {fmt_bytes(event.peak_vram_bytes)}" if event.vram_bytes is not None else "no GPU"
     cards = [
         _card("ttft", "TTFT", fmt_ms(event.ttft_s), event.ttft_s),
         _prompt_card(event),
         _card("decode-tps", "Generation", fmt_rate(event.decode_tps), event.decode_tps),
         _card("tokens", "Tokens", str(event.generated_tokens), event.generated_tokens, f"{event.elapsed_s:.1f} s"),
-        _card("ram", "RAM", fmt_bytes(event.ram_bytes), event.ram_bytes, f"peak {fmt_bytes(event.peak_ram_bytes)}"),
-        _card("vram", "VRAM", fmt_bytes(event.vram_bytes), event.vram_bytes, vram_note),
+        _memory_card("ram", "RAM", event.ram_bytes, event.peak_ram_bytes, remote=remote),
+        _memory_card("vram", "VRAM", event.vram_bytes, event.peak_vram_bytes, remote=remote),
     ]
     if event.draft_tokens:  # speculative decoding: the running acceptance
         rate = event.accepted_tokens / event.draft_tokens
         note = f"{event.accepted_tokens} of {event.draft_tokens} drafted"
         cards.append(_card("acceptance", "Draft accepted", f"{rate:.0%}", round(rate, 4), note))
     return _wrap(cards, state)
+
+
+def _memory_card(key: str, label: str, now: int | None, peak: int | None, *, remote: bool) -> str:
+    if now is not None:
+        return _card(key, label, fmt_bytes(now), now, f"peak {fmt_bytes(peak)}")
+    if remote:  # an engine that does not say (vLLM, TGI, llama-server), or no GPU there
+        return _card(key, label, "n/a (remote)", None, "not reported by the engine")
+    return _card(key, label, "n/a", None, "no GPU" if key == "vram" else "")
 
 
 def _prompt_card(event: GenerationEvent) -> str:

@@ -59,6 +59,21 @@ def model_kind(spec: str | None) -> str | None:
         return None
 
 
+def allowed_load(spec: str | None, options: Any, *, loopback: bool) -> None:
+    """Raise a UserError unless a browser may ask for this load. A remote engine's model is a name there, not a
+    path here; but its key file is a file here, and over the network the UI opens no file it does not list."""
+    from localrun.store import allowed_spec
+    from ui.controls import is_remote
+
+    if not is_remote(options):
+        allowed_spec(spec, loopback=loopback)
+    elif options.remote_api_key_file and not loopback:
+        raise UserError(
+            "Over the network the UI reads no files on this machine, so a remote engine's API key file works only "
+            "in a UI served on loopback (127.0.0.1)."
+        )
+
+
 def recommended(spec: str | None) -> Any | None:
     """The catalog's recommended system prompt and sampling for what the picker holds, or None."""
     try:

@@ -289,6 +289,8 @@ def _read_key(path: str | None) -> str | None:
         raise UserError(f"Cannot read the API key file {path}: {exc.strerror or exc}.") from None
     if not key:
         raise UserError(f"The API key file {path} is empty.")
+    if any(c.isspace() or not c.isprintable() for c in key):  # it would go into a header, and errors quote headers
+        raise UserError(f"The API key file {path} holds more than one key: put the key alone on one line.")
     return key
 
 

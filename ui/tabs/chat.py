@@ -18,10 +18,17 @@ from localrun.events import GenerationEvent
 from localrun.format import stats_line
 from localrun.requests import ChatRequest, Failed, Loaded, LoadRequest, Progress
 from localrun.settings import LoadOptions, SamplingParams, recommendable
-from localrun.store import allowed_spec
 from localrun.structured import with_json_schema
 from ui import chat_history, store
-from ui.controls import load_options, make_control, recommended_values, rows, sampling_params, visible_fields
+from ui.controls import (
+    form_load_options,
+    is_remote,
+    make_control,
+    recommended_values,
+    rows,
+    sampling_params,
+    visible_fields,
+)
 from ui.metrics import LiveSeries, charts_html, metrics_html, reply_footer, turn_row, turns_frame
 
 TITLE = "Chat"
@@ -34,6 +41,8 @@ _PLOT_INTERVAL_S = 1.0  # the charts
 LOAD_ROWS = rows(LoadOptions)
 SAMPLING_ROWS = rows(SamplingParams)
 RECOMMENDABLE = recommendable(SamplingParams)
+_PICKER_INFO = "A model on disk, a catalog name, or the path of a .gguf file or model directory."
+_REMOTE_PICKER_INFO = "The name of a model the remote engine serves; blank: the first one it lists."
 
 
 def build(ctx: Any) -> None:
@@ -65,7 +74,7 @@ def _layout(ctx: Any) -> SimpleNamespace:
             value=ctx.default_model or catalog.DEFAULT_MODEL_NAME,
             allow_custom_value=True,
             label="Model",
-            info="A model on disk, a catalog name, or the path of a .gguf file or model directory.",
+            info=_PICKER_INFO,
             elem_id="model-picker",
             scale=5,
         )
@@ -94,6 +103,7 @@ def _layout(ctx: Any) -> SimpleNamespace:
             _layout_metrics(c)
     c.history = gr.State([])
     c.turns = gr.State([])
+    c.remote_mode = gr.State(False)  # whether the backend picked is the remote one (the picker then names its model)
     return c
 
 
@@ -109,7 +119,9 @@ def _rows(model: type, rows: tuple[tuple[str, ...], ...], values: dict[str, Any]
     return controls
 
 
-def _recommended_note(spec: str | None) -> str:
+def _recommended_note(spec: str | None, backend: str = "auto") -> str:
+    if backend == "remote":
+        return "A remote engine applies its model's own settings to those left at their defaults here."
     rec = store.recommended(spec)
     if rec is None:
         return "No recommended settings for this model: the defaults apply."
@@ -118,10 +130,12 @@ def _recommended_note(spec: str | None) -> str:
     return f"The catalog's recommended settings for this model are filled in: {shown}{system}."
 
 
-def apply_recommended(spec: str | None) -> tuple[Any, ...]:
-    """(note, system prompt, *sampling values) for the picked model, for the picker's change event."""
-    system, values = recommended_values(store.recommended(spec))
-    return (_recommended_note(spec), system, *(values[name] for name in RECOMMENDABLE))
+def apply_recommended(spec: str | None, backend: str = "auto") -> tuple[Any, ...]:
+    """(note, system prompt, *sampling values) for the picked model, for the picker's change event. A remote
+    model starts from the defaults, which are left to the engine (a local manifest's DRY or top-k would be
+    refused by an engine that lacks them)."""
+    system, values = recommended_values(None if backend == "remote" else store.recommended(spec))
+    return (_recommended_note(spec, backend), system, *(values[name] for name in RECOMMENDABLE))
 
 
 def _layout_chat(c: SimpleNamespace) -> None:
@@ -223,7 +237,10 @@ def _wire_model(ctx: Any, c: SimpleNamespace) -> None:
     drafts = c.load_controls["draft"]  # the draft picker (Load options) follows the models on disk too
     c.refresh.click(lambda: gr.Dropdown(choices=store.draft_choices()), outputs=[drafts], api_visibility="private")
     ctx.components["tab_chat"].select(
-        lambda: gr.Dropdown(choices=store.model_choices()), outputs=[c.picker], api_visibility="private"
+        lambda remote: gr.skip() if remote else gr.Dropdown(choices=store.model_choices()),
+        inputs=[c.remote_mode],
+        outputs=[c.picker],
+        api_visibility="private",
     )  # a model downloaded in the Models tab shows up on the way back
     # A new page sees the models on disk now and the model the shared worker has loaded.
     ctx.demo.load(
@@ -232,10 +249,17 @@ def _wire_model(ctx: Any, c: SimpleNamespace) -> None:
         api_visibility="private",
     )
     recommendable = [c.sampling[name] for name in RECOMMENDABLE]
+    backend = c.load_controls["backend"]
     c.picker.change(
         apply_recommended,
-        inputs=[c.picker],
+        inputs=[c.picker, backend],
         outputs=[c.recommended_note, c.system, *recommendable],
+        api_visibility="private",
+    )
+    backend.change(
+        lambda backend, picker, was_remote: picker_for_backend(ctx, backend, picker, was_remote),
+        inputs=[backend, c.picker, c.remote_mode],
+        outputs=[c.remote_mode, c.picker, c.recommended_note, c.system, *recommendable],
         api_visibility="private",
     )
     names = list(c.load_controls)
@@ -246,6 +270,23 @@ def _wire_model(ctx: Any, c: SimpleNamespace) -> None:
             outputs=list(c.load_controls.values()),
             api_visibility="private",
         )
+
+
+def picker_for_backend(ctx: Any, backend: str, picker: str | None, was_remote: bool) -> tuple[Any, ...]:
+    """(remote mode, picker, note, system prompt, *sampling values) when the backend changes to or from the remote
+    one: the picker then names a model on the engine (blank: its first), or one here again."""
+    import gradio as gr
+
+    remote = backend == "remote"
+    if remote == bool(was_remote):
+        return (gr.skip(),) * (4 + len(RECOMMENDABLE))
+    if remote:
+        spec, choices, label, info = "", [], "Model on the remote engine", _REMOTE_PICKER_INFO
+    else:  # a remote model's name is not a model here: back to the default unless it resolves
+        spec = picker if picker and store.model_kind(picker) else (ctx.default_model or catalog.DEFAULT_MODEL_NAME)
+        choices, label, info = store.model_choices(), "Model", _PICKER_INFO
+    shown = gr.Dropdown(choices=choices, value=spec, label=label, info=info)
+    return (remote, shown, *apply_recommended(spec, backend))
 
 
 def _visibility(picker: str, backend: str, names: list[str]) -> list[Any]:
@@ -259,10 +300,29 @@ def _visibility(picker: str, backend: str, names: list[str]) -> list[Any]:
 # ---- handlers (plain generators, so they read without Gradio) -----------------------------------
 
 
+def loaded_name(loaded: Loaded) -> str:
+    """The loaded model's name; for a remote engine's first model (asked for blank), the one it answered with."""
+    return loaded.name or loaded.report.details.get("model") or "?"
+
+
 def _loaded_text(loaded: Loaded | None) -> str:
     if loaded is None:
         return "No model loaded yet: press **Load**, or just send a message."
-    return f"**Loaded {html.escape(loaded.name)}** · {loaded.report.describe()}"
+    return f"**Loaded {html.escape(loaded_name(loaded))}** · {html.escape(loaded.report.describe())}"
+
+
+def load_request(ctx: Any, spec: str | None, values: dict[str, Any]) -> LoadRequest:
+    """The load the form asks for; a UserError with one sentence when it is wrong or not allowed from a browser."""
+    kind = None if values.get("backend") == "remote" else store.model_kind(spec or None)
+    options = form_load_options(values, kind)
+    store.allowed_load(spec, options, loopback=ctx.loopback)
+    return LoadRequest(spec or None, options)
+
+
+def _what(request: LoadRequest) -> str:
+    if request.model:
+        return request.model
+    return "the remote engine's first model" if is_remote(request.options) else "the default model"
 
 
 def load_model(ctx: Any, spec: str, values: dict[str, Any], *, owner: str) -> Iterator[tuple[str, Any]]:
@@ -271,8 +331,7 @@ def load_model(ctx: Any, spec: str, values: dict[str, Any], *, owner: str) -> It
 
     busy, ready = gr.Button(interactive=False), gr.Button(interactive=True)
     try:
-        allowed_spec(spec, loopback=ctx.loopback)
-        request = LoadRequest(spec or None, load_options(values))
+        request = load_request(ctx, spec, values)
         for update in ctx.worker.submit(request, owner=owner):
             match update:
                 case Progress(text=text):
@@ -281,7 +340,7 @@ def load_model(ctx: Any, spec: str, values: dict[str, Any], *, owner: str) -> It
                     yield _loaded_text(update), ready
                 case Failed(message=message):
                     gr.Warning(message)
-                    yield f"⚠️ Could not load {spec or 'the default model'}: {message}", ready
+                    yield f"⚠️ Could not load {html.escape(_what(request))}: {message}", ready
     except UserError as exc:
         yield f"⚠️ {exc}", ready
 
@@ -333,8 +392,7 @@ def _reply(
 ) -> Iterator[tuple]:
     """Build the request from the form (a wrong value is one sentence in the status line), then stream."""
     try:
-        allowed_spec(spec, loopback=ctx.loopback)
-        load = LoadRequest(spec or None, load_options(values))
+        load = load_request(ctx, spec, values)
         params = with_json_schema(sampling_params(values), values.get("json_schema"))
         request = ChatRequest(tuple(asked), params, system, load=load)
     except UserError as exc:
@@ -383,7 +441,7 @@ def _stream(ctx: Any, turn: Turn, turns: list, owner: str) -> Iterator[tuple]:
 
     series, parts, event, failed, model = LiveSeries(), [], None, None, None
     last_text, last_plot = 0.0, time.monotonic()  # the first chart once it has a second of points
-    generating = False
+    generating, remote = False, turn.request.load is not None and is_remote(turn.request.load.options)
     yield _update(
         chatbot=_display(turn.history),
         metrics=metrics_html(None, state="waiting"),
@@ -396,8 +454,8 @@ def _stream(ctx: Any, turn: Turn, turns: list, owner: str) -> Iterator[tuple]:
             failed = update
             continue
         if isinstance(update, Progress | Loaded):
-            model = update.name if isinstance(update, Loaded) else model
-            text = f"Loaded {update.name}" if isinstance(update, Loaded) else update.text
+            model = loaded_name(update) if isinstance(update, Loaded) else model
+            text = f"Loaded {loaded_name(update)}" if isinstance(update, Loaded) else update.text
             yield _update(status=f"⏳ {text}…")
             continue
         event = update
@@ -407,7 +465,7 @@ def _stream(ctx: Any, turn: Turn, turns: list, owner: str) -> Iterator[tuple]:
             continue
         last_text = now
         series.add(event)
-        out = {"metrics": metrics_html(event, state="generating")}
+        out = {"metrics": metrics_html(event, state="generating", remote=remote)}
         if now - last_plot >= _PLOT_INTERVAL_S:
             last_plot = now
             out["charts"] = charts_html(series)
@@ -419,8 +477,8 @@ def _stream(ctx: Any, turn: Turn, turns: list, owner: str) -> Iterator[tuple]:
         yield _update(**out)
     if event is not None:
         series.add(event)
-    model = model or (ctx.worker.loaded.name if ctx.worker.loaded else "?")
-    yield _finish(turn, turns, parts, event, failed, series, model, ctx=ctx, owner=owner)
+    model = model or (loaded_name(ctx.worker.loaded) if ctx.worker.loaded else "?")
+    yield _finish(turn, turns, parts, event, failed, series, model, ctx=ctx, owner=owner, remote=remote)
 
 
 def _save(ctx: Any, owner: str, turn: Turn, history: list) -> None:
@@ -455,6 +513,7 @@ def _finish(
     *,
     ctx: Any = None,
     owner: str = "",
+    remote: bool = False,
 ) -> tuple:
     """The final update: the reply with its stats line, its row in the table, and the outcome; with ctx, the
     conversation is saved to the chat store."""
@@ -485,7 +544,9 @@ def _finish(
     else:
         status = "⚠️ The reply ended without a result."
     state = summary.finish_reason if summary is not None else "error"
-    metrics = metrics_html(event, state=state) if event is not None else metrics_html(None, state="error")
+    metrics = (
+        metrics_html(event, state=state, remote=remote) if event is not None else metrics_html(None, state="error")
+    )
     return _update(
         chatbot=_display(history),
         history=history,
