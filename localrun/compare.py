@@ -4,6 +4,10 @@
 (multiprocessing spawn, so each variant's peak memory is its own) and yields its row as soon as it is
 done: the CLI, the UI and the server consume the same generator. A variant that fails to build, load
 or run gives a row with `error` set, and the others still run.
+
+The arena (no quality) can also take the model as it is (no levels: `quants=()`) and remote engines
+(`remotes`, each a saved endpoint's NAME[:MODEL] or an engine's URL[#MODEL]): each answers the same prompt
+through the same `stream_generate`, so its TTFT and tokens/s are measured as a local variant's are.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class Variant:
     tensor_types: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     quant: str = "none"  # nf4 or int8 for a saved bitsandbytes directory, loaded as saved
+    spec: str | None = None  # what loads it when that is not `path`: a remote engine's NAME:MODEL or URL#MODEL
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +70,8 @@ class CompareRow:
     kld_max: float | None = None
     top1_agreement_pct: float | None = None
     answer: str = ""
+    device: str = ""
+    note: str | None = None
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -105,6 +112,7 @@ class CompareRequest:
     max_tokens: int = 48
     quality: bool = True
     cache_dir: str | None = None
+    remotes: tuple[str, ...] = ()  # remote engines answering after the local variants (no quality figures)
 
 
 # -- building the variants -------------------------------------------------------------------------
@@ -176,13 +184,30 @@ def _build_one(hf_dir: Path, f16: Path, label: str, dest: Path) -> Iterator[Comp
 
 
 def build_variants(req: CompareRequest) -> Iterator[CompareEvent | Variant]:
-    """Yield progress events, then one Variant per level (reference first); builds only what is missing."""
+    """Yield progress events, then one Variant per level (reference first); builds only what is missing.
+
+    With no levels (`quants=()`, no NF4/INT8) the one local variant is the model as it is; with a remote engine
+    as the model there is none (the remotes are `remote_variants`)."""
     from localrun.catalog import resolve_model
+    from localrun.endpoints import remote_target
     from localrun.quantize import output_stem
 
+    levels = bool(req.quants or req.nf4 or req.int8)
+    if remote_target(req.model) is not None:
+        if levels:
+            raise UserError(
+                f"{req.model} is a remote engine: levels are built from a model on disk. Compare it with --arena "
+                "(answers and speed), or name a local model and pass the engine with --remote."
+            )
+        return
+    if req.quality and not levels:
+        raise UserError("Quality is measured against the F16 reference: give quantization levels, or skip quality.")
     resolved = resolve_model(req.model)
     if resolved.kind == "hub_id" or resolved.path is None or not resolved.path.exists():
         raise UserError(f"{req.model} is not on disk: pull it first (localrun models pull), then compare.")
+    if not levels:
+        yield _as_is(resolved.path)
+        return
     stem = output_stem(resolved.path)
     cache = cache_dir_for(stem, req.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
@@ -206,6 +231,45 @@ def build_variants(req: CompareRequest) -> Iterator[CompareEvent | Variant]:
             yield Variant(label, dest, "hf" if label in ("NF4", "INT8") else "gguf", error=str(exc))
 
 
+def _as_is(path: Path) -> Variant:
+    """The model as it is on disk, labelled by its file (or directory) name."""
+    if path.is_dir():
+        from localrun.store import dir_size
+
+        return Variant(path.name, path, "hf", dir_size(path))
+    from localrun.quantize.gguf_quant import describe_gguf
+
+    try:
+        r = describe_gguf(path, target=path.stem)
+    except (OSError, ValueError) as exc:
+        return Variant(path.stem, path, "gguf", error=f"{path.name} is not a readable GGUF file: {exc}")
+    return Variant(path.stem, path, "gguf", r.size_bytes, r.bits_per_weight, dict(r.tensor_types))
+
+
+def remote_variants(req: CompareRequest) -> list[Variant]:
+    """One variant per remote engine: the model (when it names one) first, then `remotes`, in order.
+    A spec that is no engine address gives an error variant, so the others still run."""
+    from localrun.endpoints import remote_target
+
+    specs = ([req.model] if remote_target(req.model) is not None else []) + list(req.remotes)
+    variants = []
+    for spec in specs:
+        try:
+            target = remote_target(spec)
+        except UserError as exc:
+            variants.append(Variant(spec, None, "remote", error=str(exc)))
+            continue
+        if target is None:
+            why = (
+                f"{spec} is not a remote engine: give a saved endpoint as NAME[:MODEL] (localrun endpoints list) "
+                "or an address as http://HOST:PORT/v1[#MODEL]."
+            )
+            variants.append(Variant(spec, None, "remote", error=why))
+        else:
+            variants.append(Variant(target.label, None, "remote", spec=spec))
+    return variants
+
+
 # -- the worker process ------------------------------------------------------------------------------
 
 
@@ -227,7 +291,9 @@ def _peak_rss_bytes() -> int:
 
 
 def _answer(path: str, quant: str, req: CompareRequest, out: Any) -> dict[str, Any]:
-    """Load the variant, generate the greedy answer (streamed to `out`), and return the speed figures."""
+    """Load the variant (a file, or a remote engine's spec), generate the greedy answer (streamed to `out`),
+    and return the speed figures. A remote engine's memory is what it reports (None when it does not), never
+    this process's."""
     from localrun.backends import load_backend
     from localrun.generate import stream_generate
     from localrun.settings import LoadOptions, SamplingParams
@@ -244,9 +310,15 @@ def _answer(path: str, quant: str, req: CompareRequest, out: Any) -> dict[str, A
         assert summary is not None
         if summary.error:
             raise RuntimeError(summary.error)
+        remote = getattr(backend, "server_side", False)
+        device = backend.report.device
+        if remote:
+            device += f", round trip {backend.report.details.get('round trip', '?')}"
+        ram = summary.peak_ram_bytes if remote else max(summary.peak_ram_bytes or 0, _peak_rss_bytes())
         return {
             "load_s": backend.report.load_s,
-            "peak_ram_bytes": max(summary.peak_ram_bytes, _peak_rss_bytes()),
+            "device": device,
+            "peak_ram_bytes": ram,
             "peak_vram_bytes": summary.peak_vram_bytes,
             "ttft_s": summary.ttft_s,
             "prompt_tps": summary.prompt_tps,
@@ -273,7 +345,9 @@ def _worker(task: dict[str, Any], out: Any) -> None:
             out.put(("done", {}))
             return
         figures = _answer(task["path"], task["quant"], req, out)
-        if req.quality:
+        if task.get("remote"):
+            figures["note"] = "quality not measured: a remote engine gives no per-token distributions here"
+        elif req.quality:
             scorer = evaluate.open_scorer(task["path"], n_ctx=req.n_ctx, quant=task["quant"])
             try:
                 ref = evaluate.Reference.load(task["reference"])
@@ -336,12 +410,15 @@ def _run_variant(variant: Variant, req: CompareRequest, ref_path: Path) -> Itera
         variant.kind,
         variant.size_bytes,
         variant.bits_per_weight,
-        is_reference=variant.label == REFERENCE,
+        is_reference=variant.label == REFERENCE and variant.kind != "remote",
     )
+    if variant.kind == "remote":
+        base = replace(base, path=variant.spec or variant.label, size_bytes=0)
     if variant.error:
         yield CompareEvent("row", variant.label, 1.0, variant.error, replace(base, error=variant.error))
         return
-    task = {"job": "variant", "path": str(variant.path), "quant": variant.quant, "label": variant.label}
+    task = {"job": "variant", "path": variant.spec or str(variant.path), "quant": variant.quant}
+    task |= {"label": variant.label, "remote": variant.kind == "remote"}
     task["reference"] = str(ref_path)
     task["request"] = asdict(req)
     for msg in run_in_worker(task):
@@ -356,16 +433,21 @@ def _run_variant(variant: Variant, req: CompareRequest, ref_path: Path) -> Itera
 
 
 def run_compare(req: CompareRequest) -> Iterator[CompareEvent]:
-    """Build what is missing, make the reference once, then yield each variant's row as it finishes."""
+    """Build what is missing, make the reference once, then yield each variant's row as it finishes: the local
+    variants first, then the remote engines."""
     variants: list[Variant] = []
     for item in build_variants(req):
         if isinstance(item, Variant):
             variants.append(item)
         else:
             yield item
+    local = bool(variants)
+    variants += remote_variants(req)
+    if not variants:
+        raise UserError("Nothing to compare: name a model, levels or a remote engine.")
     reference = variants[0]
-    ref_path = _reference_path(req, reference.path) if reference.path else Path()
-    if req.quality and not ref_path.is_file():
+    ref_path = _reference_path(req, reference.path) if local and reference.path else Path()
+    if req.quality and local and not ref_path.is_file():
         yield CompareEvent("reference", REFERENCE, 0.0, f"scoring the text with the {REFERENCE} reference")
         task = {"job": "reference", "path": str(reference.path), "reference": str(ref_path), "request": asdict(req)}
         for msg in run_in_worker(task):

@@ -33,16 +33,27 @@ def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def header() -> str:
-    return " ".join(f"{name:>{w}}" if i else f"{name:<{w}}" for i, (name, w) in enumerate(_COLUMNS)) + "  answer"
+def label_width(labels: Sequence[str]) -> int:
+    """The variant column's width: the longest label (a remote engine's is long), at least the default."""
+    return max([_COLUMNS[0][1], *(len(label) for label in labels)])
 
 
-def format_row(row: CompareRow, *, answer_chars: int = 60) -> str:
+def header(width: int = _COLUMNS[0][1]) -> str:
+    cells = [f"{_COLUMNS[0][0]:<{width}}"] + [f"{name:>{w}}" for name, w in _COLUMNS[1:]]
+    return " ".join(cells) + "  answer"
+
+
+def _size_mib(row: CompareRow) -> float | None:
+    """None for a remote engine: its weights are not ours to measure."""
+    return row.size_bytes / 2**20 if row.size_bytes else None
+
+
+def format_row(row: CompareRow, *, answer_chars: int = 60, width: int = _COLUMNS[0][1]) -> str:
     """One line of the terminal table; an error row shows its sentence instead of figures."""
     if row.error:
-        return f"{row.label:<8} error: {row.error}"
+        return f"{row.label:<{width}} error: {row.error}"
     cells = [
-        _num(row.size_bytes / 2**20, ".1f"),
+        _num(_size_mib(row), ".1f"),
         _num(row.bits_per_weight, ".2f"),
         _num(row.load_s, ".2f"),
         _num(row.peak_ram_bytes / 1e6 if row.peak_ram_bytes else None, ".0f"),
@@ -55,14 +66,44 @@ def format_row(row: CompareRow, *, answer_chars: int = 60) -> str:
         _num(row.kld_p99, ".3f"),
         _num(row.top1_agreement_pct, ".1f"),
     ]
-    line = f"{row.label:<8} " + " ".join(f"{c:>{w}}" for c, (_, w) in zip(cells, _COLUMNS[1:], strict=True))
+    line = f"{row.label:<{width}} " + " ".join(f"{c:>{w}}" for c, (_, w) in zip(cells, _COLUMNS[1:], strict=True))
     answer = " ".join(row.answer.split())
     return f"{line}  {answer[:answer_chars]}{'…' if len(answer) > answer_chars else ''}"
 
 
+_ARENA_COLUMNS = (("load s", 6), ("RAM MB", 7), ("TTFT ms", 7), ("pp t/s", 7), ("tg t/s", 7))
+
+
+def format_arena_table(rows: Sequence[CompareRow]) -> str:
+    """The arena's table, printed after the answers: speed and memory per variant, and where it ran.
+    Memory a remote engine does not report is "n/a"."""
+    width = label_width([r.label for r in rows])
+    lines = [" ".join([f"{'variant':<{width}}", *(f"{n:>{w}}" for n, w in _ARENA_COLUMNS)]) + "  device"]
+    for r in rows:
+        if r.error:
+            lines.append(f"{r.label:<{width}} error: {r.error}")
+            continue
+        ram = "n/a" if r.kind == "remote" and not r.peak_ram_bytes else _num((r.peak_ram_bytes or 0) / 1e6, ".0f")
+        cells = [
+            _num(r.load_s, ".2f"),
+            ram,
+            _num(r.ttft_s * 1000 if r.ttft_s is not None else None, ".0f"),
+            _num(r.prompt_tps, ".0f"),
+            _num(r.decode_tps, ".1f"),
+        ]
+        row = " ".join([f"{r.label:<{width}}", *(f"{c:>{w}}" for c, (_, w) in zip(cells, _ARENA_COLUMNS, strict=True))])
+        lines.append(f"{row}  {r.device}")
+    return "\n".join(lines)
+
+
+def _charted(rows: Sequence[CompareRow], metric: str) -> list[CompareRow]:
+    """The rows a size chart can place: finished, with the metric, and with a size (no remote engine)."""
+    return [r for r in rows if not r.error and r.size_bytes > 0 and getattr(r, metric) is not None]
+
+
 def pareto_front(rows: Sequence[CompareRow], metric: str = "kld_mean") -> list[CompareRow]:
     """Rows no other row beats on both size and `metric` (lower is better for both)."""
-    ok = [r for r in rows if not r.error and getattr(r, metric) is not None]
+    ok = _charted(rows, metric)
     front = []
     for r in ok:
         value = getattr(r, metric)
@@ -97,7 +138,7 @@ def _chart(rows: Sequence[CompareRow], metric: str, ylabel: str, title: str, *, 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    ok = [r for r in rows if not r.error and getattr(r, metric) is not None]
+    ok = _charted(rows, metric)
     fig = Figure(figsize=(7, 4.5), dpi=110)
     ax = fig.add_subplot()
     xs = [r.size_bytes / 2**20 for r in ok]

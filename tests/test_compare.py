@@ -11,8 +11,11 @@ from test_evaluate import SHORT, tiny_hf  # noqa: F401  (the shared tiny-model f
 
 from localrun.compare import ROW_FIELDS, CompareEvent, CompareRequest, run_compare
 from localrun.compare_report import pareto_front, write_outputs
+from localrun.errors import UserError
+from tests.serve_support import free_port
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+DEAD = f"http://127.0.0.1:{free_port()}/v1"
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +50,7 @@ def events(model_dir: Path, text_file: Path) -> list[CompareEvent]:
         n_ctx=32,
         max_tokens=6,
         cache_dir=str(cache),
+        remotes=(DEAD,),  # a remote engine that is not there: an error row after the local ones
     )
     return list(run_compare(req))
 
@@ -57,7 +61,8 @@ def _rows(events: list[CompareEvent]) -> dict:
 
 def test_every_variant_gives_a_row_and_a_broken_one_an_error(events: list[CompareEvent]) -> None:
     rows = _rows(events)
-    assert list(rows) == ["F16", "Q8_0", "Q4_0", "Q4_1", "NF4", "INT8"]
+    assert list(rows) == ["F16", "Q8_0", "Q4_0", "Q4_1", "NF4", "INT8", DEAD]
+    assert rows[DEAD].kind == "remote" and "Nothing answers at" in rows[DEAD].error and not rows[DEAD].is_reference
     assert rows["Q4_0"].error and "Q4_1" in rows and rows["Q4_1"].error is None  # the next one still ran
     assert "Not a directory" in rows["INT8"].error and rows["INT8"].ppl is None  # its build failed
     assert [e.label for e in events if e.stage == "build"].count("INT8") >= 1
@@ -111,10 +116,15 @@ def test_cached_variants_are_reused(model_dir: Path, text_file: Path, events: li
 
 
 def test_outputs_have_every_field_and_valid_charts(events: list[CompareEvent], tmp_path: Path) -> None:
+    from dataclasses import replace
+
     rows = list(_rows(events).values())
+    # a remote engine that answered: speed and memory, but no size to place it on a size chart
+    answered = replace(rows[-1], label="box", error=None, ttft_s=0.1, decode_tps=50.0, kld_mean=None)
+    rows.append(answered)
     files = write_outputs(tmp_path, rows, {"model": "tiny"})
     data = json.loads(files["json"].read_text())
-    assert data["meta"] == {"model": "tiny"} and len(data["rows"]) == 6
+    assert data["meta"] == {"model": "tiny"} and len(data["rows"]) == 8
     for row in data["rows"]:
         assert set(row) == set(ROW_FIELDS)
     header = files["csv"].read_text().splitlines()[0].split(",")
@@ -127,6 +137,16 @@ def test_outputs_have_every_field_and_valid_charts(events: list[CompareEvent], t
         assert matplotlib.image.imread(files[name]).shape[0] > 100
     front = pareto_front(rows)
     assert front and front[0].size_bytes == min(r.size_bytes for r in front)
+    assert answered not in pareto_front(rows, "decode_tps")
+
+
+def test_what_cannot_be_compared_is_one_sentence(model_dir: Path) -> None:
+    for req, says in [
+        (CompareRequest(model=DEAD, quants=("Q8_0",)), "is a remote engine: levels are built from a model on disk"),
+        (CompareRequest(model=str(model_dir), quants=()), "Quality is measured against the F16 reference"),
+    ]:
+        with pytest.raises(UserError, match=says):
+            list(run_compare(req))
 
 
 def test_cli_prints_rows_and_writes_outputs(cli, model_dir: Path, text_file: Path, tmp_path: Path, events) -> None:  # type: ignore[no-untyped-def]

@@ -238,3 +238,54 @@ def test_a_key_file_with_more_than_one_line_is_refused_without_showing_it(tmp_pa
     with pytest.raises(UserError, match="holds more than one key") as err:
         load_backend(None, LoadOptions(backend="remote", url="http://127.0.0.1:9/v1", remote_api_key_file=str(keys)))
     assert KEY not in str(err.value)
+
+
+def test_a_compare_arena_runs_a_local_and_a_remote_variant(server, key_file, cli, tmp_path) -> None:
+    """`compare --arena`: the default model as it is, then the remote engine (a saved endpoint with its key) and a
+    port with nothing listening. Each answer streams under its name, then the table; the dead port is one error
+    row and the others still ran. The JSON has the remote's own memory and no size or quality figures."""
+    import json
+
+    env = {"LOCALRUN_HOME": str(tmp_path)}
+    assert cli("endpoints", "add", "box", server, "--api-key-file", key_file, env=env).returncode == 0
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    out = tmp_path / "out"
+    args = ("compare", "--arena", "default", "--remote", "box:", "--remote", dead, "--max-tokens", "16")
+    result = cli(*args, "--out", str(out), env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    local, remote = "SmolLM2-135M-Instruct.Q4_1", "box"
+    assert text.index(f"── {local} ──") < text.index(f"── {remote} ──") < text.index(f"── {dead} ──")
+    answers = text.split("── ")
+    assert "Paris" in answers[1] and "Paris" in answers[2]  # both answered the prompt
+    assert f"error: Nothing answers at {dead}" in answers[3]
+    table = text[text.index("variant ") :]
+    assert "localrun at 127.0.0.1" in table and " n/a " not in table.splitlines()[2]  # this engine reports memory
+    rows = {r["label"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    assert list(rows) == [local, remote, dead]
+    assert rows[local]["kind"] == "gguf" and rows[local]["size_bytes"] > 50e6 and rows[local]["ppl"] is None
+    mine = rows[remote]
+    assert mine["kind"] == "remote" and mine["size_bytes"] == 0 and mine["bits_per_weight"] is None
+    assert mine["ttft_s"] > 0 and mine["decode_tps"] > 0 and mine["peak_ram_bytes"] > 50e6
+    assert "round trip" in mine["device"] and "quality not measured" in mine["note"] and mine["ppl"] is None
+    assert "Nothing answers at" in rows[dead]["error"]
+    assert (out / "speed_vs_size.png").is_file()  # the charts leave out what has no size
+    assert KEY not in text + result.stderr + (out / "compare.json").read_text()
+
+
+def test_the_ui_arena_streams_a_remote_column(server, key_file, tmp_path, monkeypatch) -> None:
+    """The Compare tab's arena with a remote engine in its box and no level ticked: the model as it is, then the
+    remote, each column done with its speed; a spec that is no engine is that column's sentence."""
+    from localrun.endpoints import add_endpoint
+    from ui.tabs.compare import arena
+
+    monkeypatch.setenv("LOCALRUN_HOME", str(tmp_path))
+    add_endpoint("box", server, key_file)
+    frames = list(arena("smollm2-135m-instruct", [], False, False, "What is the capital of France?", "box:\nnot-one"))
+    page, status = frames[-1]
+    assert status == "Arena finished."
+    assert page.count("data-state='done'") == 2 and "data-variant='box'" in page
+    assert "localrun at 127.0.0.1" in page and "Paris" in page
+    assert "data-variant='not-one' data-state='error'" in page and "is not a remote engine" in page
+    streamed = [p for p, _ in frames if "data-variant='box' data-state='running'" in p]
+    assert len(streamed) >= 2  # the remote's answer arrived in pieces

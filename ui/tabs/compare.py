@@ -5,6 +5,9 @@ would only slow each other down), each with its live TTFT and tokens/s. Quality 
 row by row (size, bits per weight, speed, memory, perplexity, KL-divergence, top-1 agreement), then the
 charts. Clicking a row loads that variant in the Chat tab and switches to it. Everything comes from
 localrun.compare.run_compare, the generator the CLI prints from.
+
+Remote engines (one per line: a saved endpoint's NAME[:MODEL] or http://HOST:PORT/v1[#MODEL]) answer after the
+local variants, measured the same way; with no level ticked the arena runs the model as it is.
 """
 
 import html
@@ -31,7 +34,7 @@ def table_row(r: CompareRow) -> list[Any]:
     """One row of the results table; an error row shows its sentence in the answer column."""
     return [
         r.label,
-        _cell(r.size_bytes / 2**20, 1),
+        _cell(r.size_bytes / 2**20 if r.size_bytes else None, 1),  # none for a remote engine
         _cell(r.bits_per_weight, 2),
         _cell(r.load_s, 2),
         _cell(r.peak_ram_bytes / 1e6 if r.peak_ram_bytes else None, 0),
@@ -65,35 +68,52 @@ def arena_html(columns: dict[str, dict[str, Any]]) -> str:
             "style='flex:1;min-width:180px;border:1px solid #8884;border-radius:8px;padding:8px'>"
             f"<b>{html.escape(label)}</b> <small>{state}</small>"
             f"<div class='arena-stats'><small>TTFT {ttft} · {tps}</small></div>"
-            f"<div class='arena-text' style='white-space:pre-wrap'>{html.escape(col['text'])}</div></div>"
+            + (
+                f"<div class='arena-device'><small>{html.escape(col['device'])}</small></div>"
+                if col.get("device")
+                else ""
+            )
+            + f"<div class='arena-text' style='white-space:pre-wrap'>{html.escape(col['text'])}</div></div>"
         )
     return "<div id='arena-cols' style='display:flex;gap:8px;flex-wrap:wrap'>" + "".join(cells) + "</div>"
 
 
-def _request(model: str, levels: list[str], nf4: bool, int8: bool, prompt: str, text: str, quality: bool):
+def parse_remotes(text: str) -> tuple[str, ...]:
+    """The remote engines box: one spec per line (commas work too), blanks dropped."""
+    return tuple(s for s in (part.strip() for part in (text or "").replace(",", "\n").splitlines()) if s)
+
+
+def _request(
+    model: str, levels: list[str], nf4: bool, int8: bool, prompt: str, text: str, quality: bool, remotes: str = ""
+):
+    as_is = not quality and not levels and not nf4 and not int8  # an arena with no level: the model as it is
     return CompareRequest(
         model=None if not model or model == catalog.DEFAULT_MODEL_NAME else model,
-        quants=tuple(["F16", *levels]),
+        quants=() if as_is else tuple(["F16", *levels]),
         nf4=nf4,
         int8=int8,
         prompt=prompt or DEFAULT_PROMPT,
         text_path=text.strip() or None,
         max_tokens=64 if not quality else 48,
         quality=quality,
+        remotes=parse_remotes(remotes),
     )
 
 
-def arena(model: str, levels: list[str], nf4: bool, int8: bool, prompt: str) -> Iterator[tuple[str, str]]:
+def arena(
+    model: str, levels: list[str], nf4: bool, int8: bool, prompt: str, remotes: str = ""
+) -> Iterator[tuple[str, str]]:
     """(columns HTML, status) as each variant answers in turn."""
     columns: dict[str, dict[str, Any]] = {}
     try:
-        req = _request(model, levels, nf4, int8, prompt, "", quality=False)
+        req = _request(model, levels, nf4, int8, prompt, "", quality=False, remotes=remotes)
         for ev in run_compare(req):
             col = columns.setdefault(ev.label, {"text": "", "ttft_s": None, "decode_tps": None, "state": "waiting"})
             if ev.stage == "token":
                 col.update(text=col["text"] + ev.text, ttft_s=ev.ttft_s, decode_tps=ev.decode_tps, state="running")
             elif ev.stage == "row" and ev.row is not None:
                 col["state"] = "error" if ev.row.error else "done"
+                col["device"] = ev.row.device
                 if ev.row.error:
                     col["text"] = ev.row.error
             elif ev.label in ("HF",):
@@ -110,7 +130,7 @@ def _status(ev: CompareEvent) -> str:
 
 
 def quality_run(
-    model: str, levels: list[str], nf4: bool, int8: bool, prompt: str, text: str
+    model: str, levels: list[str], nf4: bool, int8: bool, prompt: str, text: str, remotes: str = ""
 ) -> Iterator[tuple[Any, str, Any, Any]]:
     """(table, status, quality chart, speed chart): a row per finished variant, charts as rows arrive."""
     import gradio as gr
@@ -119,7 +139,7 @@ def quality_run(
 
     rows: list[CompareRow] = []
     try:
-        for ev in run_compare(_request(model, levels, nf4, int8, prompt, text, quality=True)):
+        for ev in run_compare(_request(model, levels, nf4, int8, prompt, text, quality=True, remotes=remotes)):
             if ev.stage == "token":
                 continue
             if ev.stage == "row" and ev.row is not None:
@@ -164,6 +184,14 @@ def build(ctx: Any) -> None:
         int8 = gr.Checkbox(label="INT8 (bitsandbytes)", value=False, elem_id="compare-int8")
         text = gr.Textbox(label="Evaluation text file (empty: the bundled public-domain text)", elem_id="compare-text")
     prompt = gr.Textbox(value=DEFAULT_PROMPT, label="Prompt", elem_id="compare-prompt")
+    remotes = gr.Textbox(
+        label="Remote engines",
+        placeholder="gpu-box:qwen3-32b\nhttp://10.0.0.7:8000/v1#llama-3.3-70b",
+        info="One per line: a saved endpoint's NAME[:MODEL] or an engine's URL[#MODEL]. Each answers after the "
+        "local variants, timed the same way (no quality figures).",
+        lines=2,
+        elem_id="compare-remotes",
+    )
     with gr.Row():
         run_arena = gr.Button("Arena: answer side by side", variant="primary", elem_id="compare-arena-btn")
         run_quality = gr.Button("Quality run", elem_id="compare-quality-btn")
@@ -175,9 +203,12 @@ def build(ctx: Any) -> None:
         schart = gr.Image(label="Speed vs size", type="pil", elem_id="compare-speed-chart")
     picked = gr.Markdown("", elem_id="compare-picked")
 
-    run_arena.click(arena, [model, levels, nf4, int8, prompt], [columns, status], api_name="compare_arena")
+    run_arena.click(arena, [model, levels, nf4, int8, prompt, remotes], [columns, status], api_name="compare_arena")
     run_quality.click(
-        quality_run, [model, levels, nf4, int8, prompt, text], [table, status, qchart, schart], api_name="compare_run"
+        quality_run,
+        [model, levels, nf4, int8, prompt, text, remotes],
+        [table, status, qchart, schart],
+        api_name="compare_run",
     )
     _wire_pick(ctx, table, picked)
 
