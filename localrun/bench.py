@@ -395,12 +395,14 @@ def remote_sender(backend: Backend) -> Callable[[str, SamplingParams], Any]:
 
 def worker_sender(engine: Any) -> Callable[[str, SamplingParams], Any]:
     """Requests to a model here, through the model process and its slots that `serve` and the UI use."""
-    from localrun.requests import CompletionRequest
+    from localrun.engine.messages import GenerateRequest
     from localrun.server.engine import CancelWatch
 
     def send(prompt: str, params: SamplingParams) -> Any:
         summary = None
-        for event in engine.submit(CompletionRequest(prompt, params, max_tokens=params.max_tokens), CancelWatch()):
+        for event in engine.submit(
+            GenerateRequest(prompt=prompt, params=params, max_tokens=params.max_tokens), CancelWatch()
+        ):
             summary = event.summary or summary
         if summary is None:
             raise RuntimeError("the model process ended the request without a summary")

@@ -1,4 +1,5 @@
-"""A conversation with a loaded model: history, system prompt, regenerate. The CLI, the UI worker and the server share it."""
+"""A conversation with a loaded model: history, system prompt, regenerate. The REPL and replay keep one; each
+turn is a GenerateRequest run by the engine (localrun.engine.jobs), as the UI's and the API's are."""
 
 from __future__ import annotations
 
@@ -6,31 +7,24 @@ import threading
 from collections.abc import Iterator, Sequence
 
 from localrun.backends.base import Backend
+from localrun.engine.jobs import FALLBACK_STOP, has_chat_template, run
+from localrun.engine.messages import GenerateRequest
 from localrun.errors import UserError
 from localrun.events import GenerationEvent, GenerationSummary
-from localrun.generate import check_prompt_fits, check_prompt_text, stream_generate
+from localrun.generate import check_prompt_text
 from localrun.settings import SamplingParams
 
-# The fallback template writes "User: ..." turns: a model without its own template would go on to write
-# the user's next turn too, so replies under it end where one begins.
-FALLBACK_STOP = "\nUser:"
+__all__ = ["FALLBACK_STOP", "ChatSession", "complete", "has_chat_template"]
+
 CHAT_HINT = "type a message, or pass one with -p"
-
-
-def has_chat_template(backend: Backend) -> bool:
-    """False for a model that ships no chat template (base models): chat then uses the plain fallback."""
-    report = getattr(backend, "report", None)
-    return bool(getattr(report, "chat_template", True))
 
 
 def complete(
     backend: Backend, text: str, params: SamplingParams, *, cancel: threading.Event | None = None
 ) -> Iterator[GenerationEvent]:
     """Plain completion of `text`, no roles: what a one-shot prompt means to a model without a chat template."""
-    check_prompt_text(text, hint=CHAT_HINT)
-    ids = backend.tokenize(text)
-    check_prompt_fits(len(ids), backend.report.n_ctx)
-    yield from stream_generate(backend, ids, params, cancel=cancel)
+    request = GenerateRequest(prompt=text, params=params, max_tokens=params.max_tokens, empty_hint=CHAT_HINT)
+    yield from run(backend, request, cancel)
 
 
 class ChatSession:
@@ -76,11 +70,9 @@ class ChatSession:
         before = self.messages
         self.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
         parts: list[str] = []
-        if not has_chat_template(self.backend) and FALLBACK_STOP not in params.stop:
-            params = params.replace(stop=(*params.stop, FALLBACK_STOP))
         try:
-            ids = self.prompt_ids(params)  # inside the try: a refused prompt is undone too
-            for event in stream_generate(self.backend, ids, params, cancel=cancel):
+            request = GenerateRequest.chat(self.messages, params, system=self.system)
+            for event in run(self.backend, request, cancel):  # a refused prompt is undone too
                 parts.append(event.text)
                 if event.summary is not None:
                     self.last = event.summary
@@ -90,20 +82,6 @@ class ChatSession:
             self.messages = after_turn(
                 before, self.messages, {"role": "assistant", "content": reply} if reply else None
             )
-
-    def prompt_ids(self, params: SamplingParams) -> list[int]:
-        """The rendered conversation as token ids, trimmed to leave room for the reply."""
-        n_ctx = self.backend.report.n_ctx
-        room = n_ctx - min(params.max_tokens, n_ctx // 2)
-        history = list(self.messages)
-        while True:
-            head = [{"role": "system", "content": self.system}] if self.system else []
-            ids = self.backend.tokenize(self.backend.render_chat(head + history))
-            if not n_ctx or len(ids) <= room or len(history) <= 1:  # n_ctx 0: a remote engine's, unknown here
-                break
-            history = history[2:] if len(history) > 2 else history[1:]
-        check_prompt_fits(len(ids), n_ctx)
-        return ids
 
 
 def without_last_reply(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:

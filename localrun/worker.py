@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any
 
+from localrun.engine.messages import Done, Failed, Heartbeat, Loaded, LoadRequest, Progress, Unloaded, Update
 from localrun.errors import UserError
-from localrun.requests import Done, Failed, Heartbeat, Loaded, LoadRequest, Progress, Unloaded, Update
 from localrun.worker_child import CANCEL_SLOTS, child_main
 
 _POLL_S = 0.1

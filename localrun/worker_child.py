@@ -1,7 +1,7 @@
-"""The model worker process: runs typed requests (localrun.requests), each on a thread of its own, and answers
-with typed replies tagged with the request's id.
+"""The model worker process: runs typed requests (localrun.engine.messages), each on a thread of its own, and
+answers with typed replies tagged with the request's id.
 
-A request kind is one dataclass in localrun.requests and one handler in HANDLERS below: `handler(request, task)`
+A request kind is one dataclass in localrun.engine.messages and one handler in HANDLERS below: `handler(request, task)`
 sends its replies with `task.send()`, reads Stop from `task.cancel`, and wraps long native steps (loading,
 prefill, a job) in `task.busy()` so heartbeats tell the parent's watchdog it is alive. Every request ends with Done.
 The parent (localrun.worker) decides what runs together: a load alone, generations up to the model's slots.
@@ -18,14 +18,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
-from localrun.errors import UserError
-from localrun.events import GenerationEvent
-from localrun.requests import (
-    ApiChatRequest,
-    ChatRequest,
-    CompletionRequest,
+from localrun.engine.messages import (
     Done,
     Failed,
+    GenerateRequest,
     Heartbeat,
     Loaded,
     LoadRequest,
@@ -33,6 +29,8 @@ from localrun.requests import (
     Reply,
     Unloaded,
 )
+from localrun.errors import UserError
+from localrun.events import GenerationEvent
 
 STREAM_INTERVAL_S = 0.05  # 20 messages a second at most while a reply streams (see Task.stream)
 
@@ -221,37 +219,22 @@ def load(request: LoadRequest, task: Task) -> None:
     task.send(state.loaded)
 
 
-def chat(request: ChatRequest, task: Task) -> None:
-    """Answer the conversation's last message, loading request.load first when another model (or none) is loaded."""
-    from localrun.chat import ChatSession
+def generate(request: GenerateRequest, task: Task) -> None:
+    """A chat or a completion from any edge, loading request.load first when another model (or none) is loaded."""
+    from localrun.engine.jobs import run
 
     state = task.state
     if request.load is not None and (state.loaded is None or state.loaded.request != request.load):
         load(request.load, task)
     if state.backend is None:
-        raise UserError("No model is loaded: pick one and press Load.")
+        raise UserError("No model is loaded: pick one and press Load, or name one in the request's model field.")
     if task.cancel.is_set():  # Stop pressed while the model was loading
         task.send(Progress("Stopped before it started."))
         return
-    session = ChatSession(state.backend, system=request.system)
-    task.stream(session.answer(request.messages, request.params, cancel=task.cancel))
-
-
-def api_generate(request: ApiChatRequest | CompletionRequest, task: Task) -> None:
-    """An API chat or completion (`localrun serve`), loading request.load first like chat()."""
-    from localrun.engine.jobs import run_api
-
-    state = task.state
-    if request.load is not None and (state.loaded is None or state.loaded.request != request.load):
-        load(request.load, task)
-    if state.backend is None:
-        raise UserError("No model is loaded: name one in the request's model field.")
-    task.stream(run_api(state.backend, request, task.cancel))
+    task.stream(run(state.backend, request, task.cancel))
 
 
 HANDLERS: dict[type, Callable[[Any, Task], None]] = {
     LoadRequest: load,
-    ChatRequest: chat,
-    ApiChatRequest: api_generate,
-    CompletionRequest: api_generate,
+    GenerateRequest: generate,
 }

@@ -149,24 +149,24 @@ MODEL_SIDE = """
 import sys
 from localrun.backends import load_backend
 from localrun.catalog import resolve_model
-from localrun.engine.jobs import run_api
-from localrun.requests import ApiChatRequest, CompletionRequest
+from localrun.engine.jobs import run
+from localrun.engine.messages import GenerateRequest
 from localrun.settings import LoadOptions, SamplingParams
 import localrun.worker_child
 
 params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 tool = {"type": "function", "function": {"name": "now", "description": "the time", "parameters": {"type": "object"}}}
 backend = load_backend(resolve_model(None), LoadOptions(parallel=2, n_ctx=512))
-chat = ApiChatRequest(messages=({"role": "user", "content": "Hi"},), params=params, max_tokens=4, tools=(tool,))
-for request in (chat, CompletionRequest(prompt="Once upon a time", params=params, max_tokens=4)):
-    assert sum(len(e.token_ids) for e in run_api(backend, request, None)) == 4
+chat = GenerateRequest(messages=({"role": "user", "content": "Hi"},), params=params, max_tokens=4, tools=(tool,))
+for request in (chat, GenerateRequest(prompt="Once upon a time", params=params, max_tokens=4)):
+    assert sum(len(e.token_ids) for e in run(backend, request, None)) == 4
 backend.close()
 print(sorted(m for m in sys.modules if m.startswith(("localrun.server", "fastapi", "starlette", "uvicorn"))))
 """
 
 
 def test_the_model_side_of_an_api_request_never_imports_the_server() -> None:
-    """What the model process runs for `localrun serve` (a tool chat and a completion through run_api, and the
+    """What the model process runs for `localrun serve` (a tool chat and a completion through the engine's run, and the
     worker module) imports neither localrun.server nor the HTTP stack: the server sits on one side of the pipe."""
     import subprocess
     import sys

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from worker_stall import StallRequest
 
+from localrun.engine.messages import Failed, GenerateRequest, Loaded, LoadRequest, Progress
 from localrun.errors import UserError
 from localrun.events import GenerationEvent
-from localrun.requests import ChatRequest, Failed, Loaded, LoadRequest, Progress
 from localrun.settings import LoadOptions, SamplingParams
 from localrun.worker import WorkerClient
 
@@ -83,11 +83,11 @@ def test_a_bad_model_is_a_user_error_and_the_model_stays(worker: WorkerClient, t
 def test_chat_loads_its_model_when_none_is_loaded() -> None:
     fresh = WorkerClient(start=False)
     try:
-        updates = list(fresh.submit(ChatRequest(HELLO, SHORT, load=LoadRequest()), owner="x"))
+        updates = list(fresh.submit(GenerateRequest.chat(HELLO, SHORT, load=LoadRequest()), owner="x"))
         assert fresh.loaded is not None and any(isinstance(u, Loaded) for u in updates)
         final = events(updates)[-1]
         assert final.finish_reason == "length" and final.generated_tokens == 4
-        again = list(fresh.submit(ChatRequest(HELLO, SHORT, load=LoadRequest()), owner="x"))
+        again = list(fresh.submit(GenerateRequest.chat(HELLO, SHORT, load=LoadRequest()), owner="x"))
         assert not any(isinstance(u, Loaded) for u in again)  # already loaded: straight to the answer
     finally:
         fresh.close()
@@ -95,9 +95,9 @@ def test_chat_loads_its_model_when_none_is_loaded() -> None:
 
 def test_requests_queue_and_stop_only_reaches_its_owner(worker: WorkerClient) -> None:
     long = SamplingParams(max_tokens=3000, ignore_eos=True, temperature=0)
-    thread, got_a = in_thread(worker, ChatRequest(HELLO, long), "a")
+    thread, got_a = in_thread(worker, GenerateRequest.chat(HELLO, long), "a")
     wait_for(got_a, lambda u: isinstance(u, GenerationEvent))
-    b = worker.submit(ChatRequest(HELLO, SHORT), owner="b")
+    b = worker.submit(GenerateRequest.chat(HELLO, SHORT), owner="b")
     assert next(b) == Progress("Waiting for 1 earlier request(s) to finish")
     assert worker.cancel("b")  # B is stopped while queued; A goes on
     assert not any(isinstance(u, GenerationEvent) and u.is_final for u in got_a)
@@ -117,7 +117,7 @@ def test_requests_queue_and_stop_only_reaches_its_owner(worker: WorkerClient) ->
 
 def _chat_works(client: WorkerClient, *, within_s: float) -> list:
     """A chat (loading the default model) must end within within_s: a hang fails instead of blocking the suite."""
-    thread, got = in_thread(client, ChatRequest(HELLO, SHORT, load=LoadRequest()), "next")
+    thread, got = in_thread(client, GenerateRequest.chat(HELLO, SHORT, load=LoadRequest()), "next")
     thread.join(within_s)
     assert not thread.is_alive(), f"the next chat did not finish in {within_s} s: {got}"
     assert events(got)[-1].generated_tokens == 4, got
@@ -135,7 +135,7 @@ def test_a_worker_killed_inside_the_stop_check_does_not_block_the_next_chat() ->
         assert not thread.is_alive() and isinstance(got[-1], Failed) and "SIGKILL" in got[-1].message
         # The old shared Event blocked right here, forever. The next chat (a fresh worker, loading the
         # model, 4 tokens) must finish within 10 s: about 3 s on a 2-core box.
-        thread, got = in_thread(client, ChatRequest(HELLO, SHORT, load=LoadRequest()), "next")
+        thread, got = in_thread(client, GenerateRequest.chat(HELLO, SHORT, load=LoadRequest()), "next")
         wait_for(got, lambda u: u == Progress("Starting the model process"), timeout_s=10)
         thread.join(10)
         assert not thread.is_alive() and events(got)[-1].generated_tokens == 4, got
@@ -188,14 +188,14 @@ def test_two_chats_queued_before_the_dispatcher_sends_either_are_not_told_to_wai
         held = threading.Event()
         send = client._start_ready
         client._start_ready = lambda: send() if held.is_set() else None  # the dispatcher sends nothing for now
-        a, got_a = in_thread(client, ChatRequest(HELLO, SHORT, load=load), "a")
-        b, got_b = in_thread(client, ChatRequest(HELLO, SHORT, load=load), "b")
+        a, got_a = in_thread(client, GenerateRequest.chat(HELLO, SHORT, load=load), "a")
+        b, got_b = in_thread(client, GenerateRequest.chat(HELLO, SHORT, load=load), "b")
         for _ in range(200):
             if client.status()["queued"] == 2:
                 break
             held.wait(0.05)
         assert client.status()["queued"] == 2
-        c = client.submit(ChatRequest(HELLO, SHORT, load=load), owner="c")
+        c = client.submit(GenerateRequest.chat(HELLO, SHORT, load=load), owner="c")
         assert next(c) == Progress("Waiting for 2 earlier request(s) to finish")  # a third does wait
         held.set()
         client._wake()
@@ -215,13 +215,13 @@ def test_with_two_slots_two_chats_stream_at_once_and_a_third_waits() -> None:
         loaded = [u for u in client.submit(load) if isinstance(u, Loaded)]
         assert loaded and loaded[0].report.parallel == 2 and client.status()["slots"] == 2
         long = SamplingParams(max_tokens=3000, ignore_eos=True, temperature=0)
-        a, got_a = in_thread(client, ChatRequest(HELLO, long, load=load), "a")
-        b, got_b = in_thread(client, ChatRequest(HELLO, long, load=load), "b")
+        a, got_a = in_thread(client, GenerateRequest.chat(HELLO, long, load=load), "a")
+        b, got_b = in_thread(client, GenerateRequest.chat(HELLO, long, load=load), "b")
         wait_for(got_a, lambda u: isinstance(u, GenerationEvent))
         wait_for(got_b, lambda u: isinstance(u, GenerationEvent))  # b did not wait for a
         assert not any(isinstance(u, Progress) and "Waiting" in u.text for u in got_a + got_b)
         assert client.status()["running"] == 2
-        c = client.submit(ChatRequest(HELLO, SHORT, load=load), owner="c")
+        c = client.submit(GenerateRequest.chat(HELLO, SHORT, load=load), owner="c")
         assert next(c) == Progress("Waiting for 2 earlier request(s) to finish")
         assert client.cancel("a")  # Stop reaches a only: b goes on, and c takes a's slot
         a.join(60)

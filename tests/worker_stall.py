@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar
 
-from localrun.requests import Progress
+from localrun.engine.messages import Progress
 from localrun.worker_child import Task
 
 

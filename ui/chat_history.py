@@ -14,10 +14,10 @@ from types import SimpleNamespace
 from typing import Any
 
 from localrun.chats import ChatStore, reply_message, title_from
+from localrun.engine.messages import Failed, GenerateRequest, LoadRequest
 from localrun.errors import UserError
 from localrun.events import GenerationEvent, GenerationSummary
 from localrun.replay import saved_spec
-from localrun.requests import ChatRequest, Failed, LoadRequest
 
 _LIST_LIMIT = 100
 
@@ -273,7 +273,7 @@ def replay_report(ctx: Any, request: Any) -> Iterator[str]:
     def answer(spec: str, options: Any, system: str | None, history: list, params: Any, *, cold: bool) -> tuple:
         allowed_load(spec, options, loopback=ctx.loopback)
         summary = None
-        request_ = ChatRequest(tuple(history), params, system, load=LoadRequest(spec or None, options))
+        request_ = GenerateRequest.chat(history, params, system=system, load=LoadRequest(spec or None, options))
         for update in ctx.worker.submit(request_, owner=session_of(request)):
             if isinstance(update, Failed):
                 raise UserError(update.message)

@@ -1,56 +1,83 @@
-"""What the API's request kinds do where the model is (the worker process): prompt, checks, generation.
+"""A GenerateRequest run on a loaded backend: the one place that builds the prompt and applies its rules.
 
-It lives with the engine, not in localrun.server: the model process never imports the HTTP server's package.
+The REPL runs it in its own process, the worker runs it for the UI, the API and bench; the edges only translate
+their formats into a GenerateRequest. It lives with the engine: the model process never imports localrun.server.
 
-The server has already checked the request's shape; what needs the loaded model (the prompt's length
-against the context, grammar support) is checked here, before the first token, as a UserError.
+What needs the loaded model (the prompt's length against the context, grammar support) is checked here, before
+the first token, as a UserError.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
+from localrun.engine.messages import GenerateRequest
 from localrun.errors import UserError
 from localrun.events import GenerationEvent
-from localrun.requests import ApiChatRequest, CompletionRequest
-from localrun.settings import SamplingParams
+from localrun.generate import check_prompt_fits, check_prompt_text, stream_generate
+
+# The fallback template writes "User: ..." turns: a model without its own template would go on to write
+# the user's next turn too, so replies under it end where one begins.
+FALLBACK_STOP = "\nUser:"
 
 
-def run_api(backend: Any, request: ApiChatRequest | CompletionRequest, cancel: Any) -> Iterator[GenerationEvent]:
-    """Render (chat) or take (completion) the prompt and stream the reply; cancel has is_set()."""
-    if isinstance(request, ApiChatRequest):
-        from localrun.tools import render_tool_chat
-
-        ids = backend.tokenize(render_tool_chat(backend, request.messages, request.tools))
-    else:
-        from localrun.generate import check_prompt_text
-
-        check_prompt_text(request.prompt, hint="send some text to complete")
-        ids = backend.tokenize(request.prompt)
-    yield from _generate(backend, ids, request.params, request.max_tokens, cancel)
+def has_chat_template(backend: Any) -> bool:
+    """False for a model that ships no chat template (base models): a chat then uses the plain fallback."""
+    report = getattr(backend, "report", None)
+    return bool(getattr(report, "chat_template", True))
 
 
-def _generate(
-    backend: Any, ids: Sequence[int], params: SamplingParams, max_tokens: int | None, cancel: Any
-) -> Iterator[GenerationEvent]:
-    from localrun.generate import check_prompt_fits, stream_generate
-
+def run(backend: Any, request: GenerateRequest, cancel: Any = None) -> Iterator[GenerationEvent]:
+    """Build the prompt, check it against the model and stream the reply; cancel has is_set()."""
+    params = request.params
     if params.grammar and not getattr(backend, "supports_grammar", False):
         raise UserError(
             f"response_format and forced tool calls need grammar-constrained sampling, which the {backend.name} backend does not have: use a GGUF model."
         )
+    if request.messages is not None and not has_chat_template(backend) and FALLBACK_STOP not in params.stop:
+        params = params.replace(stop=(*params.stop, FALLBACK_STOP))
+    ids = prompt_ids(backend, request)
     if getattr(backend, "server_side", False):  # a remote engine checks its context itself
         yield from stream_generate(
-            backend, ids, params.replace(max_tokens=max_tokens or params.max_tokens), cancel=cancel
+            backend, ids, params.replace(max_tokens=request.max_tokens or params.max_tokens), cancel=cancel
         )
         return
     n_ctx = backend.report.n_ctx
-    check_prompt_fits(len(ids), n_ctx, advice="shorten it, or ask for a model loaded with a larger context")
     room = n_ctx - len(ids)
-    if max_tokens is not None and max_tokens > room:
+    if request.max_tokens is not None and request.max_tokens > room and not request.trim_history:
         raise UserError(
-            f"The prompt is {len(ids)} tokens and max_tokens {max_tokens}, more than the model's context of {n_ctx} tokens: lower max_tokens to {room} or less."
+            f"The prompt is {len(ids)} tokens and max_tokens {request.max_tokens}, more than the model's context of {n_ctx} tokens: lower max_tokens to {room} or less."
         )
-    params = params.replace(max_tokens=max_tokens or room)
-    yield from stream_generate(backend, ids, params, cancel=cancel)
+    yield from stream_generate(backend, ids, params.replace(max_tokens=request.max_tokens or room), cancel=cancel)
+
+
+def prompt_ids(backend: Any, request: GenerateRequest) -> list[int]:
+    """The prompt as token ids: the text as it is, or the chat rendered (tools included), its oldest turns
+    dropped when trim_history asks for room for the reply."""
+    if request.prompt is not None:
+        check_prompt_text(request.prompt, hint=request.empty_hint)
+        ids = backend.tokenize(request.prompt)
+        check_prompt_fits(len(ids), backend.report.n_ctx, advice=request.overflow_advice)
+        return ids
+    if not request.messages:
+        raise UserError("There is no message to answer: send one first.")
+    n_ctx = backend.report.n_ctx
+    history = list(request.messages)
+    want = request.max_tokens if request.max_tokens is not None else request.params.max_tokens
+    room = n_ctx - min(want, n_ctx // 2)
+    while True:
+        ids = backend.tokenize(_render(backend, request, history))
+        if not request.trim_history or not n_ctx or len(ids) <= room or len(history) <= 1:
+            break
+        history = history[2:] if len(history) > 2 else history[1:]
+    check_prompt_fits(len(ids), n_ctx, advice=request.overflow_advice)
+    return ids
+
+
+def _render(backend: Any, request: GenerateRequest, history: list[dict[str, Any]]) -> str:
+    from localrun.tools import render_tool_chat
+
+    if request.system and not (history and history[0]["role"] in ("system", "developer")):
+        history = [{"role": "system", "content": request.system}, *history]
+    return render_tool_chat(backend, history, request.tools)

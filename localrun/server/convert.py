@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from localrun.engine.messages import GenerateRequest, LoadRequest
 from localrun.errors import UserError
 from localrun.limits import LimitExceeded, Limits
-from localrun.requests import ApiChatRequest, CompletionRequest, LoadRequest
 from localrun.server.protocol import ApiError, ChatBody, CompletionBody, _Sampling, check_tool_arguments
 from localrun.server.replies import ChatReply, CompletionReply
 from localrun.settings import SamplingParams, validated
@@ -20,6 +20,9 @@ PENALTY_FIELDS = (
     "dry_allowed_length",
     "dry_penalty_last_n",
 )
+
+
+API_OVERFLOW = "shorten it, or ask for a model loaded with a larger context"
 
 
 def sampling(body: _Sampling, *, grammar: str | None = None, defaults: dict[str, Any] | None = None) -> SamplingParams:
@@ -50,7 +53,7 @@ def chat_request(
     load: LoadRequest | None,
     recommended: Any = None,
     limits: Limits | None = None,
-) -> tuple[ApiChatRequest, ChatReply]:
+) -> tuple[GenerateRequest, ChatReply]:
     """The engine request and the reply builder for a chat body (400 for conflicting options).
 
     recommended: the model's catalog recommendation, whose sampling fills what the body leaves out and
@@ -78,11 +81,12 @@ def chat_request(
     system = getattr(recommended, "system", None)
     if system and messages[0]["role"] not in ("system", "developer"):
         messages.insert(0, {"role": "system", "content": system})
-    request = ApiChatRequest(
+    request = GenerateRequest(
         messages=tuple(messages),
         params=params,
         max_tokens=body.max_completion_tokens or body.max_tokens,
         tools=tuple(tools),
+        overflow_advice=API_OVERFLOW,
         load=load,
     )
     names = [t["function"]["name"] for t in tools]
@@ -123,13 +127,18 @@ def completion_request(
     load: LoadRequest | None,
     recommended: Any = None,
     limits: Limits | None = None,
-) -> tuple[CompletionRequest, CompletionReply]:
+) -> tuple[GenerateRequest, CompletionReply]:
     prompt = body.prompt
     if isinstance(prompt, list):
         if len(prompt) != 1:
             raise ApiError(400, "prompt takes one string here (batches of prompts are not supported).", param="prompt")
         prompt = prompt[0]
-    request = CompletionRequest(
-        prompt=prompt, params=sampling(body, defaults=_sampling_of(recommended)), max_tokens=body.max_tokens, load=load
+    request = GenerateRequest(
+        prompt=prompt,
+        params=sampling(body, defaults=_sampling_of(recommended)),
+        max_tokens=body.max_tokens,
+        empty_hint="send some text to complete",
+        overflow_advice=API_OVERFLOW,
+        load=load,
     )
     return request, CompletionReply(model_name)

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from localrun.engine.messages import Failed, Loaded, LoadRequest
 from localrun.errors import UserError
 from localrun.events import GenerationEvent
-from localrun.requests import Failed, Loaded, LoadRequest
 from localrun.settings import LoadOptions
 
 DEFAULT_MAX_QUEUE = 16

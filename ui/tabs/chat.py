@@ -13,10 +13,10 @@ from typing import Any
 
 from localrun import catalog
 from localrun.chat import after_turn, without_last_reply
+from localrun.engine.messages import Failed, GenerateRequest, Loaded, LoadRequest, Progress
 from localrun.errors import UserError
 from localrun.events import GenerationEvent
 from localrun.format import stats_line
-from localrun.requests import ChatRequest, Failed, Loaded, LoadRequest, Progress
 from localrun.settings import LoadOptions, SamplingParams, recommendable
 from localrun.structured import with_json_schema
 from ui import chat_history, store
@@ -350,7 +350,7 @@ class Turn:
     """One turn as the chat tab sends it: the request, the history it answers as the page shows it, the
     history from before (what stays when nothing comes back) and the typed message (None for Regenerate)."""
 
-    request: ChatRequest
+    request: GenerateRequest
     history: list
     before: list
     message: str | None = None
@@ -394,7 +394,7 @@ def _reply(
     try:
         load = load_request(ctx, spec, values)
         params = with_json_schema(sampling_params(values), values.get("json_schema"))
-        request = ChatRequest(tuple(asked), params, system, load=load)
+        request = GenerateRequest.chat(asked, params, system=system, load=load)
     except UserError as exc:
         yield _status_only(f"⚠️ {exc}")
         return

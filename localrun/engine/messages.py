@@ -1,7 +1,8 @@
 """Typed requests to the model worker and its typed replies: frozen dataclasses that travel through the pipe.
 
-A request kind is one dataclass here and one handler in `localrun.worker_child.HANDLERS`. `stoppable` says
-whether Stop applies to it (a load cannot be interrupted half-way; a chat or a job can).
+There are two request kinds, a load and a generation, each one dataclass here and one handler in
+`localrun.worker_child.HANDLERS`. `stoppable` says whether Stop applies to it (a load cannot be interrupted
+half-way; a generation can).
 """
 
 from __future__ import annotations
@@ -35,45 +36,52 @@ class LoadRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class ChatRequest:
-    """Answer the last user message of a conversation; `load` is loaded first when another model (or none) is."""
+class GenerateRequest:
+    """One generation, from every edge (the REPL, the UI, the API, bench): each translates its own format once.
 
-    messages: tuple[Message, ...]
+    Exactly one of `messages` (a chat, rendered by the model's template; tool calls and results may be in it)
+    and `prompt` (text as it is, no template). `system` opens a chat that has no system message of its own.
+    `max_tokens` None is the rest of the context (the OpenAI API's meaning). `trim_history` drops the oldest
+    turns (the system prompt kept) so the reply has room, as a chat UI does; without it an overlong prompt is
+    refused. `empty_hint` and `overflow_advice` end the sentences of those refusals with what this edge's user
+    can do. `load` is loaded first when another model (or none) is loaded."""
+
+    messages: tuple[dict[str, Any], ...] | None = None
+    prompt: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     system: str | None = None
+    tools: tuple[dict[str, Any], ...] = ()
+    max_tokens: int | None = None
+    trim_history: bool = False
+    empty_hint: str = "there is nothing to answer"
+    overflow_advice: str = "shorten it, or load the model with a larger --n-ctx"
     load: LoadRequest | None = None
     stoppable: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "messages", clean_messages(self.messages))
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("a GenerateRequest takes messages or a prompt, one of the two")
+        if self.messages is not None:
+            object.__setattr__(self, "messages", tuple(self.messages))
         object.__setattr__(self, "system", self.system or None)
 
-
-@dataclass(frozen=True, slots=True)
-class ApiChatRequest:
-    """An OpenAI-style chat (`localrun serve`): messages may carry tool calls and tool results, tools are
-    OpenAI function schemas. max_tokens None means the rest of the context, as the OpenAI API does."""
-
-    messages: tuple[dict[str, Any], ...]
-    params: SamplingParams = field(default_factory=SamplingParams)
-    max_tokens: int | None = None
-    tools: tuple[dict[str, Any], ...] = ()
-    load: LoadRequest | None = None
-    stoppable: ClassVar[bool] = True
-
-
-@dataclass(frozen=True, slots=True)
-class CompletionRequest:
-    """A plain completion (`localrun serve`'s /v1/completions): the prompt text as it is, no chat template."""
-
-    prompt: str
-    params: SamplingParams = field(default_factory=SamplingParams)
-    max_tokens: int | None = None
-    load: LoadRequest | None = None
-    stoppable: ClassVar[bool] = True
+    @classmethod
+    def chat(
+        cls, messages: Sequence[dict[str, Any]], params: SamplingParams, *, system: str | None = None, **more: Any
+    ) -> GenerateRequest:
+        """A chat UI's turn: role and content only, the oldest turns dropped if the context runs short, and
+        params.max_tokens as the reply's limit."""
+        return cls(
+            messages=clean_messages(messages),
+            params=params,
+            system=system,
+            max_tokens=params.max_tokens,
+            trim_history=True,
+            **more,
+        )
 
 
-Request = LoadRequest | ChatRequest | ApiChatRequest | CompletionRequest
+Request = LoadRequest | GenerateRequest
 
 
 # ---- replies ----------------------------------------------------------------------------------------
