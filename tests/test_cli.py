@@ -129,10 +129,10 @@ def test_each_command_registers_from_its_own_module_alone():
 def test_a_chat_command_imports_no_other_command():
     code = (
         "import sys; from localrun.cli import build_parser; build_parser(['chat', '-p', 'hi']); "
-        "print(sorted(m for m in sys.modules if m.startswith(('localrun.cli_', 'ui')) or m == 'gguf'))"
+        "print(sorted(m for m in sys.modules if m.startswith(('localrun.cli.', 'ui')) or m == 'gguf'))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['localrun.cli_chat']"
+    assert out.strip() == "['localrun.cli.chat']"
 
 
 def test_devices_lists_the_cpu_and_each_gpu(cli):

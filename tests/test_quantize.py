@@ -190,7 +190,7 @@ def test_errors(tmp_path: Path, smollm2_f16: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_cli(tmp_path: Path, tiny_hf: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from localrun import cli_quantize
+    from localrun.cli import quantize as cli_quantize
 
     parser = argparse.ArgumentParser()
     cli_quantize.register(parser.add_subparsers())

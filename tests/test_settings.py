@@ -124,9 +124,9 @@ def long_context_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_models_fit_reports_the_context_chat_loads(long_context_gguf: Path, capsys) -> None:
-    from localrun import cli_chat
     from localrun.catalog import resolve_model
     from localrun.cli import build_parser, main
+    from localrun.cli import chat as cli_chat
     from localrun.gguf_info import inspect_gguf
     from localrun.settings import LoadOptions
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from localrun.cli_serve import add_server_flags, limits_from
+from localrun.cli.serve import add_server_flags, limits_from
 from localrun.errors import UserError
 from localrun.netpolicy import credential_text, is_loopback, port_free, require_auth
 

@@ -136,7 +136,7 @@ def handle(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m localrun.cli_quantize`), used when the main CLI is not installed."""
+    """Stand-alone entry (`python -m localrun.cli.quantize`), used when the main CLI is not installed."""
     parser = argparse.ArgumentParser(prog="localrun")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["quantize", *(sys.argv[1:] if argv is None else argv)])

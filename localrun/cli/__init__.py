@@ -14,16 +14,16 @@ from localrun.errors import UserError
 # "localrun.commands" entry points. A known command imports only its own module, and skips the entry-point
 # scan: `localrun chat -p ...` starts as fast as a bare llama-cpp-python script (bench/cold_start.py).
 COMMANDS = {
-    "chat": "localrun.cli_chat",
-    "bench": "localrun.cli_bench",
-    "devices": "localrun.cli_bench",
-    "models": "localrun.cli_models",
-    "pull": "localrun.cli_models",
-    "chats": "localrun.cli_chats",
-    "quantize": "localrun.cli_quantize",
-    "compare": "localrun.cli_compare",
-    "serve": "localrun.cli_serve",
-    "endpoints": "localrun.cli_endpoints",
+    "chat": "localrun.cli.chat",
+    "bench": "localrun.cli.bench",
+    "devices": "localrun.cli.bench",
+    "models": "localrun.cli.models",
+    "pull": "localrun.cli.models",
+    "chats": "localrun.cli.chats",
+    "quantize": "localrun.cli.quantize",
+    "compare": "localrun.cli.compare",
+    "serve": "localrun.cli.serve",
+    "endpoints": "localrun.cli.endpoints",
 }
 
 
@@ -84,7 +84,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `localrun chat -p ... | head` closed the pipe: not an error
         sys.stderr.close()
         return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
