@@ -45,7 +45,7 @@ def _plain(path: Path, quant: str | None, max_tokens: int) -> list[int]:
 def _ours(path: Path, quant: str, max_tokens: int) -> dict:
     """localrun's load and chat path: the streamed answer, its token ids, decode tok/s and the footprint."""
     from localrun.backends import load_backend
-    from localrun.chat import ChatSession
+    from localrun.engine.chat import ChatSession
     from localrun.settings import LoadOptions, SamplingParams
 
     backend = load_backend(path, LoadOptions(backend="hf", quant=quant, n_ctx=1024))

@@ -5,12 +5,12 @@ the same GGUF, dequantised) and asks each of the QUESTIONS under each candidate 
 guard off and at most 256 new tokens, so every reply runs to its own end. A reply passes only when all hold:
 - answer: it names the expected answer (case-insensitive, whole word);
 - ends: it ends by itself (end of sequence) within the 256 tokens;
-- no loop: no span repeats itself, by the engine's own definition (localrun.repetition.find_loop);
+- no loop: no span repeats itself, by the engine's own definition (localrun.engine.repetition.find_loop);
 - English: `is_english` below (letters mostly ASCII, and, from 5 words on, English function words among them).
 
 The NORMAL prompts (lists, code, poems, counting) measure the loop guard's false stops: a reply that ends by
 itself but which the guard would have stopped (find_loop fires) is a false stop. The same count is taken for a
-few looser and stricter loop rules, which is how the rule in localrun.repetition was chosen.
+few looser and stricter loop rules, which is how the rule in localrun.engine.repetition was chosen.
 The questions were written before any run and none was dropped after one; each is recorded with its result.
 This is a pass-rate bench, not a timing one: run it with `nice -n 10` on a busy machine.
 
@@ -77,7 +77,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "t 0.05, top_p 0.5, rp 1.1, DRY 0.8": {"temperature": 0.05, "top_p": 0.5, **_DRY},
     "t 0.2, top_p 0.9, rp 1.1, DRY 0.8": {"temperature": 0.2, "top_p": 0.9, **_DRY},
 }
-# Loop rules compared on the same replies (localrun.repetition's parameters); "engine" is the guard's own.
+# Loop rules compared on the same replies (localrun.engine.repetition's parameters); "engine" is the guard's own.
 RULES: dict[str, dict[str, float]] = {
     "engine": {},
     "exact (share 1.0)": {"min_share": 1.0},
@@ -110,7 +110,7 @@ def is_english(text: str) -> bool:
 
 def reply(backend: Any, prompt: str, params: Any) -> tuple[str, list[int], str]:
     """(text, token ids, finish reason) of one whole reply, in a fresh chat with the system prompt."""
-    from localrun.chat import ChatSession
+    from localrun.engine.chat import ChatSession
 
     session = ChatSession(backend, system=SYSTEM)
     text, ids, finish = "", [], ""
@@ -126,7 +126,7 @@ def text_of(backend: Any):
 
 
 def judge(backend: Any, text: str, ids: list[int], finish: str, words: tuple[str, ...]) -> dict[str, bool]:
-    from localrun.repetition import find_loop
+    from localrun.engine.repetition import find_loop
 
     return {
         "answer": names_answer(text, words),
@@ -166,7 +166,7 @@ def run_candidate(backend: Any, label: str, sampling: dict[str, Any], seeds: int
 
 def run_normal(backend: Any, sampling: dict[str, Any], seeds: int) -> dict[str, Any]:
     """The loop rules' stops on normal replies: among replies that end by themselves, false stops."""
-    from localrun.repetition import find_loop
+    from localrun.engine.repetition import find_loop
     from localrun.settings import SamplingParams
 
     counts = {name: {"false_stops": 0, "loops_caught": 0} for name in RULES}
@@ -227,7 +227,7 @@ def main() -> int:
         "system": SYSTEM,
         "seeds": list(range(args.seeds)),
         "max_tokens": MAX_TOKENS,
-        "pass_rule": "names the answer, ends by itself within 256 tokens, no loop (localrun.repetition), English",
+        "pass_rule": "names the answer, ends by itself within 256 tokens, no loop (localrun.engine.repetition), English",
         "loop_rules": {k: v for k, v in RULES.items()},
         "candidates": {**previous.get("candidates", {}), **candidates},
         "results": merged,

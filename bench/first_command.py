@@ -2,7 +2,7 @@
 20 times, each a separate process with a fresh seed and the default model's recommended settings.
 
 A run passes when the reply names Paris, ends on its own (the stats line says no "stopped:", which it says for
-the token limit and the loop guard) and does not loop (localrun.repetition.find_loop on the reply's tokens).
+the token limit and the loop guard) and does not loop (localrun.engine.repetition.find_loop on the reply's tokens).
 Writes bench/results/first-command.json. A pass-rate bench, not a timing one.
 
 Run: python bench/first_command.py [--runs 20]
@@ -31,7 +31,7 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     from localrun.backends.llama_ctx import open_model
     from localrun.catalog import default_model_path
-    from localrun.repetition import find_loop
+    from localrun.engine.repetition import find_loop
 
     vocab = open_model(str(default_model_path()), vocab_only=True)
 

@@ -56,7 +56,7 @@ def _hit(text: str, words: tuple[str, ...]) -> bool:
 
 def ask(backend: Any, question: str, words: tuple[str, ...], system: str | None, params: Any) -> tuple[bool, str]:
     """One answer; stops as soon as an expected word shows up (the rest of the reply cannot undo it)."""
-    from localrun.chat import ChatSession
+    from localrun.engine.chat import ChatSession
 
     session = ChatSession(backend, system=system)
     cancel = threading.Event()

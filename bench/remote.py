@@ -61,7 +61,7 @@ def start_llama_server(model: Path, port: int, threads: int, log: Path) -> subpr
 def library_runs(url: str, args: argparse.Namespace) -> list[dict]:
     """stream_generate on the remote backend (what the UI shows), with llama-server's timings of the same reply."""
     from localrun.backends import load_backend
-    from localrun.generate import generate
+    from localrun.engine.generate import generate
     from localrun.settings import LoadOptions, SamplingParams
 
     backend = load_backend(None, LoadOptions(backend="remote", url=url))

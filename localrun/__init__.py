@@ -4,8 +4,8 @@ The public API used by the CLI and the UI lives here; heavy libraries (torch, tr
 llama_cpp, gradio) are imported lazily inside the functions that need them.
 """
 
+from localrun.engine.events import GenerationEvent, GenerationSummary, TokenStep
 from localrun.errors import UserError
-from localrun.events import GenerationEvent, GenerationSummary, TokenStep
 from localrun.settings import LoadOptions, SamplingParams
 
 __version__ = "0.1.0"

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from localrun.backends.base import Backend
-from localrun.generate import generate
+from localrun.engine.generate import generate
 from localrun.settings import SamplingParams
 
 _FILLER = (

@@ -295,7 +295,7 @@ def _answer(path: str, quant: str, req: CompareRequest, out: Any) -> dict[str, A
     and return the speed figures. A remote engine's memory is what it reports (None when it does not), never
     this process's."""
     from localrun.backends import load_backend
-    from localrun.generate import stream_generate
+    from localrun.engine.generate import stream_generate
     from localrun.settings import LoadOptions, SamplingParams
 
     backend = load_backend(path, LoadOptions(n_ctx=max(req.n_ctx, 1024), quant=quant))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from localrun.events import GenerationEvent, GenerationSummary
+from localrun.engine.events import GenerationEvent, GenerationSummary
 
 # A prompt rate is shown only when at least this many prompt tokens were evaluated. Below that, TTFT is
 # mostly fixed per-request cost (sampler set-up, one decode step), so tokens/TTFT understates the rate many

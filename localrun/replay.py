@@ -55,7 +55,7 @@ class LocalAnswerer:
     def __call__(self, spec: str, options: Any, system: str | None, history: list, params: Any, *, cold: bool) -> tuple:
         """(summary, model file path) of the reply to history's last message."""
         from localrun.backends import load_backend
-        from localrun.chat import ChatSession
+        from localrun.engine.chat import ChatSession
 
         if self._key != (spec, options) or (cold and self._turns):
             self.close()

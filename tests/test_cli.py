@@ -154,7 +154,7 @@ def test_llama_backend_loads_only_llama_cpps_bindings_until_more_is_asked_for(de
         "import sys\n"
         "from localrun.backends import load_backend\n"
         "from localrun.settings import LoadOptions, SamplingParams\n"
-        "from localrun.generate import generate\n"
+        "from localrun.engine.generate import generate\n"
         "b = load_backend(sys.argv[1], LoadOptions(n_ctx=256))\n"
         "s = generate(b, b.tokenize(b.render_chat([{'role': 'user', 'content': 'Hi'}])), SamplingParams(max_tokens=4))\n"
         "assert s.generated_tokens == 4, s\n"

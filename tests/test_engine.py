@@ -11,8 +11,8 @@ import pytest
 
 from localrun.backends import load_backend
 from localrun.catalog import resolve_model
+from localrun.engine.generate import generate, stream_generate
 from localrun.engine.scheduler import PREFILL_CHUNK
-from localrun.generate import generate, stream_generate
 from localrun.settings import LoadOptions, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
@@ -152,7 +152,7 @@ from localrun.catalog import resolve_model
 from localrun.engine.jobs import run
 from localrun.engine.messages import GenerateRequest
 from localrun.settings import LoadOptions, SamplingParams
-import localrun.worker_child
+import localrun.engine.worker_child
 
 params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 tool = {"type": "function", "function": {"name": "now", "description": "the time", "parameters": {"type": "object"}}}

@@ -13,14 +13,14 @@ import pytest
 from gguf_corpus import STR, build, tiny_kvs, tiny_tensors
 
 from localrun.cli import main
-from localrun.events import GenerationSummary
+from localrun.engine.events import GenerationSummary
+from localrun.engine.generate import generate
+from localrun.engine.penalties import penalized
+from localrun.engine.repetition import find_loop
+from localrun.engine.speculative import filtered_probs
 from localrun.format import stats_line, summary_table
-from localrun.generate import generate
-from localrun.penalties import penalized
-from localrun.repetition import find_loop
 from localrun.server.replies import figures, openai_finish
 from localrun.settings import SamplingParams
-from localrun.speculative import filtered_probs
 
 LOOP_PROMPT = "Write the word hello 50 times."
 GREEDY = {"temperature": 0.0, "repeat_penalty": 1.0, "max_tokens": 200}

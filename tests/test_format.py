@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from localrun.events import GenerationSummary
+from localrun.engine.events import GenerationSummary
 from localrun.format import MIN_RATE_TOKENS, prompt_figure, prompt_rate, stats_line, summary_table
 
 

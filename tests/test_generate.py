@@ -7,9 +7,9 @@ import threading
 import pytest
 from conftest import llama_device, nvidia_gpus
 
-from localrun.chat import ChatSession
+from localrun.engine.chat import ChatSession
+from localrun.engine.generate import IncrementalDetokenizer, StopMatcher, generate, stream_generate
 from localrun.errors import UserError
-from localrun.generate import IncrementalDetokenizer, StopMatcher, generate, stream_generate
 from localrun.settings import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40)

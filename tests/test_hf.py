@@ -16,8 +16,8 @@ pytest.importorskip("transformers")
 
 from localrun.backends import load_backend  # noqa: E402
 from localrun.backends.hf import HFBackend  # noqa: E402
+from localrun.engine.generate import generate, stream_generate  # noqa: E402
 from localrun.errors import UserError  # noqa: E402
-from localrun.generate import generate, stream_generate  # noqa: E402
 from localrun.settings import LoadOptions, SamplingParams  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)

@@ -376,9 +376,9 @@ def test_content_length_shorter_than_the_body(served):
 
 
 def test_ui_schema_field_uses_the_same_limits():
+    from localrun.engine.structured import with_json_schema
     from localrun.errors import UserError
     from localrun.settings import SamplingParams
-    from localrun.structured import with_json_schema
 
     for text in ('{"type": "string", "maxLength": 1000000000}', "[" * 5000 + "]" * 5000):
         t0 = time.perf_counter()

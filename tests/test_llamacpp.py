@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from localrun.engine.generate import generate, stream_generate
 from localrun.errors import UserError
-from localrun.generate import generate, stream_generate
 from localrun.settings import LoadOptions, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)

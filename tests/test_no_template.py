@@ -41,7 +41,7 @@ def bare_gguf(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 def test_one_shot_is_a_plain_completion(bare_gguf: Path) -> None:
     from localrun.backends import load_backend
-    from localrun.generate import generate
+    from localrun.engine.generate import generate
 
     prompt = "The capital of France is"
     done = run_localrun("chat", str(bare_gguf), "-p", prompt, "--temperature", "0", "--max-tokens", "16", "--no-stats")
@@ -73,8 +73,8 @@ def test_repl_says_no_chat_template(bare_gguf: Path) -> None:
 
 def test_chat_under_the_fallback_template_stops_at_the_next_user_turn(bare_gguf: Path) -> None:
     from localrun.backends import load_backend
-    from localrun.chat import ChatSession
-    from localrun.generate import generate
+    from localrun.engine.chat import ChatSession
+    from localrun.engine.generate import generate
 
     history = [
         {"role": "user", "content": "Hi!"},

@@ -8,9 +8,9 @@ import threading
 import pytest
 
 from localrun.backends import load_backend
-from localrun.chat import ChatSession
+from localrun.engine.chat import ChatSession
+from localrun.engine.generate import stream_generate
 from localrun.errors import UserError
-from localrun.generate import stream_generate
 from localrun.settings import LoadOptions, SamplingParams
 from tests.serve_support import KEY, free_port, keyed_server, metric
 

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
+from localrun.engine.schema_gbnf import integer_bounds, integer_range_rule, prepare
 from localrun.errors import UserError
-from localrun.schema_gbnf import integer_bounds, integer_range_rule, prepare
 
 
 def _as_regex(rule: str) -> str:
@@ -80,9 +80,9 @@ def test_enforceable_forms_are_rewritten_not_refused():
 
 def test_sampled_integers_stay_in_range(llama_backend):
     """High-temperature sampling through llama.cpp's grammar sampler: every integer lands in its range."""
-    from localrun.generate import generate
+    from localrun.engine.generate import generate
+    from localrun.engine.structured import json_schema_grammar
     from localrun.settings import SamplingParams
-    from localrun.structured import json_schema_grammar
 
     schema = {
         "type": "object",

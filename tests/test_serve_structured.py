@@ -243,10 +243,10 @@ def test_unparsable_tool_call_keeps_the_raw_text():
 
 def test_chat_tab_json_schema_field_uses_the_grammar(llama_backend):
     """The UI's "JSON schema" field: the same grammar path, straight on the engine."""
+    from localrun.engine.generate import generate
+    from localrun.engine.structured import with_json_schema
     from localrun.errors import UserError
-    from localrun.generate import generate
     from localrun.settings import SamplingParams
-    from localrun.structured import with_json_schema
 
     params = with_json_schema(SamplingParams(temperature=0, max_tokens=120), json.dumps(PERSON_SCHEMA))
     prompt = llama_backend.render_chat([{"role": "user", "content": "Describe a fisherman."}])

@@ -13,10 +13,8 @@ import numpy as np
 import pytest
 from conftest import cached_build
 
-from localrun.errors import UserError
-from localrun.generate import stream_generate
-from localrun.settings import LoadOptions, SamplingParams
-from localrun.speculative import (
+from localrun.engine.generate import stream_generate
+from localrun.engine.speculative import (
     Calibration,
     Draft,
     DraftSchedule,
@@ -28,6 +26,8 @@ from localrun.speculative import (
     filtered_probs,
     sample_from,
 )
+from localrun.errors import UserError
+from localrun.settings import LoadOptions, SamplingParams
 
 COPY_PROMPT = "Repeat this list exactly: apples, pears, plums, cherries, grapes, lemons, limes, melons."
 

@@ -18,8 +18,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from localrun.backends import load_backend  # noqa: E402
+from localrun.engine.generate import stream_generate  # noqa: E402
 from localrun.errors import UserError  # noqa: E402
-from localrun.generate import stream_generate  # noqa: E402
 from localrun.settings import LoadOptions, SamplingParams  # noqa: E402
 
 COPY_PROMPT = "Repeat this list exactly: apples, pears, plums, cherries, grapes, lemons, limes, melons."

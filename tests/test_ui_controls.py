@@ -6,8 +6,8 @@ import re
 
 import pytest
 
+from localrun.engine.events import GenerationEvent, GenerationSummary
 from localrun.errors import UserError
-from localrun.events import GenerationEvent, GenerationSummary
 from localrun.records import fields
 from localrun.settings import LoadOptions, SamplingParams, meta, ui_fields
 from ui.controls import load_options, sampling_params, visible_fields

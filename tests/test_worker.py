@@ -1,4 +1,4 @@
-"""The model worker process (localrun.worker): load, queued typed requests from several owners, Stop, errors,
+"""The model worker process (localrun.engine.worker): load, queued typed requests from several owners, Stop, errors,
 and the watchdog. Real default model."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from worker_stall import StallRequest
 
+from localrun.engine.events import GenerationEvent
 from localrun.engine.messages import Failed, GenerateRequest, Loaded, LoadRequest, Progress
+from localrun.engine.worker import WorkerClient
 from localrun.errors import UserError
-from localrun.events import GenerationEvent
 from localrun.settings import LoadOptions, SamplingParams
-from localrun.worker import WorkerClient
 
 HELLO = ({"role": "user", "content": "Hello"},)
 SHORT = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from localrun.engine.messages import Progress
-from localrun.worker_child import Task
+from localrun.engine.worker_child import Task
 
 
 @dataclass(frozen=True, slots=True)

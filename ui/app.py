@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from localrun.worker import WorkerClient
+from localrun.engine.worker import WorkerClient
 
 # Each module exposes TITLE, KEY (used in elem_ids: tab-KEY, tab-KEY-button) and build(ctx).
 TABS = ("ui.tabs.chat", "ui.tabs.quantize", "ui.tabs.compare", "ui.tabs.models", "ui.tabs.system")

@@ -14,9 +14,9 @@ from types import SimpleNamespace
 from typing import Any
 
 from localrun.chats import ChatStore, reply_message, title_from
+from localrun.engine.events import GenerationEvent, GenerationSummary
 from localrun.engine.messages import Failed, GenerateRequest, LoadRequest
 from localrun.errors import UserError
-from localrun.events import GenerationEvent, GenerationSummary
 from localrun.replay import saved_spec
 
 _LIST_LIMIT = 100

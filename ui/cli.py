@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     )
     port = pick_port(args.host, args.port)
     api_key = _api_key(args)
-    from localrun.worker import WorkerClient
+    from localrun.engine.worker import WorkerClient
     from ui.app import AppContext, launch
 
     print(f"localrun UI on http://{args.host}:{port}", file=sys.stderr)

@@ -7,7 +7,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from localrun.events import GenerationEvent, GenerationSummary
+from localrun.engine.events import GenerationEvent, GenerationSummary
 from localrun.format import fmt_bytes, fmt_ms, fmt_rate, prefill_count, prompt_rate, stats_line
 
 TURN_HEADERS = [

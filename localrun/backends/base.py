@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from localrun.events import TokenStep
+from localrun.engine.events import TokenStep
 from localrun.settings import SamplingParams
 
 if TYPE_CHECKING:  # numpy stays out of `localrun --help`
-    from localrun.speculative import Drafter
+    from localrun.engine.speculative import Drafter
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,11 +26,11 @@ from localrun.backends.hf_spec import (
     speculative_steps,
     tokenizer_vocab,
 )
+from localrun.engine.events import TokenStep
+from localrun.engine.penalties import breaker_ids, uses_dry
+from localrun.engine.speculative import Draft, Drafter, VocabSummary
 from localrun.errors import UserError
-from localrun.events import TokenStep
-from localrun.penalties import breaker_ids, uses_dry
 from localrun.settings import LoadOptions, SamplingParams, effective_n_ctx
-from localrun.speculative import Draft, Drafter, VocabSummary
 
 _POLL_S = 0.1  # how often a waiting reader checks that the generate thread is still alive
 _JOIN_S = 30.0  # a cancelled generate() stops within one forward pass; this is only a safety net
@@ -164,7 +164,7 @@ class HFBackend:
     def _load_drafter(self, options: LoadOptions) -> None:
         from dataclasses import replace
 
-        from localrun.speculative import load_drafter
+        from localrun.engine.speculative import load_drafter
 
         try:
             self.drafter = load_drafter(self, options)
@@ -277,7 +277,7 @@ class HFBackend:
     def render_chat(self, messages: Sequence[dict[str, str]], *, tools: Sequence[dict] | None = None) -> str:
         """The prompt text from the tokenizer's own chat template (a plain fallback when it has none)."""
         if not getattr(self.tokenizer, "chat_template", None):
-            from localrun.chat_template import render_chat
+            from localrun.engine.chat_template import render_chat
 
             return render_chat(None, messages, tools=tools)
         from jinja2 import TemplateError
@@ -356,7 +356,7 @@ class HFBackend:
     def load_draft(self, model: ResolvedModel, options: LoadOptions) -> HFBackend:
         """Load a draft for this target: its tokenizer is checked first (no weights yet), then it loads
         with the target's device, dtype and context."""
-        from localrun.speculative import check_compatible
+        from localrun.engine.speculative import check_compatible
 
         name = Path(model.path).name if model.path is not None else model.hub_id or model.name
         check_compatible(self.vocab_summary(), tokenizer_vocab(load_tokenizer(model, options)), name)

@@ -1,6 +1,6 @@
 """Speculative decoding on the transformers backend: our own KV-cached loop around the model's forward
 pass, so every token can say whether it came from the draft (transformers' assisted generation cannot),
-with the drafters, schedule and acceptance rule shared with llama.cpp (localrun/speculative.py).
+with the drafters, schedule and acceptance rule shared with llama.cpp (localrun/engine/speculative.py).
 
 The target runs one forward over [last token, d1..dk] and gets k+1 logits rows; it keeps the agreeing
 prefix plus one token of its own and crops its DynamicCache past them. The token distributions are
@@ -18,18 +18,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from localrun.engine.events import TokenStep
+from localrun.engine.penalties import dry_penalties, recent_counts, uses_counts, uses_dry
+from localrun.engine.speculative import Draft, Drafter, VocabSummary, accept_sampled, sample_from, sample_ids
 from localrun.errors import UserError
-from localrun.events import TokenStep
-from localrun.penalties import dry_penalties, recent_counts, uses_counts, uses_dry
 from localrun.settings import SamplingParams
-from localrun.speculative import Draft, Drafter, VocabSummary, accept_sampled, sample_from, sample_ids
 
 MAX_VERIFY = 65  # positions in one verify forward: the last token and up to 64 drafted ones
 
 
 class PenaltyProcessor:
     """A transformers logits processor for what the library lacks: the frequency and presence penalties
-    and DRY, by the same rules as llama.cpp's chain (localrun.penalties)."""
+    and DRY, by the same rules as llama.cpp's chain (localrun.engine.penalties)."""
 
     def __init__(self, params: SamplingParams, breakers: frozenset[int]) -> None:
         self.params, self.breakers = params, breakers

@@ -16,8 +16,8 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from localrun.engine.penalties import DRY_BREAKERS, PENALTY_LAST_N, uses_counts, uses_dry
 from localrun.llama_lib import llama_cpp as _llama_cpp
-from localrun.penalties import DRY_BREAKERS, PENALTY_LAST_N, uses_counts, uses_dry
 from localrun.settings import SamplingParams
 
 if TYPE_CHECKING:

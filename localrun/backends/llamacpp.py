@@ -10,14 +10,11 @@ from typing import TYPE_CHECKING
 
 from localrun.backends.base import LoadReport, ResolvedModel
 from localrun.backends.llama_ctx import LlamaRunner, SamplerChain, open_model
-from localrun.chat_template import render_chat
-from localrun.errors import UserError
-from localrun.events import TokenStep
-from localrun.generate import check_prompt_fits
-from localrun.hardware import llama_cpp_build, physical_cores
-from localrun.penalties import breaker_ids, uses_dry
-from localrun.settings import LoadOptions, SamplingParams, effective_n_ctx
-from localrun.speculative import (
+from localrun.engine.chat_template import render_chat
+from localrun.engine.events import TokenStep
+from localrun.engine.generate import check_prompt_fits
+from localrun.engine.penalties import breaker_ids, uses_dry
+from localrun.engine.speculative import (
     Draft,
     Drafter,
     VocabSummary,
@@ -26,6 +23,9 @@ from localrun.speculative import (
     sample_from,
     sample_ids,
 )
+from localrun.errors import UserError
+from localrun.hardware import llama_cpp_build, physical_cores
+from localrun.settings import LoadOptions, SamplingParams, effective_n_ctx
 
 if TYPE_CHECKING:  # numpy loads with the first speculative request: a plain chat does not need it
     import numpy as np
@@ -60,7 +60,7 @@ class LlamaCppBackend:
         self.drafter: Drafter | None = None
         self.report = self._load(Path(path), options)
         if options.draft or options.lookup:
-            from localrun.speculative import load_drafter
+            from localrun.engine.speculative import load_drafter
 
             try:
                 self.drafter = load_drafter(self, options)
@@ -437,8 +437,8 @@ def vocab_summary_of(model) -> VocabSummary:
 
 def check_draft_vocab(target: LlamaCppBackend, draft_path: str | Path) -> None:
     """Compare the draft's vocabulary with the target's, loading only the draft's vocabulary."""
+    from localrun.engine.speculative import check_compatible
     from localrun.gguf_info import inspect_gguf
-    from localrun.speculative import check_compatible
 
     inspect_gguf(draft_path)  # a corrupt draft is refused with the validator's sentence
     try:

@@ -4,7 +4,7 @@ another localrun), driven through the same Backend protocol, so chat, the UI, se
 The remote engine tokenizes, applies its chat template and counts, so this backend is "server side":
 - a prompt's ids are one handle to its text (or to its messages, for a chat), resolved when it is sent;
 - each streamed piece of text is one step, and detokenize() joins pieces;
-- the counts come from the engine's `usage` when the stream ends (localrun.events.ServerCounts).
+- the counts come from the engine's `usage` when the stream ends (localrun.engine.events.ServerCounts).
 
 Timing stays in stream_generate, from the pieces' arrival. Only the round trip is measured here, once, at load.
 """
@@ -23,8 +23,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from localrun.backends.base import LoadReport, ResolvedModel
+from localrun.engine.events import ServerCounts, TokenStep
 from localrun.errors import UserError
-from localrun.events import ServerCounts, TokenStep
 from localrun.records import fields
 from localrun.settings import LoadOptions, SamplingParams
 
@@ -65,7 +65,7 @@ class RemoteBackend:
 
     name = "remote"
     supports_draft = False
-    server_side = True  # localrun.generate: counts and max_tokens are the engine's
+    server_side = True  # localrun.engine.generate: counts and max_tokens are the engine's
 
     def __init__(self, model: ResolvedModel, options: LoadOptions | None = None) -> None:
         import httpx

@@ -135,8 +135,8 @@ def _load_bench(args: argparse.Namespace, options: LoadOptions) -> dict:
             return run_load_bench(remote_sender(backend), about, clients=clients, ignore_eos=eos, **sizes)
         finally:
             backend.close()
+    from localrun.engine.worker import WorkerClient
     from localrun.server.engine import WorkerEngine
-    from localrun.worker import WorkerClient
 
     if options.parallel is None:  # as serve: slots as the memory allows, so the bench measures what it serves
         options = options.replace(parallel=0)

@@ -9,8 +9,8 @@ import threading
 from collections.abc import Callable, Iterator
 
 from localrun.catalog import ResolvedModel
+from localrun.engine.events import GenerationEvent
 from localrun.errors import UserError
-from localrun.events import GenerationEvent
 from localrun.records import fields
 from localrun.settings import LoadOptions, SamplingParams, add_flags, from_args
 
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     one_shot = args.prompt is not None or not sys.stdin.isatty()
     if one_shot:
         prompt = args.prompt if args.prompt is not None else read_stdin()
-        from localrun.generate import check_prompt_text
+        from localrun.engine.generate import check_prompt_text
 
         check_prompt_text(prompt, hint="pass some text with -p, or on standard input")
         return _one_shot(args, model, prompt, params, options, resumed)
@@ -179,7 +179,7 @@ def _one_shot(
     options: LoadOptions,
     resumed: _Resumed | None = None,
 ) -> int:
-    from localrun.chat import ChatSession, complete, has_chat_template
+    from localrun.engine.chat import ChatSession, complete, has_chat_template
     from localrun.format import stats_line
 
     recorder = _recorder(args, resumed, one_shot=True)
@@ -246,7 +246,7 @@ class Repl:
         options: LoadOptions,
         resumed: _Resumed | None = None,
     ) -> None:
-        from localrun.chat import ChatSession
+        from localrun.engine.chat import ChatSession
 
         self.args, self.params, self.options, self.model = args, params, options, model
         self.recorder = _recorder(args, resumed, one_shot=False)

@@ -58,9 +58,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"Port {args.port} on {args.host} is in use: pick another with --port.")
     import uvicorn
 
+    from localrun.engine.worker import WorkerClient
     from localrun.server.app import create_app
     from localrun.server.engine import WorkerEngine
-    from localrun.worker import WorkerClient
 
     engine = WorkerEngine(WorkerClient(), options=options, max_queue=args.max_queue)
     try:

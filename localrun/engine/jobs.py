@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from localrun.engine.events import GenerationEvent
+from localrun.engine.generate import check_prompt_fits, check_prompt_text, stream_generate
 from localrun.engine.messages import GenerateRequest
 from localrun.errors import UserError
-from localrun.events import GenerationEvent
-from localrun.generate import check_prompt_fits, check_prompt_text, stream_generate
 
 # The fallback template writes "User: ..." turns: a model without its own template would go on to write
 # the user's next turn too, so replies under it end where one begins.
@@ -76,7 +76,7 @@ def prompt_ids(backend: Any, request: GenerateRequest) -> list[int]:
 
 
 def _render(backend: Any, request: GenerateRequest, history: list[dict[str, Any]]) -> str:
-    from localrun.tools import render_tool_chat
+    from localrun.engine.tools import render_tool_chat
 
     if request.system and not (history and history[0]["role"] in ("system", "developer")):
         history = [{"role": "system", "content": request.system}, *history]

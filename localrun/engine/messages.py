@@ -1,7 +1,7 @@
 """Typed requests to the model worker and its typed replies: frozen dataclasses that travel through the pipe.
 
 There are two request kinds, a load and a generation, each one dataclass here and one handler in
-`localrun.worker_child.HANDLERS`. `stoppable` says whether Stop applies to it (a load cannot be interrupted
+`localrun.engine.worker_child.HANDLERS`. `stoppable` says whether Stop applies to it (a load cannot be interrupted
 half-way; a generation can).
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from localrun.backends.base import LoadReport
-from localrun.events import GenerationEvent
+from localrun.engine.events import GenerationEvent
 from localrun.settings import LoadOptions, SamplingParams
 
 Message = dict[str, str]

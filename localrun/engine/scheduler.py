@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from localrun.events import TokenStep
+from localrun.engine.events import TokenStep
 
 PREFILL_CHUNK = 512  # prompt tokens per step at most: the longest a running stream waits for a newcomer
 

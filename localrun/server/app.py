@@ -12,8 +12,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+from localrun.engine.events import GenerationEvent
 from localrun.errors import UserError, without_paths
-from localrun.events import GenerationEvent
 from localrun.limits import LimitExceeded, Limits
 from localrun.server.engine import CancelWatch, QueueFull, WorkerEngine
 from localrun.server.metrics import Metrics, process_gauges

@@ -72,7 +72,7 @@ def chat_request(
     if forced:
         if grammar is not None:
             raise ApiError(400, "response_format cannot be combined with a forced tool call.", param="response_format")
-        from localrun.structured import tool_call_grammar
+        from localrun.engine.structured import tool_call_grammar
 
         name = None if choice == "required" else choice.function.name
         grammar = _user_error_as_400(lambda: tool_call_grammar(tools, name=name, limits=limits), "tool_choice")
@@ -97,7 +97,7 @@ def _format_grammar(body: ChatBody, limits: Limits) -> str | None:
     fmt = body.response_format
     if fmt is None or fmt.type == "text":
         return None
-    from localrun.structured import json_schema_grammar
+    from localrun.engine.structured import json_schema_grammar
 
     if fmt.type == "json_object":
         return json_schema_grammar(None, limits=limits)

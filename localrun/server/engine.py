@@ -1,4 +1,4 @@
-"""What the routes talk to: the model worker process (localrun.worker), shared with the UI under `ui --api`.
+"""What the routes talk to: the model worker process (localrun.engine.worker), shared with the UI under `ui --api`.
 
 Requests run together up to the model's slots (continuous batching); the rest wait in arrival order. The
 API bounds its own share of that queue: with max_queue requests waiting beyond the slots, submit() raises
@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from localrun.engine.events import GenerationEvent
 from localrun.engine.messages import Failed, Loaded, LoadRequest
 from localrun.errors import UserError
-from localrun.events import GenerationEvent
 from localrun.settings import LoadOptions
 
 DEFAULT_MAX_QUEUE = 16

@@ -7,9 +7,9 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from localrun.events import GenerationEvent, GenerationSummary
-from localrun.structured import TOOL_CALL_OPEN
-from localrun.tools import ParsedReply, parse_reply
+from localrun.engine.events import GenerationEvent, GenerationSummary
+from localrun.engine.structured import TOOL_CALL_OPEN
+from localrun.engine.tools import ParsedReply, parse_reply
 
 
 def usage(summary: GenerationSummary) -> dict[str, Any]:

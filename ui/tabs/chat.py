@@ -12,13 +12,13 @@ from types import SimpleNamespace
 from typing import Any
 
 from localrun import catalog
-from localrun.chat import after_turn, without_last_reply
+from localrun.engine.chat import after_turn, without_last_reply
+from localrun.engine.events import GenerationEvent
 from localrun.engine.messages import Failed, GenerateRequest, Loaded, LoadRequest, Progress
+from localrun.engine.structured import with_json_schema
 from localrun.errors import UserError
-from localrun.events import GenerationEvent
 from localrun.format import stats_line
 from localrun.settings import LoadOptions, SamplingParams, recommendable
-from localrun.structured import with_json_schema
 from ui import chat_history, store
 from ui.controls import (
     form_load_options,

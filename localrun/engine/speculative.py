@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from localrun.engine.penalties import penalized
 from localrun.errors import UserError
-from localrun.penalties import penalized
 from localrun.settings import LoadOptions, SamplingParams
 
 if TYPE_CHECKING:  # numpy loads when a speculative request first needs it, not on every cold start

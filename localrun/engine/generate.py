@@ -8,12 +8,12 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from localrun.backends.base import Backend
+from localrun.engine.events import GenerationEvent, GenerationSummary, ServerCounts, TokenStep
+from localrun.engine.repetition import LoopDetector
+from localrun.engine.speculative import Draft, Drafter, as_drafter
 from localrun.errors import UserError
-from localrun.events import GenerationEvent, GenerationSummary, ServerCounts, TokenStep
 from localrun.hardware import MemorySampler
-from localrun.repetition import LoopDetector
 from localrun.settings import SamplingParams
-from localrun.speculative import Draft, Drafter, as_drafter
 
 _REPLACEMENT = "\ufffd"
 _MAX_HELD_TOKENS = 8  # a UTF-8 character is at most 4 byte-tokens; room for empty special tokens too
@@ -276,7 +276,7 @@ def stream_generate(
 ) -> Iterator[GenerationEvent]:
     """Generate from prompt ids, yielding one GenerationEvent per token; the last has finish_reason.
 
-    A reply that keeps repeating one span (localrun.repetition) ends with finish reason "repetition"
+    A reply that keeps repeating one span (localrun.engine.repetition) ends with finish reason "repetition"
     unless params.loop_guard is off (or ignore_eos on). TTFT is first token out minus the call. Stop early with `cancel.set()` (a final event with
     finish reason "cancelled" follows) or by closing the iterator; both leave the model usable.
     drafter defaults to the backend's own (loaded with --draft or --lookup); pass one to override.

@@ -4,7 +4,7 @@ answers with typed replies tagged with the request's id.
 A request kind is one dataclass in localrun.engine.messages and one handler in HANDLERS below: `handler(request, task)`
 sends its replies with `task.send()`, reads Stop from `task.cancel`, and wraps long native steps (loading,
 prefill, a job) in `task.busy()` so heartbeats tell the parent's watchdog it is alive. Every request ends with Done.
-The parent (localrun.worker) decides what runs together: a load alone, generations up to the model's slots.
+The parent (localrun.engine.worker) decides what runs together: a load alone, generations up to the model's slots.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
+from localrun.engine.events import GenerationEvent
 from localrun.engine.messages import (
     Done,
     Failed,
@@ -30,7 +31,6 @@ from localrun.engine.messages import (
     Unloaded,
 )
 from localrun.errors import UserError
-from localrun.events import GenerationEvent
 
 STREAM_INTERVAL_S = 0.05  # 20 messages a second at most while a reply streams (see Task.stream)
 

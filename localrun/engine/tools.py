@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from localrun.structured import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from localrun.engine.structured import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 TOOLS_PREAMBLE = (
     "You can call functions. To call one, reply with only:\n"

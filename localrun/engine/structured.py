@@ -1,6 +1,6 @@
 """Structured output: JSON schemas and tool calls turned into GBNF grammars for llama.cpp's grammar sampler.
 
-The conversion itself is llama-cpp-python's schema converter, behind `localrun.schema_gbnf`, which
+The conversion itself is llama-cpp-python's schema converter, behind `localrun.engine.schema_gbnf`, which
 refuses any keyword the grammar would not enforce and adds integer ranges. This module decides what to
 constrain (any JSON object, one schema, or a tool call wrapped in <tool_call> tags) and names the rules
 so that grammars can be combined.
@@ -41,8 +41,8 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], *, name: str | None = Non
 
     name picks one function (tool_choice naming it); None allows any of the tools.
     """
+    from localrun.engine.schema_gbnf import prepare
     from localrun.limits import check_grammar, check_schema
-    from localrun.schema_gbnf import prepare
 
     limits = limits or Limits()
     functions = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
@@ -70,7 +70,7 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], *, name: str | None = Non
 
 
 def _convert(schema: dict[str, Any], *, prop_order: Sequence[str] = (), where: str = "The JSON schema") -> str:
-    from localrun.schema_gbnf import prepare
+    from localrun.engine.schema_gbnf import prepare
 
     if not isinstance(schema, dict):
         raise UserError(f"{where} must be a JSON object.")
@@ -88,7 +88,7 @@ def _converter(prop_order: Sequence[str]) -> Any:
     """llama-cpp-python's SchemaConverter, with integer bounds turned into digit ranges."""
     from llama_cpp.llama_grammar import RESERVED_NAMES, SchemaConverter
 
-    from localrun.schema_gbnf import integer_bounds, integer_range_rule
+    from localrun.engine.schema_gbnf import integer_bounds, integer_range_rule
 
     class Converter(SchemaConverter):
         def visit(self, schema: dict[str, Any], name: str) -> str:

@@ -7,11 +7,11 @@ import threading
 from collections.abc import Iterator, Sequence
 
 from localrun.backends.base import Backend
+from localrun.engine.events import GenerationEvent, GenerationSummary
+from localrun.engine.generate import check_prompt_text
 from localrun.engine.jobs import FALLBACK_STOP, has_chat_template, run
 from localrun.engine.messages import GenerateRequest
 from localrun.errors import UserError
-from localrun.events import GenerationEvent, GenerationSummary
-from localrun.generate import check_prompt_text
 from localrun.settings import SamplingParams
 
 __all__ = ["FALLBACK_STOP", "ChatSession", "complete", "has_chat_template"]

@@ -26,8 +26,8 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from localrun.engine.messages import Done, Failed, Heartbeat, Loaded, LoadRequest, Progress, Unloaded, Update
+from localrun.engine.worker_child import CANCEL_SLOTS, child_main
 from localrun.errors import UserError
-from localrun.worker_child import CANCEL_SLOTS, child_main
 
 _POLL_S = 0.1
 STOP_GRACE_S = 5.0
