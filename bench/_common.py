@@ -54,7 +54,7 @@ def write_result(name: str, result: dict) -> Path:
 
 def default_model() -> Path:
     sys.path.insert(0, str(REPO))
-    from localrun.catalog import default_model_path
+    from localrun.models.catalog import default_model_path
 
     return default_model_path()
 

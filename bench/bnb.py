@@ -72,7 +72,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bnb-cpu.json")
     args = parser.parse_args()
 
-    from localrun.catalog import default_model_path
+    from localrun.models.catalog import default_model_path
     from localrun.quantize import run_quantize
     from localrun.quantize.to_gguf import gguf_to_hf_dir
 

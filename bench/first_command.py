@@ -30,8 +30,8 @@ def main() -> int:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from localrun.backends.llama_ctx import open_model
-    from localrun.catalog import default_model_path
     from localrun.engine.repetition import find_loop
+    from localrun.models.catalog import default_model_path
 
     vocab = open_model(str(default_model_path()), vocab_only=True)
 

@@ -60,8 +60,8 @@ def measure(model: Path, *, n_ctx: int, n_prompt: int, threads: int) -> dict:
 
 def estimate_columns(model: Path, n_ctx: int, n_tokens_used: int, measured: int) -> dict:
     """The resident estimate and the allocation view for one row, with the error against the measurement."""
-    from localrun import fit
-    from localrun.gguf_info import inspect_gguf
+    from localrun.models import fit
+    from localrun.models.gguf_info import inspect_gguf
 
     info = inspect_gguf(model)
     estimated = fit.ram_resident_bytes(info, n_ctx=n_ctx, n_tokens_used=n_tokens_used)
@@ -80,7 +80,7 @@ def estimate_columns(model: Path, n_ctx: int, n_tokens_used: int, measured: int)
 
 
 def _models(args: argparse.Namespace) -> list[Path]:
-    from localrun.catalog import default_model_path
+    from localrun.models.catalog import default_model_path
 
     models = [Path(p) for p in args.models]
     if args.tiny is not None:
@@ -98,7 +98,7 @@ def _models(args: argparse.Namespace) -> list[Path]:
 
 def _kept_rows(out: Path, measured_names: set[str]) -> list[dict]:
     """Rows from an earlier run for models not measured now; estimates recomputed where the file is here."""
-    from localrun.catalog import default_model_path
+    from localrun.models.catalog import default_model_path
 
     if not out.is_file():
         return []

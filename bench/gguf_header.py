@@ -46,7 +46,7 @@ def _cases(directory: Path) -> dict[str, Path]:
 def _refuse(path: Path) -> tuple[float, int]:
     """(seconds, tracemalloc peak bytes) for one inspect_gguf call that must raise UserError."""
     from localrun.errors import UserError
-    from localrun.gguf_info import inspect_gguf
+    from localrun.models.gguf_info import inspect_gguf
 
     tracemalloc.start()
     start = time.perf_counter()
@@ -63,7 +63,7 @@ def _refuse(path: Path) -> tuple[float, int]:
 
 
 def _time_default(path: Path) -> float:
-    from localrun.gguf_info import inspect_gguf
+    from localrun.models.gguf_info import inspect_gguf
 
     start = time.perf_counter()
     inspect_gguf(path)
@@ -75,7 +75,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gguf-header.json")
     args = parser.parse_args()
-    from localrun.catalog import default_model_path
+    from localrun.models.catalog import default_model_path
 
     default = default_model_path()
     _time_default(default)  # warm the imports (gguf, numpy) and the page cache

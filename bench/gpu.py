@@ -130,8 +130,8 @@ SPEC_CASES = {"lookup": ({"lookup": True}, COPY), "self-draft": ({"draft": "SELF
 
 def run_speculative(smollm2: Path, args: argparse.Namespace) -> dict:
     """Speedup and acceptance per backend and case; errors and missing builds are recorded, not raised."""
-    from localrun.catalog import default_model_path
     from localrun.hardware import llama_cpp_build
+    from localrun.models.catalog import default_model_path
 
     targets = {"hf": (smollm2, {"backend": "hf", "dtype": "bfloat16"})}
     if llama_cpp_build()["cuda"]:

@@ -26,9 +26,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from localrun import evaluate  # noqa: E402
-from localrun.catalog import default_model_path  # noqa: E402
 from localrun.compare import CompareRequest, Variant, build_variants, run_compare  # noqa: E402
 from localrun.hardware import physical_cores  # noqa: E402
+from localrun.models.catalog import default_model_path  # noqa: E402
 
 TOOLS = Path(os.environ.get("LLAMA_TOOLS", "/work/llama-tools/bin"))
 _PPL = re.compile(r"Final estimate: PPL = ([0-9.]+)")

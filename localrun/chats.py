@@ -84,7 +84,7 @@ def default_path() -> Path:
     beside the model store."""
     import os
 
-    from localrun.catalog import localrun_home
+    from localrun.models.catalog import localrun_home
 
     return Path(os.environ.get("LOCALRUN_CHATS") or localrun_home() / "chats.sqlite")
 
@@ -376,7 +376,7 @@ def model_quant(path: str | None) -> str | None:
     if not path or not str(path).endswith(".gguf"):
         return None
     try:
-        from localrun.gguf_info import inspect_gguf
+        from localrun.models.gguf_info import inspect_gguf
 
         return inspect_gguf(path).quant_type
     except (UserError, OSError):

@@ -131,7 +131,7 @@ def parse_quants(spec: str | Sequence[str]) -> tuple[str, ...]:
 
 def cache_dir_for(stem: str, override: str | None = None) -> Path:
     """Where a model's variants live: <store>/local/<stem>/ (listed by `localrun models list`)."""
-    from localrun.catalog import models_dir
+    from localrun.models.catalog import models_dir
 
     return Path(override).expanduser() if override else models_dir() / "local" / stem
 
@@ -159,8 +159,8 @@ def _quiet_transformers() -> None:
 
 def _describe(label: str, path: Path, reference: Path | None = None) -> Variant:
     if path.is_dir():  # bits per weight as llama.cpp counts them: all weight bytes over the reference's parameters
-        from localrun.gguf_info import inspect_gguf
-        from localrun.store import dir_size
+        from localrun.models.gguf_info import inspect_gguf
+        from localrun.models.store import dir_size
 
         weights = sum(p.stat().st_size for p in path.glob("*.safetensors"))
         params = inspect_gguf(reference).parameter_count if reference is not None and reference.is_file() else 0
@@ -188,8 +188,8 @@ def build_variants(req: CompareRequest) -> Iterator[CompareEvent | Variant]:
 
     With no levels (`quants=()`, no NF4/INT8) the one local variant is the model as it is; with a remote engine
     as the model there is none (the remotes are `remote_variants`)."""
-    from localrun.catalog import resolve_model
-    from localrun.endpoints import remote_target
+    from localrun.models.catalog import resolve_model
+    from localrun.models.endpoints import remote_target
     from localrun.quantize import output_stem
 
     levels = bool(req.quants or req.nf4 or req.int8)
@@ -234,7 +234,7 @@ def build_variants(req: CompareRequest) -> Iterator[CompareEvent | Variant]:
 def _as_is(path: Path) -> Variant:
     """The model as it is on disk, labelled by its file (or directory) name."""
     if path.is_dir():
-        from localrun.store import dir_size
+        from localrun.models.store import dir_size
 
         return Variant(path.name, path, "hf", dir_size(path))
     from localrun.quantize.gguf_quant import describe_gguf
@@ -249,7 +249,7 @@ def _as_is(path: Path) -> Variant:
 def remote_variants(req: CompareRequest) -> list[Variant]:
     """One variant per remote engine: the model (when it names one) first, then `remotes`, in order.
     A spec that is no engine address gives an error variant, so the others still run."""
-    from localrun.endpoints import remote_target
+    from localrun.models.endpoints import remote_target
 
     specs = ([req.model] if remote_target(req.model) is not None else []) + list(req.remotes)
     variants = []

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from localrun.catalog import write_atomic
 from localrun.compare import ROW_FIELDS, CompareRow
+from localrun.models.catalog import write_atomic
 
 _COLUMNS = (
     ("variant", 8),

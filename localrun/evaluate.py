@@ -291,8 +291,8 @@ class LlamaCppScorer:
         import llama_cpp
         from llama_cpp._logger import set_verbose  # importing it routes llama.cpp's log through Python
 
-        from localrun.gguf_info import inspect_gguf
         from localrun.hardware import llama_cpp_build, physical_cores
+        from localrun.models.gguf_info import inspect_gguf
 
         path = Path(path)
         inspect_gguf(path)  # a corrupt file is a UserError here, not a crash in llama.cpp

@@ -138,7 +138,7 @@ def saved_spec(message: dict[str, Any]) -> str:
     name = message.get("model") or (message.get("run") or {}).get("model") or ""
     if name and path:
         try:
-            from localrun.catalog import resolve_model
+            from localrun.models.catalog import resolve_model
 
             resolved = resolve_model(name)
             if resolved.path is not None and Path(resolved.path).resolve() == Path(path).resolve():

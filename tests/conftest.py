@@ -38,7 +38,7 @@ def llama_device() -> str:
 
 @pytest.fixture(scope="session")
 def default_gguf() -> Path:
-    from localrun.catalog import default_model_path
+    from localrun.models.catalog import default_model_path
 
     return default_model_path()
 

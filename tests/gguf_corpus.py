@@ -146,7 +146,7 @@ def _crafted() -> dict[str, bytes]:
 
 
 def _default_header() -> tuple[bytes, int]:
-    from localrun.catalog import default_model_path
+    from localrun.models.catalog import default_model_path
 
     path = default_model_path()
     with path.open("rb") as handle:

@@ -89,7 +89,7 @@ def smol_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M-Instruct dequantised from the default GGUF to an F32 safetensors folder (shared by name)."""
     from conftest import cached_build
 
-    from localrun.catalog import default_model_path
+    from localrun.models.catalog import default_model_path
     from localrun.quantize.to_gguf import gguf_to_hf_dir
 
     return cached_build(tmp_path_factory, "smollm2-hf", lambda p: gguf_to_hf_dir(default_model_path(), p))

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from localrun import catalog
-from localrun.catalog import DEFAULT_MODEL_NAME, default_model_path, resolve_model
 from localrun.cli import main
 from localrun.errors import UserError
+from localrun.models import catalog
+from localrun.models.catalog import DEFAULT_MODEL_NAME, default_model_path, resolve_model
 
 REQUIRED = {
     "smollm2-135m-instruct",

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import pytest
 
 from localrun.backends import load_backend
-from localrun.catalog import resolve_model
 from localrun.engine.generate import generate, stream_generate
 from localrun.engine.scheduler import PREFILL_CHUNK
+from localrun.models.catalog import resolve_model
 from localrun.settings import LoadOptions, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
@@ -148,7 +148,7 @@ def test_a_long_prompt_is_fed_in_chunks_between_the_running_streams_steps(backen
 MODEL_SIDE = """
 import sys
 from localrun.backends import load_backend
-from localrun.catalog import resolve_model
+from localrun.models.catalog import resolve_model
 from localrun.engine.jobs import run
 from localrun.engine.messages import GenerateRequest
 from localrun.settings import LoadOptions, SamplingParams

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from conftest import cached_build
 
-from localrun.catalog import default_model_path
 from localrun.errors import UserError
 from localrun.evaluate import (
     EvalTokens,
@@ -23,6 +22,7 @@ from localrun.evaluate import (
     read_text,
     tokenize_once,
 )
+from localrun.models.catalog import default_model_path
 
 SHORT = bundled_text_path().read_text(encoding="utf-8")[:1200]
 

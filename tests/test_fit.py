@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from localrun import fit
-from localrun.catalog import default_model_path
 from localrun.cli import main
 from localrun.errors import UserError
-from localrun.gguf_info import inspect_gguf
+from localrun.models import fit
+from localrun.models.catalog import default_model_path
+from localrun.models.gguf_info import inspect_gguf
 
 MiB = 1024 * 1024
 

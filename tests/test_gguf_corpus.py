@@ -13,7 +13,7 @@ import pytest
 
 from localrun.cli import main
 from localrun.errors import UserError
-from localrun.gguf_info import inspect_gguf
+from localrun.models.gguf_info import inspect_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = sorted(gguf_corpus.cases())

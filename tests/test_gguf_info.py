@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from localrun.catalog import default_model_path
 from localrun.errors import UserError
-from localrun.gguf_info import inspect_gguf
+from localrun.models.catalog import default_model_path
+from localrun.models.gguf_info import inspect_gguf
 
 
 @pytest.fixture(scope="module")

@@ -476,7 +476,7 @@ def test_zz_memory_stays_bounded_and_faults_are_counted(served):
 
 def test_ui_delete_message_names_no_path(default_gguf):
     pytest.importorskip("gradio")
-    from localrun.catalog import DEFAULT_MODEL_NAME
+    from localrun.models.catalog import DEFAULT_MODEL_NAME
     from ui.tabs.models import delete
 
     status, _, _ = delete(DEFAULT_MODEL_NAME, True)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from hubserver import FakeHub, HubServer
 
-from localrun import catalog, hub
-from localrun.catalog import default_model_path, resolve_model
 from localrun.cli import main
 from localrun.errors import UserError
+from localrun.models import catalog, hub
+from localrun.models.catalog import default_model_path, resolve_model
 
 
 @pytest.fixture

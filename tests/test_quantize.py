@@ -11,8 +11,8 @@ import psutil
 import pytest
 from conftest import cached_build
 
-from localrun.catalog import default_model_path
 from localrun.errors import UserError
+from localrun.models.catalog import default_model_path
 from localrun.quantize import QuantResult, run_quantize
 from localrun.quantize.gguf_quant import iter_quantize, quant_types
 from localrun.quantize.to_gguf import convert_hf_to_gguf, gguf_to_hf_dir, restore_pre_tokenizer

@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytest
 
-from localrun.catalog import CatalogModel, Manifest
+from localrun.models.catalog import CatalogModel, Manifest
 from localrun.records import Record, RecordError, build, fields, setting
 from localrun.settings import LoadOptions, SamplingParams
 

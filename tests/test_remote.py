@@ -276,7 +276,7 @@ def test_a_compare_arena_runs_a_local_and_a_remote_variant(server, key_file, cli
 def test_the_ui_arena_streams_a_remote_column(server, key_file, tmp_path, monkeypatch) -> None:
     """The Compare tab's arena with a remote engine in its box and no level ticked: the model as it is, then the
     remote, each column done with its speed; a spec that is no engine is that column's sentence."""
-    from localrun.endpoints import add_endpoint
+    from localrun.models.endpoints import add_endpoint
     from ui.tabs.compare import arena
 
     monkeypatch.setenv("LOCALRUN_HOME", str(tmp_path))

@@ -33,7 +33,7 @@ def model(client):
 
 
 def test_models(client, model):
-    from localrun.catalog import DEFAULT_MODEL_NAME
+    from localrun.models.catalog import DEFAULT_MODEL_NAME
 
     ids = [m.id for m in client.models.list().data]
     assert ids[0] == model == DEFAULT_MODEL_NAME
@@ -77,7 +77,7 @@ def test_streaming_without_usage_has_none(client, model):
 
 def test_omitted_fields_take_the_models_recommended_settings(client, model):
     """Sampling fields left out, and a missing system message, come from the catalog, as in `localrun chat`."""
-    from localrun.catalog import find_model
+    from localrun.models.catalog import find_model
 
     recommended = find_model(model).recommended
     sampling = recommended.sampling()
@@ -266,7 +266,7 @@ def test_disconnect_cancels_and_frees_the_model(server, client, model):
 
 def test_a_model_loaded_by_its_store_name_keeps_that_name(tmp_path):
     """A store file's id is repo:file; once loaded it stays under that id (not its file name as well)."""
-    from localrun.catalog import default_model_path
+    from localrun.models.catalog import default_model_path
 
     folder = tmp_path / "home" / "models" / "me" / "tiny"
     folder.mkdir(parents=True)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import cached_build
 
-from localrun.catalog import Recommended
 from localrun.errors import UserError
+from localrun.models.catalog import Recommended
 from localrun.records import RecordError, build, setting
 from localrun.settings import (
     DEFAULT_CTX_CAP,
@@ -105,7 +105,7 @@ def long_context_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random llama trained (nominally) for 32768 tokens, converted by our own HF -> GGUF converter."""
     from test_to_gguf import build_tiny_model
 
-    from localrun.catalog import default_model_path
+    from localrun.models.catalog import default_model_path
     from localrun.quantize.to_gguf import convert_hf_to_gguf, restore_pre_tokenizer
 
     def build(path: Path) -> None:
@@ -124,10 +124,10 @@ def long_context_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_models_fit_reports_the_context_chat_loads(long_context_gguf: Path, capsys) -> None:
-    from localrun.catalog import resolve_model
     from localrun.cli import build_parser, main
     from localrun.cli import chat as cli_chat
-    from localrun.gguf_info import inspect_gguf
+    from localrun.models.catalog import resolve_model
+    from localrun.models.gguf_info import inspect_gguf
     from localrun.settings import LoadOptions
 
     assert inspect_gguf(long_context_gguf).context_length == 32768

@@ -219,7 +219,7 @@ def other_vocab_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random llama whose tokenizer has two tokens swapped: same size, another vocabulary."""
     from test_to_gguf import build_tiny_model
 
-    from localrun.catalog import default_model_path
+    from localrun.models.catalog import default_model_path
     from localrun.quantize.to_gguf import convert_hf_to_gguf, restore_pre_tokenizer
 
     def build(path: Path) -> None:

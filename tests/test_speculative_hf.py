@@ -48,7 +48,7 @@ def _build_family(root: Path) -> None:
     layers perturbed (a draft that often, but not always, agrees); all with SmolLM2's tokenizer."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from localrun.catalog import default_model_path
+    from localrun.models.catalog import default_model_path
 
     gguf = default_model_path()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

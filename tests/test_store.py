@@ -15,11 +15,11 @@ import gguf_corpus
 import pytest
 from hubserver import FakeHub, HubServer
 
-from localrun import catalog, hub
-from localrun.catalog import default_model_path, resolve_model
 from localrun.cli import main
 from localrun.errors import UserError
-from localrun.store import allowed_spec, local_models, removable
+from localrun.models import catalog, hub
+from localrun.models.catalog import default_model_path, resolve_model
+from localrun.models.store import allowed_spec, local_models, removable
 
 REPO = "test-org/tiny-GGUF"
 

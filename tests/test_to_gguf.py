@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from conftest import cached_build
 
-from localrun.catalog import default_model_path
 from localrun.errors import UserError
+from localrun.models.catalog import default_model_path
 from localrun.quantize.to_gguf import convert_hf_to_gguf, gguf_to_hf_dir, restore_pre_tokenizer
 
 TEXT = (

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 from hubserver import FakeHub, HubServer, _Handler
 
-from localrun.catalog import DEFAULT_MODEL_NAME, default_model_path
 from localrun.format import fmt_bytes
+from localrun.models.catalog import DEFAULT_MODEL_NAME, default_model_path
 
 gradio_client = pytest.importorskip("gradio_client")
 

@@ -133,8 +133,8 @@ def test_metrics_panel_shows_a_cache_hit_without_a_rate() -> None:
 
 
 def test_models_info_and_the_models_tab_show_the_same_rows(capsys: pytest.CaptureFixture[str]) -> None:
-    from localrun.catalog import DEFAULT_MODEL_NAME
     from localrun.cli import main
+    from localrun.models.catalog import DEFAULT_MODEL_NAME
     from ui import store
 
     assert main(["models", "info", DEFAULT_MODEL_NAME]) == 0

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from localrun import catalog
 from localrun.errors import UserError
 from localrun.format import fmt_bytes
+from localrun.models import catalog
 
 CATALOG_HEADERS = [
     "name",
@@ -31,7 +31,7 @@ SEARCH_HEADERS = ["repo", "kind", "downloads", "likes", "weight files"]
 
 def local_rows() -> list[Any]:
     """Models on disk (the default model first), as cli `models list` finds them."""
-    from localrun.store import local_models
+    from localrun.models.store import local_models
 
     return local_models()
 
@@ -62,7 +62,7 @@ def model_kind(spec: str | None) -> str | None:
 def allowed_load(spec: str | None, options: Any, *, loopback: bool) -> None:
     """Raise a UserError unless a browser may ask for this load. A remote engine's model is a name there, not a
     path here; but its key file is a file here, and over the network the UI opens no file it does not list."""
-    from localrun.store import allowed_spec
+    from localrun.models.store import allowed_spec
     from ui.controls import is_remote
 
     if not is_remote(options):
@@ -84,8 +84,8 @@ def recommended(spec: str | None) -> Any | None:
 
 def catalog_rows(*, n_ctx: int | None = None, kv_type: str = "f16") -> list[list[Any]]:
     """Every catalog model with its default variant, whether it is on disk, and its fit verdict here."""
-    from localrun.fit import fit_report, rough_verdict, verdict_line
     from localrun.hardware import probe
+    from localrun.models.fit import fit_report, rough_verdict, verdict_line
 
     devices = probe()
     rows = []
@@ -118,7 +118,7 @@ def catalog_rows(*, n_ctx: int | None = None, kv_type: str = "f16") -> list[list
 
 def local_table() -> list[list[Any]]:
     """The models on disk as rows for the Models tab (paths relative to the store: the browser may be remote)."""
-    from localrun.store import display_path
+    from localrun.models.store import display_path
 
     return [
         [r.name, r.format, r.quant, fmt_bytes(r.size_bytes), r.context_length or "?", display_path(r.path)]
@@ -145,22 +145,22 @@ def model_info(spec: str, *, n_ctx: int | None = None, kv_type: str = "f16") -> 
 
 
 def _gguf_info_rows(path: Path, *, n_ctx: int | None, kv_type: str) -> list[list[str]]:
-    from localrun.fit import model_rows
-    from localrun.gguf_info import inspect_gguf
+    from localrun.models.fit import model_rows
+    from localrun.models.gguf_info import inspect_gguf
 
     return [list(row) for row in model_rows(inspect_gguf(path), n_ctx=n_ctx, kv_type=kv_type)]
 
 
 def delete_model(spec: str) -> list[Path]:
     """Delete a downloaded model (file and sidecars, or its HF-cache folder); never anything outside the store."""
-    from localrun.store import delete, removable
+    from localrun.models.store import delete, removable
 
     return delete(removable(spec, by_path=False))
 
 
 def search_rows(query: str) -> tuple[list[list[Any]], list[str]]:
     """Hub search results as table rows, and the pull specs (REPO:FILE, or REPO for safetensors) they offer."""
-    from localrun import hub
+    from localrun.models import hub
 
     if not query.strip():
         raise UserError("Type something to search for, e.g. 'qwen2.5 gguf'.")
@@ -196,7 +196,7 @@ class Download:
 
 def start_download(spec: str) -> Download:
     """Resolve what to fetch (fails fast with a UserError), then pull it in a background thread."""
-    from localrun import hub
+    from localrun.models import hub
 
     if not spec.strip():
         raise UserError("Type what to download: a catalog name, REPO, or REPO:FILE from the search.")

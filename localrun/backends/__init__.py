@@ -28,8 +28,8 @@ def resolve_for(spec: str | Path | None, options: LoadOptions) -> ResolvedModel:
     """What the user typed, for the load it goes with: with --backend remote or --url it is the name of a model
     the remote engine serves (blank: its first); a saved endpoint's NAME:MODEL or an engine's URL[#MODEL] is that
     engine's model; else a path, catalog name or hub id (catalog.resolve_model)."""
-    from localrun.catalog import resolve_model
-    from localrun.endpoints import remote_target
+    from localrun.models.catalog import resolve_model
+    from localrun.models.endpoints import remote_target
 
     if options.backend == "remote" or options.url:
         return ResolvedModel(str(spec or ""), None, "remote", url=options.url)
@@ -64,7 +64,7 @@ def load_backend(model: str | Path | ResolvedModel | None, options: LoadOptions 
 
         return LlamaCppBackend(resolved, options)
     if resolved.kind == "gguf" and resolved.path is not None:
-        from localrun.gguf_info import inspect_gguf
+        from localrun.models.gguf_info import inspect_gguf
 
         inspect_gguf(resolved.path)  # transformers reads GGUF headers too: refuse corrupt ones first, as llama.cpp does
     from localrun.backends.hf import HFBackend

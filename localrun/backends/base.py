@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # numpy stays out of `localrun --help`
 
 @dataclass(frozen=True, slots=True)
 class ResolvedModel:
-    """A model the backends can load (what localrun.catalog.resolve_model returns): kind is "gguf", "hf_dir",
+    """A model the backends can load (what localrun.models.catalog.resolve_model returns): kind is "gguf", "hf_dir",
     "hub_id" or "remote" (a model another engine serves at url); recommended is the catalog's Recommended settings for it, if any."""
 
     name: str

@@ -46,7 +46,7 @@ class LlamaCppBackend:
     supports_grammar = True
 
     def __init__(self, model: ResolvedModel, options: LoadOptions | None = None) -> None:
-        from localrun.gguf_info import inspect_gguf
+        from localrun.models.gguf_info import inspect_gguf
 
         options = options or LoadOptions()
         path = model.path
@@ -142,8 +142,8 @@ class LlamaCppBackend:
             return 1, "one sequence"
         if options.parallel > 0:
             return options.parallel, "asked for"
-        from localrun import fit
         from localrun.hardware import probe
+        from localrun.models import fit
 
         return fit.choose_parallel(
             self.info, n_ctx=n_ctx, kv_type=options.kv_type, n_gpu_layers=n_gpu_layers, devices=probe()
@@ -155,8 +155,8 @@ class LlamaCppBackend:
             return 0
         if options.n_gpu_layers is not None:
             return options.n_gpu_layers
-        from localrun import fit
         from localrun.hardware import probe
+        from localrun.models import fit
 
         return fit.choose_gpu_layers(path, n_ctx=n_ctx, kv_type=options.kv_type, devices=probe())
 
@@ -438,7 +438,7 @@ def vocab_summary_of(model) -> VocabSummary:
 def check_draft_vocab(target: LlamaCppBackend, draft_path: str | Path) -> None:
     """Compare the draft's vocabulary with the target's, loading only the draft's vocabulary."""
     from localrun.engine.speculative import check_compatible
-    from localrun.gguf_info import inspect_gguf
+    from localrun.models.gguf_info import inspect_gguf
 
     inspect_gguf(draft_path)  # a corrupt draft is refused with the validator's sentence
     try:

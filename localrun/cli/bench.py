@@ -84,7 +84,7 @@ def run_bench_cmd(args: argparse.Namespace) -> int:
 def _emit(args: argparse.Namespace, result: dict, table: Sequence[str]) -> int:
     text = json.dumps(result, indent=2)
     if args.output:
-        from localrun.catalog import write_atomic
+        from localrun.models.catalog import write_atomic
 
         write_atomic(args.output, (text + "\n").encode())
     print(text if args.json else "\n".join(table))
@@ -92,7 +92,7 @@ def _emit(args: argparse.Namespace, result: dict, table: Sequence[str]) -> int:
 
 
 def _is_remote(model: str | None, options: LoadOptions) -> bool:
-    from localrun.endpoints import remote_target
+    from localrun.models.endpoints import remote_target
 
     return options.backend == "remote" or bool(options.url) or remote_target(model) is not None
 

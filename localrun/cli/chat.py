@@ -8,9 +8,9 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 
-from localrun.catalog import ResolvedModel
 from localrun.engine.events import GenerationEvent
 from localrun.errors import UserError
+from localrun.models.catalog import ResolvedModel
 from localrun.records import fields
 from localrun.settings import LoadOptions, SamplingParams, add_flags, from_args
 

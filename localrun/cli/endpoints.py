@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from localrun import endpoints
+    from localrun.models import endpoints
 
     if args.verb == "add":
         endpoint = endpoints.add_endpoint(args.name, args.url, args.api_key_file)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from localrun import catalog
 from localrun.errors import UserError
+from localrun.models import catalog
+from localrun.models.store import delete, dir_size, local_models, removable
 from localrun.settings import LoadOptions, add_flags, from_args
-from localrun.store import delete, dir_size, local_models, removable
 
 
 def _size(n: int | None) -> str:
@@ -48,8 +48,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"path: {resolved.path}\nsize on disk: {_size(dir_size(resolved.path))}")
         print((resolved.path / "config.json").read_text().strip())
         return 0
-    from localrun.fit import model_rows
-    from localrun.gguf_info import inspect_gguf
+    from localrun.models.fit import model_rows
+    from localrun.models.gguf_info import inspect_gguf
 
     for key, value in model_rows(inspect_gguf(resolved.path or args.model)):
         print(f"{key:34} {value}")
@@ -75,7 +75,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from localrun import hub
+    from localrun.models import hub
 
     results = hub.search(args.query, limit=args.limit)
     if not results:
@@ -90,7 +90,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from localrun import hub
+    from localrun.models import hub
 
     path = hub.pull(args.model)
     print(f"ready: {path}")
@@ -98,7 +98,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from localrun import fit
+    from localrun.models import fit
 
     options = from_args(LoadOptions, args)  # the context and cache type `localrun chat` would load with
     draft = _gguf_path(args.draft) if args.draft else None

@@ -486,7 +486,7 @@ def load_drafter(target: Any, options: LoadOptions) -> Drafter | None:
         return PromptLookupDrafter(n_max=options.draft_max, mode=options.draft_mode)
     if not options.draft:
         return None
-    from localrun.catalog import resolve_model
+    from localrun.models.catalog import resolve_model
 
     model = resolve_model(options.draft)
     draft_backend = target.load_draft(model, options)

@@ -199,7 +199,7 @@ def load(request: LoadRequest, task: Task) -> None:
         return
     resolved = resolve_for(request.model, request.options)
     if resolved.kind == "gguf":
-        from localrun.gguf_info import inspect_gguf
+        from localrun.models.gguf_info import inspect_gguf
 
         inspect_gguf(resolved.path)  # a header read, no weights
     if state.backend is not None:  # free the old model's memory before loading the next one

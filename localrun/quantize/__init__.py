@@ -129,7 +129,7 @@ def run_quantize(
     An HF source is converted to F16 once; every GGUF target is then quantized from that file.
     allow_pickle and trust_remote_code apply to bitsandbytes targets, which load the model with transformers.
     """
-    from localrun.catalog import resolve_model
+    from localrun.models.catalog import resolve_model
 
     wanted = normalise_targets(targets)
     resolved = resolve_model(None if src in (None, "", "default") else str(src))

@@ -148,7 +148,7 @@ class Api:
     def _recommended(self, spec: str | None) -> Any:
         """The catalog's recommended sampling and system prompt for a model (None: it has none)."""
         if spec not in self._recommended_cache:
-            from localrun.catalog import resolve_model
+            from localrun.models.catalog import resolve_model
 
             try:
                 self._recommended_cache[spec] = resolve_model(spec).recommended
@@ -331,7 +331,7 @@ def _too_large(limit: int) -> ApiError:
 
 
 def _local_models() -> list[Any]:
-    from localrun.store import local_models
+    from localrun.models.store import local_models
 
     return local_models()
 

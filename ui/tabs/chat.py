@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from localrun import catalog
 from localrun.engine.chat import after_turn, without_last_reply
 from localrun.engine.events import GenerationEvent
 from localrun.engine.messages import Failed, GenerateRequest, Loaded, LoadRequest, Progress
 from localrun.engine.structured import with_json_schema
 from localrun.errors import UserError
 from localrun.format import stats_line
+from localrun.models import catalog
 from localrun.settings import LoadOptions, SamplingParams, recommendable
 from ui import chat_history, store
 from ui.controls import (

@@ -14,9 +14,9 @@ import html
 from collections.abc import Iterator
 from typing import Any
 
-from localrun import catalog
 from localrun.compare import DEFAULT_PROMPT, CompareEvent, CompareRequest, CompareRow, run_compare
 from localrun.errors import UserError
+from localrun.models import catalog
 from ui import store
 
 TITLE = "Compare"

@@ -4,10 +4,10 @@ downloads with progress, and the models on disk with delete."""
 from collections.abc import Iterator
 from typing import Any, get_args
 
-from localrun import catalog
 from localrun.errors import UserError, without_paths
+from localrun.models import catalog
+from localrun.models.store import allowed_spec
 from localrun.settings import DEFAULT_CTX_CAP, KvType
-from localrun.store import allowed_spec
 from ui import store
 from ui.controls import parse_int
 

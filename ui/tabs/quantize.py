@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from localrun import catalog
 from localrun.errors import UserError
+from localrun.models import catalog
 from ui import store
 
 TITLE = "Quantize"
@@ -50,8 +50,8 @@ def check_source(source: str, *, loopback: bool) -> str:
 
 def output_dir(source: str) -> Path:
     """<store>/local/<stem>/, the same folder `localrun compare` caches its variants in."""
-    from localrun.catalog import resolve_model
     from localrun.compare import cache_dir_for
+    from localrun.models.catalog import resolve_model
     from localrun.quantize import output_stem
 
     resolved = resolve_model(None if source == "default" else source)

@@ -102,7 +102,7 @@ class Manifest(Record):
 
 def manifests_dir() -> Path:
     """models/ in a checkout, or localrun/_models inside an installed wheel."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the localrun package
     for candidate in (here / "_models", here.parent / "models"):
         if candidate.is_dir():
             return candidate
@@ -336,7 +336,7 @@ def resolve_model(spec: str | None) -> ResolvedModel:
             DEFAULT_MODEL_NAME, default_model_path(), "gguf", recommended=find_model(DEFAULT_MODEL_NAME).recommended
         )
     path = Path(spec).expanduser()
-    from localrun.gguf_header import require_regular_file
+    from localrun.models.gguf_header import require_regular_file
 
     require_regular_file(path)  # before anything opens it: a FIFO would block the first read
     if path.is_dir():

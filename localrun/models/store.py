@@ -7,8 +7,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from localrun import catalog
 from localrun.errors import UserError
+from localrun.models import catalog
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +24,7 @@ class LocalModel:
 
 
 def _gguf_row(name: str, path: Path) -> LocalModel:
-    from localrun.gguf_info import inspect_gguf
+    from localrun.models.gguf_info import inspect_gguf
 
     try:
         info = inspect_gguf(path)

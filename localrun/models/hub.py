@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from localrun import catalog
 from localrun.errors import UserError
+from localrun.models import catalog
 
 _CHUNK = 4 * 1024 * 1024
 _PREFERRED_QUANTS = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q4_0", "Q8_0")
@@ -267,7 +267,7 @@ def _destination_lock(dest: Path) -> Iterator[None]:
 
 def _inspect_landed(part: Path, label: str) -> None:
     """A pulled GGUF is validated before it takes its place in the store; a bad one is removed."""
-    from localrun.gguf_info import inspect_gguf
+    from localrun.models.gguf_info import inspect_gguf
 
     try:
         inspect_gguf(part)

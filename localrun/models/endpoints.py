@@ -43,7 +43,7 @@ class RemoteTarget:
 
 
 def endpoints_path() -> Path:
-    from localrun.catalog import localrun_home
+    from localrun.models.catalog import localrun_home
 
     return localrun_home() / "endpoints.json"
 
@@ -67,7 +67,7 @@ def load_endpoints() -> dict[str, Endpoint]:
 
 
 def _save(endpoints: dict[str, Endpoint]) -> None:
-    from localrun.catalog import write_atomic
+    from localrun.models.catalog import write_atomic
 
     rows = [asdict(e) for e in sorted(endpoints.values(), key=lambda e: e.name)]
     write_atomic(endpoints_path(), (json.dumps({"endpoints": rows}, indent=2) + "\n").encode())
@@ -85,7 +85,7 @@ def normalise_url(url: str) -> str:
 
 def add_endpoint(name: str, url: str, api_key_file: str | None = None) -> Endpoint:
     """Save (or replace) an endpoint. The name must not shadow a catalog model, so `NAME:X` stays unambiguous."""
-    from localrun.catalog import catalog
+    from localrun.models.catalog import catalog
 
     if not _NAME.fullmatch(name):
         raise UserError(f"{name!r} is not an endpoint name: use letters, digits, '.', '_' and '-' (e.g. gpu-box).")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from localrun.errors import UserError
-from localrun.gguf_info import GGUFInfo, inspect_gguf
+from localrun.models.gguf_info import GGUFInfo, inspect_gguf
 from localrun.settings import effective_n_ctx
 
 MiB = 1024 * 1024
@@ -387,7 +387,7 @@ UNKNOWN_FIT = "none: llama.cpp does not know this architecture, so nothing here 
 def model_rows(info: GGUFInfo, *, n_ctx: int | None = None, kv_type: str = "f16") -> list[tuple[str, str]]:
     """What `models info` and the UI show for a GGUF: its rows and, for an architecture llama.cpp knows, the
     fit. A header without tensors is refused (UserError)."""
-    from localrun.gguf_info import info_rows, known_architecture, require_weights
+    from localrun.models.gguf_info import info_rows, known_architecture, require_weights
 
     require_weights(info)
     if not known_architecture(info.architecture):

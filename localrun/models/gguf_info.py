@@ -65,7 +65,7 @@ class GGUFInfo:
 
 def _open_header(path: Path) -> Any:
     """Parse the header, turning every failure into one sentence."""
-    from localrun.gguf_header import CorruptHeader, Truncated, UnsupportedVersion, read_header
+    from localrun.models.gguf_header import CorruptHeader, Truncated, UnsupportedVersion, read_header
 
     try:
         return read_header(path)
@@ -131,7 +131,7 @@ def _swa_layers(arch: str, raw: dict[str, Any], n_layers: int | None, window: in
 
 
 def _file_type_name(value: Any) -> str | None:
-    from localrun.gguf_header import gguf_constants
+    from localrun.models.gguf_header import gguf_constants
 
     try:
         name = gguf_constants().LlamaFileType(int(value)).name
@@ -176,7 +176,7 @@ def _whole(value: Any) -> bool:
 
 def _validate_fields(raw: dict[str, Any], arch: str) -> None:
     """Refuse values the loader would misread: NaN or negative sizes, text where a number belongs, and so on."""
-    from localrun.gguf_header import CorruptHeader
+    from localrun.models.gguf_header import CorruptHeader
 
     for key in _TEXT_KEYS:
         if key in raw and not isinstance(raw[key], str):
@@ -198,7 +198,7 @@ def _short(value: Any) -> str:
 
 def _block_indices(tensors: Any, n_layers: int | None) -> set[int]:
     """The N of every blk.N tensor; refuse a block_count the tensors do not back, before anything is sized by it."""
-    from localrun.gguf_header import CorruptHeader
+    from localrun.models.gguf_header import CorruptHeader
 
     blocks = {int(t.name.split(".", 2)[1]) for t in tensors if t.name.startswith("blk.")}
     if n_layers is None:
@@ -229,7 +229,7 @@ def _tensor_bytes(tensors: Any, n_layers: int | None) -> tuple[tuple[int, ...], 
 
 def _checked(path: Path) -> tuple[Any, str, int | None]:
     """The parsed header, its architecture and its layer count, after every consistency check."""
-    from localrun.gguf_header import CorruptHeader
+    from localrun.models.gguf_header import CorruptHeader
 
     header = _open_header(path)
     raw = header.fields
