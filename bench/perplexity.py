@@ -25,8 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from localrun import evaluate  # noqa: E402
-from localrun.compare import CompareRequest, Variant, build_variants, run_compare  # noqa: E402
+from localrun.evaluate import quality as evaluate  # noqa: E402
+from localrun.evaluate.compare import CompareRequest, Variant, build_variants, run_compare  # noqa: E402
 from localrun.hardware import physical_cores  # noqa: E402
 from localrun.models.catalog import default_model_path  # noqa: E402
 

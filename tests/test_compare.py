@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from test_evaluate import SHORT, tiny_hf  # noqa: F401  (the shared tiny-model fixture)
 
-from localrun.compare import ROW_FIELDS, CompareEvent, CompareRequest, run_compare
-from localrun.compare_report import pareto_front, write_outputs
 from localrun.errors import UserError
+from localrun.evaluate.compare import ROW_FIELDS, CompareEvent, CompareRequest, run_compare
+from localrun.evaluate.report import pareto_front, write_outputs
 from tests.serve_support import free_port
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -9,7 +9,7 @@ import pytest
 from conftest import cached_build
 
 from localrun.errors import UserError
-from localrun.evaluate import (
+from localrun.evaluate.quality import (
     EvalTokens,
     HFScorer,
     LlamaCppScorer,
@@ -164,7 +164,7 @@ def test_gguf_and_transformers_variants_share_one_reference(tiny_hf: Path, tiny_
 
 def test_compact_kld_is_a_tight_lower_bound(default_scorer: LlamaCppScorer, tmp_path: Path) -> None:
     """top-k + tail mass never overstates KL, and stays close to the exact full-vocabulary value."""
-    from localrun.evaluate import _kld_rows, log_softmax
+    from localrun.evaluate.quality import _kld_rows, log_softmax
     from localrun.quantize.gguf_quant import quantize_gguf
 
     tokens = tokenize_once(default_scorer, SHORT, n_ctx=64)

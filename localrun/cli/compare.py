@@ -20,7 +20,7 @@ _EXAMPLES = """examples:
 
 def register(subparsers: Any) -> None:
     """Add the `compare` subcommand."""
-    from localrun.compare import DEFAULT_PROMPT, DEFAULT_QUANTS
+    from localrun.evaluate.compare import DEFAULT_PROMPT, DEFAULT_QUANTS
 
     p = subparsers.add_parser(
         "compare",
@@ -70,9 +70,9 @@ def _bar(fraction: float, width: int = 20) -> str:
 
 
 def handle(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
-    from localrun.compare import DEFAULT_QUANTS, CompareRequest, parse_quants, remote_variants
-    from localrun.compare_report import label_width
     from localrun.errors import UserError
+    from localrun.evaluate.compare import DEFAULT_QUANTS, CompareRequest, parse_quants, remote_variants
+    from localrun.evaluate.report import label_width
 
     out = out or sys.stdout
     if args.ctx < 16 or args.max_tokens < 1:
@@ -103,7 +103,7 @@ def handle(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
         rows = _table(req, out, levels + len(remotes), label_width(["F16", *req.quants, *(v.label for v in remotes)]))
     print(f"{_bar(1.0)} {len(rows)} variants done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     if args.out:
-        from localrun.compare_report import write_outputs
+        from localrun.evaluate.report import write_outputs
 
         meta = {
             "model": args.model or "default",
@@ -129,8 +129,8 @@ def _progress(line: str, tty: bool) -> None:
 
 def _table(req: Any, out: TextIO, n_total: int, width: int) -> list:
     """The quality run: one table row per variant as it finishes, progress on stderr."""
-    from localrun.compare import run_compare
-    from localrun.compare_report import format_row, header
+    from localrun.evaluate.compare import run_compare
+    from localrun.evaluate.report import format_row, header
 
     rows = []
     tty = sys.stderr.isatty()
@@ -147,8 +147,8 @@ def _table(req: Any, out: TextIO, n_total: int, width: int) -> list:
 
 def _arena(req: Any, out: TextIO) -> list:
     """The arena: each variant's answer streams under its name in turn, then the table of speed and memory."""
-    from localrun.compare import run_compare
-    from localrun.compare_report import format_arena_table
+    from localrun.evaluate.compare import run_compare
+    from localrun.evaluate.report import format_arena_table
 
     rows = []
     tty = sys.stderr.isatty()

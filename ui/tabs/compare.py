@@ -4,7 +4,7 @@ Arena: one prompt, the variants' answers stream into their own columns one after
 would only slow each other down), each with its live TTFT and tokens/s. Quality run: the table fills in
 row by row (size, bits per weight, speed, memory, perplexity, KL-divergence, top-1 agreement), then the
 charts. Clicking a row loads that variant in the Chat tab and switches to it. Everything comes from
-localrun.compare.run_compare, the generator the CLI prints from.
+localrun.evaluate.compare.run_compare, the generator the CLI prints from.
 
 Remote engines (one per line: a saved endpoint's NAME[:MODEL] or http://HOST:PORT/v1[#MODEL]) answer after the
 local variants, measured the same way; with no level ticked the arena runs the model as it is.
@@ -14,8 +14,8 @@ import html
 from collections.abc import Iterator
 from typing import Any
 
-from localrun.compare import DEFAULT_PROMPT, CompareEvent, CompareRequest, CompareRow, run_compare
 from localrun.errors import UserError
+from localrun.evaluate.compare import DEFAULT_PROMPT, CompareEvent, CompareRequest, CompareRow, run_compare
 from localrun.models import catalog
 from ui import store
 
@@ -135,7 +135,7 @@ def quality_run(
     """(table, status, quality chart, speed chart): a row per finished variant, charts as rows arrive."""
     import gradio as gr
 
-    from localrun.compare_report import quality_chart, speed_chart
+    from localrun.evaluate.report import quality_chart, speed_chart
 
     rows: list[CompareRow] = []
     try:

@@ -50,7 +50,7 @@ def check_source(source: str, *, loopback: bool) -> str:
 
 def output_dir(source: str) -> Path:
     """<store>/local/<stem>/, the same folder `localrun compare` caches its variants in."""
-    from localrun.compare import cache_dir_for
+    from localrun.evaluate.compare import cache_dir_for
     from localrun.models.catalog import resolve_model
     from localrun.quantize import output_stem
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from localrun.compare import ROW_FIELDS, CompareRow
+from localrun.evaluate.compare import ROW_FIELDS, CompareRow
 from localrun.models.catalog import write_atomic
 
 _COLUMNS = (

@@ -331,7 +331,7 @@ def _answer(path: str, quant: str, req: CompareRequest, out: Any) -> dict[str, A
 
 def _worker(task: dict[str, Any], out: Any) -> None:
     """Child-process body: a reference build or one variant's row; results and errors go to `out`."""
-    from localrun import evaluate
+    from localrun.evaluate import quality as evaluate
 
     try:
         req = CompareRequest(**task["request"])
@@ -395,7 +395,7 @@ def run_in_worker(task: dict[str, Any]) -> Iterator[tuple]:
 
 
 def _reference_path(req: CompareRequest, f16: Path) -> Path:
-    from localrun import evaluate
+    from localrun.evaluate import quality as evaluate
 
     text = evaluate.read_text(req.text_path)
     st = f16.stat()
