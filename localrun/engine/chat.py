@@ -10,7 +10,7 @@ from localrun.backends.base import Backend
 from localrun.engine.events import GenerationEvent, GenerationSummary
 from localrun.engine.generate import check_prompt_text
 from localrun.engine.jobs import FALLBACK_STOP, has_chat_template, run
-from localrun.engine.messages import GenerateRequest
+from localrun.engine.messages import GenerateRequest, clean_messages
 from localrun.errors import UserError
 from localrun.settings import SamplingParams
 
@@ -65,14 +65,12 @@ class ChatSession:
         """Make messages the history and stream the reply to its last message (appended when it ends).
 
         A turn that produces nothing is undone: the history goes back to what it was before the call."""
-        if not messages:
-            raise UserError("There is no message to answer: send one first.")
         before = self.messages
-        self.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        self.messages = list(clean_messages(messages))
         parts: list[str] = []
         try:
             request = GenerateRequest.chat(self.messages, params, system=self.system)
-            for event in run(self.backend, request, cancel):  # a refused prompt is undone too
+            for event in run(self.backend, request, cancel):  # a refused prompt (none, too long) is undone too
                 parts.append(event.text)
                 if event.summary is not None:
                     self.last = event.summary
