@@ -106,7 +106,17 @@ def test_errors_are_one_sentence_without_the_key(server, key_file, tmp_path, cas
 
 
 def test_the_cli_chats_with_a_remote_engine(server, key_file, cli) -> None:
-    result = cli("chat", "--url", server, "--remote-api-key-file", key_file, "-p", "What is the capital of France?")
+    result = cli(
+        "chat",
+        "--url",
+        server,
+        "--remote-api-key-file",
+        key_file,
+        "--temperature",
+        "0",
+        "-p",
+        "What is the capital of France?",
+    )
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout and "remote/localrun at 127.0.0.1" in result.stderr
 
@@ -169,7 +179,9 @@ def test_a_saved_endpoint_names_the_remote_model(server, key_file, cli, tmp_path
     assert KEY not in (tmp_path / "endpoints.json").read_text()  # only the key file's path is saved
     listed = json.loads(cli("endpoints", "list", "--check", "--json", env=env).stdout)
     assert listed[0]["engine"] == "localrun" and listed[0]["models"] == ["smollm2-135m-instruct"]
-    chat = cli("chat", "box:smollm2-135m-instruct", "-p", "What is the capital of France?", env=env)
+    chat = cli(
+        "chat", "box:smollm2-135m-instruct", "--temperature", "0", "-p", "What is the capital of France?", env=env
+    )
     assert chat.returncode == 0 and "Paris" in chat.stdout, chat.stderr
     assert "remote/localrun at 127.0.0.1" in chat.stderr
     unknown = cli("chat", "box:no-such-model", "-p", "Hi", env=env)
