@@ -13,13 +13,10 @@ import numpy as np
 import pytest
 from conftest import cached_build
 
+from localrun.engine.drafting import Calibration, DraftSchedule, ModelDrafter, PromptLookupDrafter
 from localrun.engine.generate import stream_generate
 from localrun.engine.speculative import (
-    Calibration,
     Draft,
-    DraftSchedule,
-    ModelDrafter,
-    PromptLookupDrafter,
     VocabSummary,
     accept_sampled,
     check_compatible,
@@ -83,7 +80,8 @@ def test_self_draft_is_plain_output_and_accepts_everything(self_drafting) -> Non
     _assert_same_or_near_tie(b, ids, plain, spec)
     assert summary.draft_tokens >= 20 and summary.acceptance_rate >= 0.99
     assert sum(flags) == summary.accepted_tokens and summary.mean_accepted_length > 2
-    assert summary.draft_s > 0 and summary.verify_s > 0 and set(summary.draft_lengths) == {4}
+    assert summary.draft_s > 0 and summary.verify_s > 0 and set(summary.draft_lengths[:-1]) == {4}
+    assert summary.draft_lengths[-1] == 3  # 1 + 7 rounds of 5 leave 4 tokens: the last round drafts no further
 
 
 def test_a_draft_under_auto_slots_keeps_one_sequence(default_gguf) -> None:
@@ -345,3 +343,13 @@ def test_adaptive_schedule_pauses_when_drafting_loses_and_remembers_it() -> None
     fixed = DraftSchedule(n_max=8, mode="fixed")
     fixed.observe_round(8, 0, 1.0)
     assert fixed.next_length() == 8
+
+
+def test_a_drafting_backend_declares_what_its_drafter_calls(self_drafting) -> None:
+    """Drafting is part of the protocol, not duck typing: the llama.cpp backend (and the draft model it
+    loaded for itself) are DraftingBackends, and the remote backend, which cannot verify, is not."""
+    from localrun.backends.base import DraftingBackend
+    from localrun.backends.remote import RemoteBackend
+
+    assert isinstance(self_drafting, DraftingBackend) and isinstance(self_drafting.drafter.backend, DraftingBackend)
+    assert not RemoteBackend.supports_draft and not hasattr(RemoteBackend, "propose_tokens")

@@ -11,7 +11,12 @@ from localrun.engine.events import TokenStep
 from localrun.settings import SamplingParams
 
 if TYPE_CHECKING:  # numpy stays out of `localrun --help`
-    from localrun.engine.speculative import Drafter
+    from collections.abc import Callable
+
+    import numpy as np
+
+    from localrun.engine.speculative import Draft, Drafter, VocabSummary
+    from localrun.settings import LoadOptions
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,3 +103,36 @@ class Backend(Protocol):
     ) -> Iterator[TokenStep]: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class DraftingBackend(Backend, Protocol):
+    """A backend with supports_draft: it verifies a drafter's proposals (as a target) and drafts for a target
+    of its own kind (as a draft model). Both loops are speculative.verify_steps and draft_tokens, driven
+    through the backend's step-level sequence (speculative.StepSequence)."""
+
+    drafter: Drafter | None  # what the load options asked for (--draft, --lookup), used when a request names none
+
+    def load_draft(self, model: ResolvedModel, options: LoadOptions) -> DraftingBackend:
+        """A draft model for this target, refused with one sentence unless it shares the target's vocabulary."""
+        ...
+
+    def vocab_summary(self) -> VocabSummary:
+        """What a draft must share with its target (speculative.check_compatible)."""
+        ...
+
+    def dry_breakers(self, params: SamplingParams) -> frozenset[int]:
+        """DRY's sequence-breaker token ids (the numpy distributions of sampled verification need them)."""
+        ...
+
+    def propose_tokens(
+        self,
+        ids: Sequence[int],
+        n: int,
+        params: SamplingParams,
+        rng: np.random.Generator,
+        *,
+        go_on: Callable[[float], bool] | None = None,
+    ) -> Draft:
+        """As a draft model: up to n tokens after ids (go_on: the early-stop rule of greedy drafting)."""
+        ...

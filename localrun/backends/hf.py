@@ -9,26 +9,21 @@ from __future__ import annotations
 
 import copy
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from localrun.backends.base import LoadReport, ResolvedModel
 from localrun.backends.hf_load import DTYPE_NAMES, load_model, load_tokenizer
-from localrun.backends.hf_spec import (
-    KVState,
-    needs_own_processors,
-    propose,
-    sampling_processors,
-    speculative_steps,
-    tokenizer_vocab,
-)
+from localrun.backends.hf_spec import HFSequence, KVState, needs_own_processors, sampling_processors, tokenizer_vocab
 from localrun.engine.events import TokenStep
 from localrun.engine.penalties import breaker_ids, uses_dry
-from localrun.engine.speculative import Draft, Drafter, VocabSummary
+from localrun.engine.speculative import Draft, Drafter, VocabSummary, draft_tokens, verify_steps
 from localrun.errors import UserError
 from localrun.settings import LoadOptions, SamplingParams, effective_n_ctx
 
@@ -164,7 +159,7 @@ class HFBackend:
     def _load_drafter(self, options: LoadOptions) -> None:
         from dataclasses import replace
 
-        from localrun.engine.speculative import load_drafter
+        from localrun.engine.drafting import load_drafter
 
         try:
             self.drafter = load_drafter(self, options)
@@ -324,7 +319,10 @@ class HFBackend:
         if not self._busy.acquire(timeout=_JOIN_S):
             raise RuntimeError("the model is still busy with another request")
         try:
-            return (yield from speculative_steps(self, self._spec_state, prompt_ids, params, drafter))
+            rng = np.random.default_rng(params.seed if params.seed is not None else random.randrange(2**31))
+            seq = self._sequence(params, rng)
+            prefill = seq.prefill(prompt_ids)
+            return (yield from verify_steps(seq, prompt_ids, params, drafter, rng, prefill=prefill))
         finally:
             self._busy.release()
 
@@ -365,8 +363,20 @@ class HFBackend:
     def propose_tokens(
         self, ids: Sequence[int], n: int, params: SamplingParams, rng, *, go_on: Callable[[float], bool] | None = None
     ) -> Draft:
-        """As a draft model: up to n tokens after ids (hf_spec.propose), from this model's own cache."""
-        return propose(self._spec_state, self.n_ctx, ids, n, params, rng, go_on, breakers=self.dry_breakers(params))
+        """As a draft model: up to n tokens after ids (speculative.draft_tokens), from this model's own cache."""
+        return draft_tokens(self._sequence(params, rng), ids, n, params, rng, go_on)
+
+    def _sequence(self, params: SamplingParams, rng) -> HFSequence:
+        """The speculative cache as a step-level sequence for one request's settings."""
+        return HFSequence(
+            self._spec_state,
+            params,
+            rng,
+            n_ctx=self.n_ctx,
+            n_vocab=self.n_vocab,
+            eos=self._eos_ids,
+            breakers=self.dry_breakers(params),
+        )
 
     def dry_breakers(self, params: SamplingParams) -> frozenset[int]:
         """DRY's sequence-breaker token ids (decoded from the vocabulary once, only when DRY is on)."""

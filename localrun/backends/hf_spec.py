@@ -2,8 +2,9 @@
 pass, so every token can say whether it came from the draft (transformers' assisted generation cannot),
 with the drafters, schedule and acceptance rule shared with llama.cpp (localrun/engine/speculative.py).
 
-The target runs one forward over [last token, d1..dk] and gets k+1 logits rows; it keeps the agreeing
-prefix plus one token of its own and crops its DynamicCache past them. The token distributions are
+HFSequence is this backend's step-level sequence: the verify and drafting loops themselves are
+speculative.verify_steps and draft_tokens, shared with llama.cpp. The target runs one forward over
+[last token, d1..dk] and gets k+1 logits rows; it crops its DynamicCache past what it kept. The token distributions are
 the ones model.generate() draws from on the plain path (the same transformers logits processors, in
 the same order), so greedy output is the plain output and sampled output follows its distribution.
 """
@@ -11,16 +12,14 @@ the same order), so greedy output is the plain output and sampled output follows
 from __future__ import annotations
 
 import inspect
-import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from localrun.engine.events import TokenStep
 from localrun.engine.penalties import dry_penalties, recent_counts, uses_counts, uses_dry
-from localrun.engine.speculative import Draft, Drafter, VocabSummary, accept_sampled, sample_from, sample_ids
+from localrun.engine.speculative import VocabSummary, sample_from, sample_ids
 from localrun.errors import UserError
 from localrun.settings import SamplingParams
 
@@ -174,122 +173,60 @@ class KVState:
         return out.logits[0, -rows:]
 
 
-def speculative_steps(
-    backend: Any, state: KVState, prompt_ids: Sequence[int], params: SamplingParams, drafter: Drafter
-) -> Iterator[TokenStep]:
-    """Rounds of: draft, verify [last, d1..dk] in one forward, keep the agreeing prefix plus one token
-    of the target's own, crop the cache. With no draft this round, one plain single-token step."""
-    rng = np.random.default_rng(params.seed if params.seed is not None else random.randrange(2**31))
-    scorer, eos, width = Scorer(params, backend.dry_breakers(params)), backend.eos_ids, backend.n_vocab
-    keep = state.reuse_prefix(prompt_ids)
-    prefill = len(prompt_ids) - keep
-    history = list(prompt_ids)
-    token = scorer.choose(state.eval(prompt_ids[keep:])[-1], history, rng)
-    limit = min(params.max_tokens, backend.n_ctx - len(prompt_ids))  # tokens we may emit
-    first, opens = True, 0
-    while True:
-        if not params.ignore_eos and token in eos:
-            return None
-        yield TokenStep(token, prefill_tokens=prefill if first else None, drafted=opens)
-        first = False
-        history.append(token)
-        emitted = len(history) - len(prompt_ids)
-        if emitted >= limit:
-            return "length"
-        room = min(limit - emitted - 1, backend.n_ctx - state.n_cached - 2, MAX_VERIFY - 1)
-        draft = _fit(drafter.propose(history, params, rng) if room > 0 else Draft(), room, width)
-        if not draft.tokens:
-            token, opens = scorer.choose(state.eval([token])[-1], history, rng), 0
-            continue
-        drafted = draft.tokens
-        n_past = state.n_cached
-        rows = state.eval([token, *drafted], rows=len(drafted) + 1)
-        n_ok, token = _verify(scorer, rows, history, draft, rng)
-        state.trim(n_past + 1 + n_ok)
-        for i, t in enumerate(drafted[:n_ok]):
-            if not params.ignore_eos and t in eos:
-                return None
-            yield TokenStep(t, from_draft=True, drafted=len(drafted) if i == 0 else 0)
-            history.append(t)
-        opens = len(drafted) if n_ok == 0 else 0  # a round with nothing accepted opens on the target's token
+class HFSequence:
+    """A KVState for one request, a step at a time (speculative.StepSequence): the rows of its last
+    forward pass, scored by the plain path's processors (Scorer)."""
 
+    max_verify = MAX_VERIFY
 
-def _verify(
-    scorer: Scorer, rows: torch.Tensor, history: list[int], draft: Draft, rng: np.random.Generator
-) -> tuple[int, int]:
-    """(drafted tokens accepted, the target's next token). Row i of the verify forward is the target's
-    distribution after draft.tokens[:i]: greedy, its argmax must equal the drafted token; sampled,
-    speculative sampling's rule."""
-    drafted = draft.tokens
-    if not scorer.greedy:
-        return accept_sampled(lambda i: scorer.probs(rows[i], history + list(drafted[:i])), draft, rng)
-    for i, d in enumerate(drafted):
-        own = int(torch.argmax(scorer.scores(rows[i], history + list(drafted[:i]))))
-        if own != d:
-            return i, own
-    return len(drafted), int(torch.argmax(scorer.scores(rows[len(drafted)], history + list(drafted))))
+    def __init__(
+        self,
+        state: KVState,
+        params: SamplingParams,
+        rng: np.random.Generator,
+        *,
+        n_ctx: int,
+        n_vocab: int,
+        eos: frozenset[int],
+        breakers: frozenset[int] = frozenset(),
+    ) -> None:
+        self.state, self.rng, self.eos = state, rng, eos
+        self.n_ctx, self.n_vocab = n_ctx, n_vocab
+        self.scorer = Scorer(params, breakers)
+        self._rows: torch.Tensor | None = None
 
+    @property
+    def n_cached(self) -> int:
+        return self.state.n_cached
 
-def _fit(draft: Draft, room: int, width: int) -> Draft:
-    """At most room tokens, cut before any id the target's vocabulary lacks; the draft's distributions
-    padded or cut to the target's width (a family's models may pad their embedding rows differently)."""
-    tokens = draft.tokens[: max(room, 0)]
-    cut = next((i for i, t in enumerate(tokens) if t >= width), len(tokens))
-    tokens = tokens[:cut]
-    if draft.probs is None or not tokens:
-        return Draft(tokens)
-    probs = draft.probs[: len(tokens)]
-    if probs.shape[1] > width:
-        probs = probs[:, :width]
-    elif probs.shape[1] < width:
-        probs = np.pad(probs, ((0, 0), (0, width - probs.shape[1])))
-    return Draft(tokens, probs)
+    def prefill(self, ids: Sequence[int]) -> int:
+        keep = self.state.reuse_prefix(ids)
+        self._rows = self.state.eval(ids[keep:])
+        return len(ids) - keep
 
+    def decode(self, ids: Sequence[int]) -> None:
+        self._rows = self.state.eval(ids, rows=len(ids))
 
-def propose(
-    state: KVState,
-    n_ctx: int,
-    ids: Sequence[int],
-    n: int,
-    params: SamplingParams,
-    rng: np.random.Generator,
-    go_on: Callable[[float], bool] | None = None,
-    *,
-    breakers: frozenset[int] = frozenset(),
-) -> Draft:
-    """As a draft model: up to n tokens after ids from its own cache (trimmed to what ids still share),
-    greedy at temperature 0 (stopping before a token when go_on(its probability under the draft) says so),
-    else drawn from the plain path's distribution, which is returned for the acceptance rule."""
-    if len(ids) + n >= n_ctx:
-        return Draft()
-    scorer = Scorer(params, breakers)
-    keep = state.reuse_prefix(ids)
-    row = state.eval(ids[keep:])[-1]
-    catchup = len(ids) - keep
-    seq = list(ids)
-    tokens: list[int] = []
-    rows: list[np.ndarray] = []
-    steps = 0
-    confidence: list[float] = []
-    for j in range(n):
-        if scorer.greedy:
-            s = scorer.scores(row, seq)
-            tok = int(torch.argmax(s))
-            if go_on is not None:  # the draft's probability of its token: only a stop rule needs it
-                conf = float(torch.softmax(s, dim=-1)[tok])
-                if not go_on(conf) and j > 0:
-                    break
-                confidence.append(conf)
-        else:
-            q = scorer.probs(row, seq)
-            tok = sample_from(q, rng)
-            rows.append(q)
-        tokens.append(tok)
-        seq.append(tok)
-        if j + 1 < n:
-            row = state.eval([tok])[-1]
-            steps += 1
-    return Draft(tuple(tokens), np.stack(rows) if rows else None, catchup, 1 + steps, tuple(confidence))
+    def trim(self, n: int) -> None:
+        self.state.trim(n)
+
+    def is_eog(self, token: int) -> bool:
+        return token in self.eos
+
+    def choose(self, row: int, history: Sequence[int]) -> int:
+        return self.scorer.choose(self._rows[row], history, self.rng)
+
+    def probs(self, row: int, history: Sequence[int]) -> np.ndarray:
+        return self.scorer.probs(self._rows[row], history)
+
+    @torch.inference_mode()
+    def greedy(self, row: int, history: Sequence[int], *, confidence: bool) -> tuple[int, float]:
+        s = self.scorer.scores(self._rows[row], history)
+        token = int(torch.argmax(s))
+        return token, float(torch.softmax(s, dim=-1)[token]) if confidence else 0.0
+
+    def accept(self, tokens: Sequence[int]) -> None:
+        pass  # the processors read the text from history
 
 
 def tokenizer_vocab(tokenizer: Any) -> VocabSummary:

@@ -1,8 +1,9 @@
 """A llama.cpp context driven directly through the C API: our own decode loop's building blocks.
 
 `LlamaRunner` owns a context and the bookkeeping of which tokens sit in its KV cache (sequence 0),
-and decodes with preallocated batches, asking for logits only where they are needed. `SamplerChain`
-is llama.cpp's own sampler chain, built once per request. No llama_cpp.Llama: its constructor
+and decodes with preallocated batches, asking for logits only where they are needed. `LlamaSequence` is
+that sequence a step at a time for the shared speculative loops. `SamplerChain` is llama.cpp's own
+sampler chain, built once per request. No llama_cpp.Llama: its constructor
 cannot ask for flash attention "auto", and its generate() does per-token work we do not need. Nor
 llama_cpp._internals' model and context classes: that module imports numpy, which a plain chat does not
 otherwise need (about 0.06 s of a cold start).
@@ -256,6 +257,68 @@ class LlamaRunner(LlamaContext):
             raise RuntimeError(f"llama_decode returned {rc}")
         self.tokens.extend(ids)
         self._live_at = len(self.tokens)
+
+
+class LlamaSequence:
+    """Sequence 0 of a LlamaRunner for one request, a step at a time (speculative.StepSequence). As a
+    target it samples with the request's SamplerChain; as a draft model it needs none (greedy is the
+    plain argmax, a sampled draft's distribution speculative.filtered_probs)."""
+
+    def __init__(
+        self,
+        runner: LlamaRunner,
+        params: SamplingParams,
+        *,
+        chain: SamplerChain | None = None,
+        breakers: frozenset[int] = frozenset(),
+    ) -> None:
+        self.runner, self.params, self.chain, self.breakers = runner, params, chain, breakers
+        self.n_ctx, self.max_verify, self.n_vocab = runner.n_ctx, runner.max_verify, runner.n_vocab
+
+    @property
+    def n_cached(self) -> int:
+        return self.runner.n_cached
+
+    def prefill(self, ids: Sequence[int]) -> int:
+        """0 when the cache holds exactly ids and its last logits are still live."""
+        runner = self.runner
+        if runner.logits_live and runner.n_cached == len(ids) and runner.tokens == list(ids):
+            return 0
+        keep = runner.reuse_prefix(ids)
+        runner.eval(ids[keep:])
+        return len(ids) - keep
+
+    def decode(self, ids: Sequence[int]) -> None:
+        if len(ids) == 1:
+            self.runner.step(ids[0])
+        else:
+            self.runner.eval_all(ids)
+
+    def trim(self, n: int) -> None:
+        self.runner.trim(n)
+
+    def is_eog(self, token: int) -> bool:
+        return self.runner.is_eog(token)
+
+    def choose(self, row: int, history: Sequence[int]) -> int:
+        return self.chain.sample(row)  # the chain follows the text itself
+
+    def probs(self, row: int, history: Sequence[int]) -> np.ndarray:
+        from localrun.engine.speculative import filtered_probs
+
+        return filtered_probs(self.runner.logits(row), self.params, history, breakers=self.breakers)
+
+    def greedy(self, row: int, history: Sequence[int], *, confidence: bool) -> tuple[int, float]:
+        import numpy as np
+
+        logits = self.runner.logits(row)
+        token = int(np.argmax(logits))
+        # softmax(logits)[token], without building the whole distribution twice
+        return token, float(1.0 / np.exp(logits - logits[token]).sum()) if confidence else 0.0
+
+    def accept(self, tokens: Sequence[int]) -> None:
+        for token in tokens:
+            self.chain.accept(token)
 
 
 class SamplerChain:

@@ -9,20 +9,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from localrun.backends.base import LoadReport, ResolvedModel
-from localrun.backends.llama_ctx import LlamaRunner, SamplerChain, open_model
+from localrun.backends.llama_ctx import LlamaRunner, LlamaSequence, SamplerChain, open_model
 from localrun.engine.chat_template import render_chat
 from localrun.engine.events import TokenStep
 from localrun.engine.generate import check_prompt_fits
 from localrun.engine.penalties import breaker_ids, uses_dry
-from localrun.engine.speculative import (
-    Draft,
-    Drafter,
-    VocabSummary,
-    accept_sampled,
-    filtered_probs,
-    sample_from,
-    sample_ids,
-)
+from localrun.engine.speculative import Draft, Drafter, VocabSummary, draft_tokens, sample_ids, verify_steps
 from localrun.errors import UserError
 from localrun.hardware import llama_cpp_build, physical_cores
 from localrun.settings import LoadOptions, SamplingParams, effective_n_ctx
@@ -60,7 +52,7 @@ class LlamaCppBackend:
         self.drafter: Drafter | None = None
         self.report = self._load(Path(path), options)
         if options.draft or options.lookup:
-            from localrun.engine.speculative import load_drafter
+            from localrun.engine.drafting import load_drafter
 
             try:
                 self.drafter = load_drafter(self, options)
@@ -197,13 +189,16 @@ class LlamaCppBackend:
                 )
             )
         runner = self._runner
-        n_ctx = runner.n_ctx
-        prefill = self._prefill(prompt_ids)
         chain = SamplerChain(runner, params, seed=seed, history=prompt_ids)
+        seq = LlamaSequence(runner, params, chain=chain, breakers=self.dry_breakers(params))
         try:
+            prefill = seq.prefill(prompt_ids)
             if drafter is not None and self._can_draft(params):
-                return (yield from self._speculative(prompt_ids, params, chain, drafter, prefill, seed))
-            budget = n_ctx - len(prompt_ids)
+                import numpy as np
+
+                rng = np.random.default_rng(seed)
+                return (yield from verify_steps(seq, prompt_ids, params, drafter, rng, prefill=prefill))
+            budget = runner.n_ctx - len(prompt_ids)
             token = chain.sample(-1)
             n = 0
             while True:
@@ -221,89 +216,6 @@ class LlamaCppBackend:
     def _can_draft(self, params: SamplingParams) -> bool:
         # a grammar lives in the C chain, which the sampled (temperature > 0) verify does not use
         return params.temperature <= 0 or not params.grammar
-
-    def _prefill(self, prompt_ids: Sequence[int]) -> int:
-        """Evaluate what the KV cache does not hold yet; returns that count (0 when the cache holds
-        exactly this prompt and its logits are still live)."""
-        runner = self._runner
-        if runner.logits_live and runner.n_cached == len(prompt_ids) and runner.cached() == list(prompt_ids):
-            return 0
-        keep = runner.reuse_prefix(prompt_ids)
-        runner.eval(prompt_ids[keep:])
-        return len(prompt_ids) - keep
-
-    def _speculative(
-        self,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
-        chain: SamplerChain,
-        drafter: Drafter,
-        prefill: int,
-        seed: int,
-    ) -> Iterator[TokenStep]:
-        """Rounds of: draft k tokens, verify [last, d1..dk] in one batch (logits for those k+1 rows
-        only), keep the agreeing prefix plus one token of the target's own, trim the KV cache."""
-        import numpy as np
-
-        runner = self._runner
-        rng = np.random.default_rng(seed)
-        greedy = params.temperature <= 0
-        history = list(prompt_ids)
-        limit = runner.n_ctx - len(prompt_ids)  # tokens we may emit
-        token, first, opens = chain.sample(-1), True, 0
-        while True:
-            if not params.ignore_eos and runner.is_eog(token):
-                return None
-            yield TokenStep(token, prefill_tokens=prefill if first else None, drafted=opens)
-            first = False
-            history.append(token)
-            emitted = len(history) - len(prompt_ids)
-            if emitted >= limit:
-                return "length"
-            room = min(runner.n_ctx - runner.n_cached - 2, limit - emitted - 1, runner.max_verify - 1)
-            draft = drafter.propose(history, params, rng) if room > 0 else Draft()
-            if not draft.tokens:
-                runner.step(token)
-                token, opens = chain.sample(-1), 0
-                continue
-            drafted = draft.tokens[:room]
-            n_past = runner.n_cached
-            runner.eval_all([token, *drafted])
-            if greedy:
-                n_ok, token = self._accept_greedy(chain, drafted)
-            else:
-                probs = None if draft.probs is None else draft.probs[:room]
-                n_ok, token = self._accept_sampled(params, history, Draft(drafted, probs), rng)
-                for t in (*drafted[:n_ok], token):
-                    chain.accept(t)
-            runner.trim(n_past + 1 + n_ok)
-            for i, t in enumerate(drafted[:n_ok]):
-                if not params.ignore_eos and runner.is_eog(t):
-                    return None
-                yield TokenStep(t, from_draft=True, drafted=len(drafted) if i == 0 else 0)
-                history.append(t)
-            opens = len(drafted) if n_ok == 0 else 0  # a round with nothing accepted opens on the target's token
-
-    def _accept_sampled(
-        self, params: SamplingParams, history: list[int], draft: Draft, rng: np.random.Generator
-    ) -> tuple[int, int]:
-        """Speculative sampling; the target's row i gets the same filters the C chain applies,
-        recomputed in numpy (the chain cannot hand out its probabilities)."""
-
-        def row(i: int) -> np.ndarray:
-            seen = history + list(draft.tokens[:i])
-            return filtered_probs(self._runner.logits(i), params, seen, breakers=self.dry_breakers(params))
-
-        return accept_sampled(row, draft, rng)
-
-    @staticmethod
-    def _accept_greedy(chain: SamplerChain, drafted: Sequence[int]) -> tuple[int, int]:
-        """Row i of the verify batch is the target's choice after drafted[:i]; the chain records each."""
-        for i, d in enumerate(drafted):
-            own = chain.sample(i)
-            if own != d:
-                return i, own
-        return len(drafted), chain.sample(len(drafted))
 
     def dry_breakers(self, params: SamplingParams) -> frozenset[int]:
         """DRY's sequence-breaker token ids (read from the vocabulary once, only when DRY is on)."""
@@ -362,56 +274,15 @@ class LlamaCppBackend:
         *,
         go_on: Callable[[float], bool] | None = None,
     ) -> Draft:
-        """As a draft model: up to n tokens after ids, greedy at temperature 0, else drawn from the
-        same filtered distribution the target uses (returned, for the acceptance rule). Stops early
-        before a greedy token when go_on(its probability under the draft) says so (never before the
-        first); the probabilities are computed, and returned, only for a go_on."""
-        import numpy as np
-
-        runner = self._runner
-        if len(ids) + n >= runner.n_ctx:
-            return Draft()
-        keep = runner.reuse_prefix(ids)
-        runner.eval(ids[keep:])
-        catchup = len(ids) - keep
-        tokens: list[int] = []
-        rows: list[np.ndarray] = []
-        steps = 0
-        greedy = params.temperature <= 0
-        confidence: list[float] = []
-        for j in range(n):
-            logits = runner.logits(-1)
-            if greedy:
-                tok = int(np.argmax(logits))
-                if go_on is not None:  # the draft's probability of its token: only a stop rule needs it
-                    conf = _top_prob(logits, tok)
-                    if not go_on(conf) and j > 0:
-                        break
-                    confidence.append(conf)
-            else:
-                # the penalties see the text so far, as the target's do
-                q = filtered_probs(logits, params, [*ids, *tokens], breakers=self.dry_breakers(params))
-                tok = sample_from(q, rng)
-                rows.append(q)
-            tokens.append(tok)
-            if j + 1 < n:
-                runner.step(tok)
-                steps += 1
-        return Draft(tuple(tokens), np.stack(rows) if rows else None, catchup, 1 + steps, tuple(confidence))
+        """As a draft model: up to n tokens after ids (speculative.draft_tokens on this model's sequence)."""
+        seq = LlamaSequence(self._runner, params, breakers=self.dry_breakers(params))
+        return draft_tokens(seq, ids, n, params, rng, go_on)
 
 
 def _with_detail(report: LoadReport, key: str, value: str) -> LoadReport:
     from dataclasses import replace
 
     return replace(report, details={**report.details, key: value})
-
-
-def _top_prob(logits: np.ndarray, token: int) -> float:
-    """softmax(logits)[token], without building the whole distribution twice."""
-    import numpy as np
-
-    top = logits[token]
-    return float(1.0 / np.exp(logits - top).sum())
 
 
 def llama_cpp_n_vocab(model) -> int:

@@ -8,9 +8,10 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from localrun.backends.base import Backend
+from localrun.engine.drafting import as_drafter
 from localrun.engine.events import GenerationEvent, GenerationSummary, ServerCounts, TokenStep
 from localrun.engine.repetition import LoopDetector
-from localrun.engine.speculative import Draft, Drafter, as_drafter
+from localrun.engine.speculative import Draft, Drafter
 from localrun.errors import UserError
 from localrun.hardware import MemorySampler
 from localrun.settings import SamplingParams
