@@ -303,11 +303,11 @@ def _title(keeper: ChatKeeper, chat_id: str) -> str:
 
 def _chat(history: list, turns: list) -> tuple:
     """The chat tab's outputs for a reopened chat: the messages with their stats, the turns table, a fresh panel."""
+    from ui.chat_turn import display, update
     from ui.metrics import LiveSeries, charts_html, metrics_html, turns_frame
-    from ui.tabs.chat import _display, _update
 
-    return _update(
-        chatbot=_display(history),
+    return update(
+        chatbot=display(history),
         history=history,
         turns=turns,
         metrics=metrics_html(None),

@@ -5,21 +5,18 @@ by evaluating their annotations, and gradio is imported inside build() only.
 """
 
 import html
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from localrun.engine.chat import after_turn, without_last_reply
-from localrun.engine.events import GenerationEvent
+from localrun.engine.chat import without_last_reply
 from localrun.engine.messages import Failed, GenerateRequest, Loaded, LoadRequest, Progress
 from localrun.engine.structured import with_json_schema
 from localrun.errors import UserError
-from localrun.format import stats_line
 from localrun.models import catalog
 from localrun.settings import LoadOptions, SamplingParams, recommendable
 from ui import chat_history, store
+from ui.chat_turn import OUTPUTS, Turn, clear_chat, loaded_name, status_only, stream
 from ui.controls import (
     form_load_options,
     is_remote,
@@ -29,14 +26,12 @@ from ui.controls import (
     sampling_params,
     visible_fields,
 )
-from ui.metrics import LiveSeries, charts_html, metrics_html, reply_footer, turn_row, turns_frame
+from ui.metrics import LiveSeries, charts_html, metrics_html, turns_frame
 
 TITLE = "Chat"
 KEY = "chat"
 # Each update costs the browser and the server CPU on the cores the model runs on, so updates are paced: two a
 # second keep the text moving without slowing generation (the charts are inline SVG: see ui.metrics).
-_TEXT_INTERVAL_S = 0.5  # the streaming reply and the live panel
-_PLOT_INTERVAL_S = 1.0  # the charts
 # Related settings share a row (their Meta group): common load options, then llama.cpp's, then transformers'.
 LOAD_ROWS = rows(LoadOptions)
 SAMPLING_ROWS = rows(SamplingParams)
@@ -188,7 +183,7 @@ def _wire(ctx: Any, c: SimpleNamespace) -> None:
     import gradio as gr
 
     settings = {**c.load_controls, **c.sampling, "json_schema": c.json_schema}
-    outputs = [getattr(c, name) for name in _OUTPUTS]
+    outputs = [getattr(c, name) for name in OUTPUTS]
 
     def on_send(message: str, history: list, turns: list, picker: str, system: str, request: gr.Request, **values):
         yield from send_reply(ctx, message, history, turns, picker, system, values, owner=_owner(request))
@@ -300,11 +295,6 @@ def _visibility(picker: str, backend: str, names: list[str]) -> list[Any]:
 # ---- handlers (plain generators, so they read without Gradio) -----------------------------------
 
 
-def loaded_name(loaded: Loaded) -> str:
-    """The loaded model's name; for a remote engine's first model (asked for blank), the one it answered with."""
-    return loaded.name or loaded.report.details.get("model") or "?"
-
-
 def _loaded_text(loaded: Loaded | None) -> str:
     if loaded is None:
         return "No model loaded yet: press **Load**, or just send a message."
@@ -345,23 +335,12 @@ def load_model(ctx: Any, spec: str, values: dict[str, Any], *, owner: str) -> It
         yield f"⚠️ {exc}", ready
 
 
-@dataclass(frozen=True)
-class Turn:
-    """One turn as the chat tab sends it: the request, the history it answers as the page shows it, the
-    history from before (what stays when nothing comes back) and the typed message (None for Regenerate)."""
-
-    request: GenerateRequest
-    history: list
-    before: list
-    message: str | None = None
-
-
 def send_reply(
     ctx: Any, message: str, history: list, turns: list, spec: str, system: str, values: dict, *, owner: str
 ) -> Iterator[tuple]:
     """Add the user's message and stream the reply (loading the picked model first if none is loaded)."""
     if not (message or "").strip():
-        yield _status_only("Type a message first.")
+        yield status_only("Type a message first.")
         return
     asked = [*history, {"role": "user", "content": message}]
     yield from _reply(ctx, asked, history, message, turns, spec, system, values, owner)
@@ -374,7 +353,7 @@ def regenerate_reply(
     try:
         asked = without_last_reply(history)
     except UserError as exc:
-        yield _status_only(str(exc))
+        yield status_only(str(exc))
         return
     yield from _reply(ctx, asked, history, None, turns, spec, system, values, owner)
 
@@ -396,165 +375,6 @@ def _reply(
         params = with_json_schema(sampling_params(values), values.get("json_schema"))
         request = GenerateRequest.chat(asked, params, system=system, load=load)
     except UserError as exc:
-        yield _status_only(f"⚠️ {exc}")
+        yield status_only(f"⚠️ {exc}")
         return
-    yield from _stream(ctx, Turn(request, asked, before, message), turns, owner)
-
-
-def clear_chat(ctx: Any, owner: str) -> tuple:
-    """Forget this session's chat (stopping its reply if one runs) and reset the panel and charts."""
-    ctx.worker.cancel(owner)
-    return _update(
-        chatbot=[],
-        history=[],
-        turns=[],
-        metrics=metrics_html(None),
-        charts=charts_html(LiveSeries()),
-        turns_table=turns_frame([]),
-        status="",
-        live="",
-    )
-
-
-def _status_only(status: str) -> tuple:
-    return _update(status=status)
-
-
-def _display(history: list) -> list[dict[str, str]]:
-    """Chatbot messages: each reply with its stats line underneath."""
-    shown = []
-    for m in history:
-        content = m["content"]
-        if m.get("stats"):
-            content = f'{content}\n\n<span class="lr-stats">{html.escape(m["stats"])}</span>'
-        shown.append({"role": m["role"], "content": content})
-    return shown
-
-
-def _stream(ctx: Any, turn: Turn, turns: list, owner: str) -> Iterator[tuple]:
-    """Relay the worker's updates to the page, then finish the turn.
-
-    Every update the browser receives costs CPU on the cores the model runs on (the page re-renders, and the
-    server handles the message), so updates are paced: the reply text and the panel _TEXT_INTERVAL_S apart,
-    the charts _PLOT_INTERVAL_S apart, the chat history and the table once at the end, and nothing unchanged.
-    """
-
-    series, parts, event, failed, model = LiveSeries(), [], None, None, None
-    last_text, last_plot = 0.0, time.monotonic()  # the first chart once it has a second of points
-    generating, remote = False, turn.request.load is not None and is_remote(turn.request.load.options)
-    yield _update(
-        chatbot=_display(turn.history),
-        metrics=metrics_html(None, state="waiting"),
-        status="Waiting…",
-        message="",
-        live="",
-    )
-    for update in ctx.worker.submit(turn.request, owner=owner):
-        if isinstance(update, Failed):
-            failed = update
-            continue
-        if isinstance(update, Progress | Loaded):
-            model = loaded_name(update) if isinstance(update, Loaded) else model
-            text = f"Loaded {loaded_name(update)}" if isinstance(update, Loaded) else update.text
-            yield _update(status=f"⏳ {text}…")
-            continue
-        event = update
-        parts.append(event.text)
-        now = time.monotonic()
-        if event.is_final or now - last_text < _TEXT_INTERVAL_S:
-            continue
-        last_text = now
-        series.add(event)
-        out = {"metrics": metrics_html(event, state="generating", remote=remote)}
-        if now - last_plot >= _PLOT_INTERVAL_S:
-            last_plot = now
-            out["charts"] = charts_html(series)
-        # Plain text into a light element (Gradio sends it as an append); the chat renders the reply once, at
-        # the end. The status line changes only once.
-        out["live"] = html.escape("".join(parts))
-        if not generating:
-            generating, out["status"] = True, "Generating…"
-        yield _update(**out)
-    if event is not None:
-        series.add(event)
-    model = model or (loaded_name(ctx.worker.loaded) if ctx.worker.loaded else "?")
-    yield _finish(turn, turns, parts, event, failed, series, model, ctx=ctx, owner=owner, remote=remote)
-
-
-def _save(ctx: Any, owner: str, turn: Turn, history: list) -> None:
-    """Keep the conversation in the chat store after each reply (a failed save is a warning, not a lost reply)."""
-    try:
-        ctx.chat_keeper.save(owner, history, turn.request.system)
-    except UserError as exc:
-        import gradio as gr
-
-        gr.Warning(f"The chat was not saved: {exc}")
-
-
-# The chat outputs, in order (the API returns them without the two States).
-_OUTPUTS = "chatbot history turns metrics charts turns_table status message live".split()
-
-
-def _update(**values: Any) -> tuple:
-    """One update of the chat outputs (in _OUTPUTS order): the given ones, gr.skip() for the rest."""
-    import gradio as gr
-
-    return tuple(values[name] if name in values else gr.skip() for name in _OUTPUTS)
-
-
-def _finish(
-    turn: Turn,
-    turns: list,
-    parts: list[str],
-    event: GenerationEvent | None,
-    failed: Failed | None,
-    series: LiveSeries,
-    model: str,
-    *,
-    ctx: Any = None,
-    owner: str = "",
-    remote: bool = False,
-) -> tuple:
-    """The final update: the reply with its stats line, its row in the table, and the outcome; with ctx, the
-    conversation is saved to the chat store."""
-    import gradio as gr
-
-    summary = event.summary if event is not None else None
-    text = summary.text if summary is not None else "".join(parts)
-    turns = list(turns)
-    if summary is not None:
-        turns.append(turn_row(len(turns) + 1, model, summary))
-    reply = None
-    if text:
-        footer = reply_footer(summary) if summary is not None else "interrupted: the model process stopped"
-        made = chat_history.reply_record(ctx, turn.request, text, summary, model) if ctx is not None else {}
-        reply = {**made, "role": "assistant", "content": text, "stats": footer}
-    history = after_turn(turn.before, turn.history, reply)  # nothing came back: the turn did not happen
-    if reply is not None and ctx is not None:
-        _save(ctx, owner, turn, history)
-    # ...and a typed message goes back to the box, to send again
-    unanswered = turn.message if reply is None and turn.message is not None else gr.skip()
-    if failed is not None:
-        gr.Warning(failed.message)
-        status = f"⚠️ {failed.message}"
-    elif summary is not None and summary.error:
-        status = f"⚠️ Generation failed: {summary.error}"
-    elif summary is not None:
-        status = f"Done ({summary.finish_reason}): {stats_line(summary)}"
-    else:
-        status = "⚠️ The reply ended without a result."
-    state = summary.finish_reason if summary is not None else "error"
-    metrics = (
-        metrics_html(event, state=state, remote=remote) if event is not None else metrics_html(None, state="error")
-    )
-    return _update(
-        chatbot=_display(history),
-        history=history,
-        turns=turns,
-        metrics=metrics,
-        charts=charts_html(series),
-        turns_table=turns_frame(turns),
-        status=status,
-        message=unanswered,
-        live="",
-    )
+    yield from stream(ctx, Turn(request, asked, before, message), turns, owner)
