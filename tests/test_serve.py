@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -325,6 +326,16 @@ def test_full_queue_answers_429_and_a_queued_request_waits(tmp_path):
                 held.append(lines)
             health = httpx.get(f"{base}/health").json()
             assert health["queued"] == 0 and health["running"] == 2, health
+            # /metrics shows the batching engine: both sequences in one decode step
+            figures: dict[str, float] = {}
+            deadline = time.monotonic() + 30
+            while figures.get("localrun_batch_size") != 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+                text = httpx.get(f"{base}/metrics", headers=headers).text
+                figures = {k: float(v) for k, v in re.findall(r"^(localrun_\w+) (\S+)$", text, re.MULTILINE)}
+            assert figures.get("localrun_batch_size") == 2, figures
+            assert figures["localrun_decode_sequences_total"] > figures["localrun_decode_steps_total"] > 0
+            assert "# TYPE localrun_decode_steps_total counter" in text
             waited: list = []
             short = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
             waiter = threading.Thread(target=lambda: waited.append(api.chat.completions.create(**short)))

@@ -123,10 +123,18 @@ class Heartbeat:
 
 
 @dataclass(frozen=True, slots=True)
+class EngineStatus:
+    """The batching engine's figures (Scheduler.status: slots busy, waiting, the last step's batch, decode steps
+    and sequences so far), sent with request id 0 whenever they change, at most once a heartbeat period."""
+
+    figures: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
 class Done:
     """The last reply to every request."""
 
 
 # What a caller of WorkerClient.submit() sees; Heartbeat, Unloaded and Done stay inside the client.
 Update = Progress | Loaded | Failed | GenerationEvent
-Reply = Update | Unloaded | Heartbeat | Done
+Reply = Update | Unloaded | Heartbeat | EngineStatus | Done

@@ -61,7 +61,9 @@ class Scheduler:
         self._used_at = [0.0] * slots.n_slots  # when each slot last ended a sequence (LRU among equals)
         self._closing = False
         self.steps = 0
-        self.last_batch = 0
+        self.last_batch = 0  # tokens in the last decode step (each generating sequence's one, prompt chunks)
+        self.last_sequences = 0  # sequences in it
+        self.sequence_rows = 0  # sequences summed over every step: over self.steps, the mean batch
         self.cached_tokens = 0  # summed over every request so far (the /metrics counter)
         self._thread = threading.Thread(target=self._loop, name="localrun-scheduler", daemon=True)
         self._thread.start()
@@ -94,7 +96,10 @@ class Scheduler:
                 "slots": self.slots.n_slots,
                 "slots_busy": len(self._running),
                 "waiting": len(self._waiting),
-                "batch_size": self.last_batch,
+                "batch_tokens": self.last_batch,
+                "batch_size": self.last_sequences,
+                "decode_steps": self.steps,
+                "decode_sequences": self.sequence_rows,
                 "cached_tokens": self.cached_tokens,
             }
 
@@ -189,6 +194,8 @@ class Scheduler:
             return
         self.steps += 1
         self.last_batch = sum(len(r[1]) for r in rows)
+        self.last_sequences = len(rows)
+        self.sequence_rows += len(rows)
         ended: list[tuple[_Seq, _End]] = []
         for seq, (_, ids, _wants), i in zip(members, rows, at, strict=True):
             if seq.last is None:

@@ -25,7 +25,17 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any
 
-from localrun.engine.messages import Done, Failed, Heartbeat, Loaded, LoadRequest, Progress, Unloaded, Update
+from localrun.engine.messages import (
+    Done,
+    EngineStatus,
+    Failed,
+    Heartbeat,
+    Loaded,
+    LoadRequest,
+    Progress,
+    Unloaded,
+    Update,
+)
 from localrun.engine.worker_child import CANCEL_SLOTS, child_main
 from localrun.errors import UserError
 
@@ -81,6 +91,7 @@ class WorkerClient:
         self._cancel: Any = None  # the current process's shared Stop array
         self._ids = itertools.count(1)
         self.loaded: Loaded | None = None
+        self.engine_figures: dict[str, int] = {}  # the batching engine's last EngineStatus (several slots)
         self._last_name: str | None = None
         self._loading = False
         self.crashes = 0
@@ -137,6 +148,7 @@ class WorkerClient:
                 "loading": self._loading,
                 "crashes": self.crashes,
                 "last_crash": self.last_crash,
+                **{f"engine_{k}": v for k, v in self.engine_figures.items()},
             }
 
     def close(self) -> None:
@@ -293,6 +305,9 @@ class WorkerClient:
     def _route(self, request_id: int, reply: Any, now: float) -> None:
         if isinstance(reply, Heartbeat):
             return
+        if isinstance(reply, EngineStatus):
+            self.engine_figures = reply.figures
+            return
         with self._lock:
             job = self._running.get(request_id)
         if job is None:
@@ -304,7 +319,7 @@ class WorkerClient:
                     self._running.pop(request_id, None)
                 job.out.put(_DONE)
             case Unloaded():
-                self.loaded = None
+                self.loaded, self.engine_figures = None, {}
             case Loaded(name=name):
                 self.loaded, self._last_name = reply, name
                 job.out.put(reply)
@@ -393,7 +408,7 @@ class WorkerClient:
         with self._lock:
             proc, conn = self._proc, self._conn
             self._proc = self._conn = self._cancel = None
-            self.loaded = None
+            self.loaded, self.engine_figures = None, {}
         if conn is not None:
             conn.close()
         if proc is not None:

@@ -21,6 +21,7 @@ from typing import Any
 from localrun.engine.events import GenerationEvent
 from localrun.engine.messages import (
     Done,
+    EngineStatus,
     Failed,
     GenerateRequest,
     Heartbeat,
@@ -33,6 +34,7 @@ from localrun.engine.messages import (
 from localrun.errors import UserError
 
 STREAM_INTERVAL_S = 0.05  # 20 messages a second at most while a reply streams (see Task.stream)
+ENGINE_STATUS_S = 1.0  # the batching engine's figures go to the parent at most this often (what /metrics shows)
 
 
 CANCEL_SLOTS = 256  # Stop values in the shared array: request n reads entry n % CANCEL_SLOTS
@@ -132,13 +134,25 @@ class _Worker:
             self._busy += delta
 
     def _beat(self) -> None:
+        status_at, last_status = 0.0, None
         while True:
             time.sleep(self.beat_s / 2)
-            if self._busy > 0 and time.monotonic() - self._last_send >= self.beat_s:
-                try:
+            now = time.monotonic()
+            try:
+                if self._busy > 0 and now - self._last_send >= self.beat_s:
                     self.send(0, Heartbeat())
-                except OSError:  # the parent went away
-                    return
+                if now - status_at >= ENGINE_STATUS_S:
+                    status_at, figures = now, self._engine_figures()
+                    if figures is not None and figures != last_status:
+                        self.send(0, EngineStatus(figures))
+                        last_status = figures
+            except OSError:  # the parent went away
+                return
+
+    def _engine_figures(self) -> dict[str, int] | None:
+        """The batching engine's status, when the loaded model has one (several slots)."""
+        scheduler = getattr(self.state.backend, "scheduler", None)
+        return scheduler.status() if scheduler is not None else None
 
     def run(self, request_id: int, request: Any, handler: Callable[[Any, Task], None]) -> None:
         task = Task(self, request_id)

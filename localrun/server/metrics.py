@@ -136,7 +136,7 @@ class Metrics:
             add.simple("localrun_model_peak_ram_bytes", "gauge", "Peak RSS of the model process.", self.peak_ram_bytes)
             add.simple("localrun_model_peak_vram_bytes", "gauge", "Peak GPU memory.", self.peak_vram_bytes)
             for name, (help_text, value) in (gauges or {}).items():
-                add.simple(name, "gauge", help_text, value)
+                add.simple(name, "counter" if name.endswith("_total") else "gauge", help_text, value)
         return "\n".join(out) + "\n"
 
 
@@ -159,7 +159,8 @@ class _Writer:
 
 
 def process_gauges(status: Callable[[], dict]) -> dict[str, tuple[str, float | None]]:
-    """Scrape-time gauges: this server's RSS, the model process's (status: the worker's, with its pid), the queue."""
+    """Scrape-time figures: this server's RSS, the model process's (status: the worker's, with its pid), the queue,
+    the slots and the batching engine's steps (a name ending in _total is a counter)."""
     import psutil
 
     state = status()
@@ -174,4 +175,18 @@ def process_gauges(status: Callable[[], dict]) -> dict[str, tuple[str, float | N
         "localrun_busy": ("1 while a request runs.", 1 if state.get("busy") else 0),
         "localrun_slots": ("Sequences the model decodes together.", state.get("slots", 1)),
         "localrun_slots_busy": ("Slots generating now.", state.get("running", 0)),
+        # the batching engine's own figures (several slots), as the model process last reported them
+        "localrun_batch_size": ("Sequences in the model's last batched decode step.", state.get("engine_batch_size")),
+        "localrun_batch_tokens": (
+            "Tokens in that step (one per generating sequence, plus prompt chunks).",
+            state.get("engine_batch_tokens"),
+        ),
+        "localrun_decode_steps_total": (
+            "Batched decode steps; decode_sequences_total over it is the mean batch size.",
+            state.get("engine_decode_steps"),
+        ),
+        "localrun_decode_sequences_total": (
+            "Sequences summed over every batched decode step.",
+            state.get("engine_decode_sequences"),
+        ),
     }

@@ -86,6 +86,11 @@ def worker_rows(ctx: Any) -> list[list[str]]:
         ["model process", "queued requests", str(s["queued"])],
         ["model process", "crashes", str(s["crashes"])],
     ]
+    if s.get("engine_decode_steps"):  # several slots: the batching engine's figures
+        mean = s["engine_decode_sequences"] / s["engine_decode_steps"]
+        rows.append(
+            ["model process", "batch", f"{s['engine_batch_size']} sequences in the last step, {mean:.2f} on average"]
+        )
     if s["last_crash"]:
         rows.append(["model process", "last crash", s["last_crash"]])
     return rows
