@@ -141,7 +141,7 @@ class LlamaContext:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_batch = llama_cpp.llama_n_batch(self.ctx)
 
-    def _new_batch(self, n_tokens: int):
+    def new_batch(self, n_tokens: int):
         """A batch of up to n_tokens (one sequence id each), freed with the context."""
         batch = llama_cpp.llama_batch_init(n_tokens, 0, 1)
         self._batches.append(batch)
@@ -182,7 +182,7 @@ class LlamaRunner(LlamaContext):
         self._one_batch = llama_cpp.llama_batch_get_one(self._one, 1)  # reused for every decode step
         self._chunk = (llama_cpp.llama_token * self.n_batch)()
         self.max_verify = max_verify
-        self._verify = self._new_batch(max_verify)
+        self._verify = self.new_batch(max_verify)
 
     @property
     def logits_live(self) -> bool:

@@ -1,7 +1,8 @@
 """Compare quantization levels of one model: size, speed, memory and quality in one table.
 
-`run_compare` builds the missing variants (cached in the store), runs each in a fresh worker process
-(multiprocessing spawn, so each variant's peak memory is its own) and yields its row as soon as it is
+`run_compare` builds the missing variants (cached in the store), runs each on a model worker of its own
+(localrun.engine.worker, a fresh process, so each variant's peak memory is its own: the answer is a
+GenerateRequest as a chat's is, the quality jobs are in localrun.evaluate.jobs) and yields its row as soon as it is
 done: the CLI, the UI and the server consume the same generator. A variant that fails to build, load
 or run gives a row with `error` set, and the others still run.
 
@@ -13,10 +14,6 @@ through the same `stream_generate`, so its TTFT and tokens/s are measured as a l
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
-import queue as queue_mod
-import sys
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -27,7 +24,6 @@ from localrun.errors import UserError
 DEFAULT_QUANTS = ("F16", "Q8_0", "Q5_K_M", "Q4_K_M", "Q4_0", "Q2_K")
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 REFERENCE = "F16"
-_WORKER_TIMEOUT_S = 1800.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,125 +266,83 @@ def remote_variants(req: CompareRequest) -> list[Variant]:
     return variants
 
 
-# -- the worker process ------------------------------------------------------------------------------
+# -- on the model worker ----------------------------------------------------------------------------
 
 
-def _peak_rss_bytes() -> int:
-    """This process's peak RSS since it started (Linux VmHWM; ru_maxrss elsewhere).
-
-    On Linux ru_maxrss carries the parent's peak over fork + exec, so it would charge the parent's memory here.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
+class _JobFailed(Exception):
+    """A job on the variant's worker failed: its sentence goes into the variant's row."""
 
 
-def _answer(path: str, quant: str, req: CompareRequest, out: Any) -> dict[str, Any]:
-    """Load the variant (a file, or a remote engine's spec), generate the greedy answer (streamed to `out`),
-    and return the speed figures. A remote engine's memory is what it reports (None when it does not), never
-    this process's."""
-    from localrun.backends import load_backend
-    from localrun.engine.generate import stream_generate
+def _variant_worker() -> Any:
+    """A model worker of the variant's own (a fresh process, so its peak memory is its own), with the
+    quality jobs as extra request kinds."""
+    from localrun.engine.worker import WorkerClient
+    from localrun.evaluate.jobs import PLUGIN
+
+    return WorkerClient(start=False, plugins=(PLUGIN,))
+
+
+def _updates(worker: Any, request: Any) -> Iterator[Any]:
+    """A request's updates from the worker; a Failed one raises _JobFailed."""
+    from localrun.engine.messages import Failed
+
+    for update in worker.submit(request, owner="compare"):
+        if isinstance(update, Failed):
+            raise _JobFailed(update.message)
+        yield update
+
+
+def _figures(worker: Any, request: Any) -> dict[str, Any]:
+    from localrun.evaluate.jobs import Figures
+
+    for update in _updates(worker, request):
+        if isinstance(update, Figures):
+            return update.values
+    raise _JobFailed(f"the model process gave no result for {type(request).__name__}")
+
+
+def _answer(worker: Any, spec: str, quant: str, label: str, req: CompareRequest) -> Iterator[CompareEvent]:
+    """Load the variant (a file, or a remote engine's spec) and stream its greedy answer, as a chat's turn runs;
+    returns the speed figures. A remote engine's memory is what it reports (None when it does not), never this
+    machine's."""
+    from localrun.engine.events import GenerationEvent
+    from localrun.engine.messages import GenerateRequest, Loaded, LoadRequest
+    from localrun.evaluate.jobs import PeakMemoryRequest
     from localrun.settings import LoadOptions, SamplingParams
 
-    backend = load_backend(path, LoadOptions(n_ctx=max(req.n_ctx, 1024), quant=quant))
-    try:
-        prompt = backend.render_chat([{"role": "user", "content": req.prompt}])
-        ids = backend.tokenize(prompt, special=True)
-        params = SamplingParams(temperature=0.0, max_tokens=req.max_tokens, seed=0)
-        summary = None
-        for event in stream_generate(backend, ids, params):
-            out.put(("token", event.text, event.ttft_s, event.decode_tps))
-            summary = event.summary or summary
-        assert summary is not None
-        if summary.error:
-            raise RuntimeError(summary.error)
-        remote = getattr(backend, "server_side", False)
-        device = backend.report.device
-        if remote:
-            device += f", round trip {backend.report.details.get('round trip', '?')}"
-        ram = summary.peak_ram_bytes if remote else max(summary.peak_ram_bytes or 0, _peak_rss_bytes())
-        return {
-            "load_s": backend.report.load_s,
-            "device": device,
-            "peak_ram_bytes": ram,
-            "peak_vram_bytes": summary.peak_vram_bytes,
-            "ttft_s": summary.ttft_s,
-            "prompt_tps": summary.prompt_tps,
-            "decode_tps": summary.decode_tps,
-            "answer": summary.text.strip(),
-        }
-    finally:
-        backend.close()
-
-
-def _worker(task: dict[str, Any], out: Any) -> None:
-    """Child-process body: a reference build or one variant's row; results and errors go to `out`."""
-    from localrun.evaluate import quality as evaluate
-
-    try:
-        req = CompareRequest(**task["request"])
-        if task["job"] == "reference":
-            scorer = evaluate.open_scorer(task["path"], n_ctx=req.n_ctx)
-            try:
-                tokens = evaluate.tokenize_once(scorer, evaluate.read_text(req.text_path), n_ctx=req.n_ctx)
-                evaluate.build_reference(scorer, tokens).save(task["reference"])
-            finally:
-                scorer.close()
-            out.put(("done", {}))
-            return
-        figures = _answer(task["path"], task["quant"], req, out)
-        if task.get("remote"):
-            figures["note"] = "quality not measured: a remote engine gives no per-token distributions here"
-        elif req.quality:
-            scorer = evaluate.open_scorer(task["path"], n_ctx=req.n_ctx, quant=task["quant"])
-            try:
-                ref = evaluate.Reference.load(task["reference"])
-                evaluate.check_vocabulary(scorer, ref, evaluate.read_text(req.text_path), name=task["label"])
-                figures |= evaluate.evaluate(scorer, ref).as_dict()
-            finally:
-                scorer.close()
-        out.put(("done", figures))
-    except UserError as exc:
-        out.put(("error", str(exc)))
-    except BaseException as exc:  # reported as the variant's error row; the parent keeps going
-        out.put(("error", f"{type(exc).__name__}: {exc}"))
-
-
-def run_in_worker(task: dict[str, Any]) -> Iterator[tuple]:
-    """Run `_worker` in a fresh spawned process, yielding its messages; the last is ('done'|'error', ...)."""
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    proc = ctx.Process(target=_worker, args=(task, out), daemon=True)
-    proc.start()
-    deadline = time.monotonic() + _WORKER_TIMEOUT_S
-    try:
-        while True:
-            try:
-                msg = out.get(timeout=0.2)
-            except queue_mod.Empty:
-                if not proc.is_alive():
-                    yield ("error", f"the worker process died (exit code {proc.exitcode})")
-                    return
-                if time.monotonic() > deadline:
-                    yield ("error", f"the worker took more than {_WORKER_TIMEOUT_S:.0f} s")
-                    return
-                continue
-            yield msg
-            if msg[0] in ("done", "error"):
-                return
-    finally:
-        proc.join(timeout=10)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
+    load = LoadRequest(spec, LoadOptions(n_ctx=max(req.n_ctx, 1024), quant=quant))
+    params = SamplingParams(temperature=0.0, max_tokens=req.max_tokens, seed=0)
+    request = GenerateRequest.chat([{"role": "user", "content": req.prompt}], params, load=load)
+    loaded, summary = None, None
+    for update in _updates(worker, request):
+        if isinstance(update, Loaded):
+            loaded = update
+        elif isinstance(update, GenerationEvent):
+            yield CompareEvent(
+                "token", label, 0.5, text=update.text, ttft_s=update.ttft_s, decode_tps=update.decode_tps
+            )
+            summary = update.summary or summary
+    if loaded is None or summary is None:
+        raise _JobFailed("the answer ended without a result")
+    if summary.error:
+        raise _JobFailed(summary.error)
+    report = loaded.report
+    remote = report.backend == "remote"
+    device = report.device + (f", round trip {report.details.get('round trip', '?')}" if remote else "")
+    if remote:
+        ram = summary.peak_ram_bytes
+    else:
+        ram = max(summary.peak_ram_bytes or 0, _figures(worker, PeakMemoryRequest())["peak_ram_bytes"])
+    return {
+        "load_s": report.load_s,
+        "device": device,
+        "peak_ram_bytes": ram,
+        "peak_vram_bytes": summary.peak_vram_bytes,
+        "ttft_s": summary.ttft_s,
+        "prompt_tps": summary.prompt_tps,
+        "decode_tps": summary.decode_tps,
+        "answer": summary.text.strip(),
+    }
 
 
 # -- the comparison ----------------------------------------------------------------------------------
@@ -417,19 +371,25 @@ def _run_variant(variant: Variant, req: CompareRequest, ref_path: Path) -> Itera
     if variant.error:
         yield CompareEvent("row", variant.label, 1.0, variant.error, replace(base, error=variant.error))
         return
-    task = {"job": "variant", "path": variant.spec or str(variant.path), "quant": variant.quant}
-    task |= {"label": variant.label, "remote": variant.kind == "remote"}
-    task["reference"] = str(ref_path)
-    task["request"] = asdict(req)
-    for msg in run_in_worker(task):
-        if msg[0] == "token":
-            _, text, ttft, tps = msg
-            yield CompareEvent("token", variant.label, 0.5, text=text, ttft_s=ttft, decode_tps=tps)
-        elif msg[0] == "error":
-            yield CompareEvent("row", variant.label, 1.0, msg[1], replace(base, error=msg[1]))
-        else:
-            figures = {k: v for k, v in msg[1].items() if k in ROW_FIELDS}
-            yield CompareEvent("row", variant.label, 1.0, "done", replace(base, **figures))
+    from localrun.evaluate.jobs import QualityRequest
+
+    worker = _variant_worker()
+    try:
+        figures = yield from _answer(worker, variant.spec or str(variant.path), variant.quant, variant.label, req)
+        if variant.kind == "remote":
+            figures["note"] = "quality not measured: a remote engine gives no per-token distributions here"
+        elif req.quality:
+            job = QualityRequest(
+                str(variant.path), variant.quant, str(ref_path), req.text_path, req.n_ctx, variant.label
+            )
+            figures |= _figures(worker, job)
+    except _JobFailed as exc:
+        yield CompareEvent("row", variant.label, 1.0, str(exc), replace(base, error=str(exc)))
+        return
+    finally:
+        worker.close()
+    figures = {k: v for k, v in figures.items() if k in ROW_FIELDS}
+    yield CompareEvent("row", variant.label, 1.0, "done", replace(base, **figures))
 
 
 def run_compare(req: CompareRequest) -> Iterator[CompareEvent]:
@@ -449,10 +409,15 @@ def run_compare(req: CompareRequest) -> Iterator[CompareEvent]:
     ref_path = _reference_path(req, reference.path) if local and reference.path else Path()
     if req.quality and local and not ref_path.is_file():
         yield CompareEvent("reference", REFERENCE, 0.0, f"scoring the text with the {REFERENCE} reference")
-        task = {"job": "reference", "path": str(reference.path), "reference": str(ref_path), "request": asdict(req)}
-        for msg in run_in_worker(task):
-            if msg[0] == "error":
-                raise UserError(f"The {REFERENCE} reference could not score the text: {msg[1]}")
+        from localrun.evaluate.jobs import ReferenceRequest
+
+        worker = _variant_worker()
+        try:
+            _figures(worker, ReferenceRequest(str(reference.path), str(ref_path), req.text_path, req.n_ctx))
+        except _JobFailed as exc:
+            raise UserError(f"The {REFERENCE} reference could not score the text: {exc}") from None
+        finally:
+            worker.close()
     for i, variant in enumerate(variants):
         yield CompareEvent("run", variant.label, i / len(variants), f"running {variant.label}")
         yield from _run_variant(variant, req, ref_path)

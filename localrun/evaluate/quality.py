@@ -285,57 +285,42 @@ def perplexity(scorer: Scorer, tokens: EvalTokens) -> tuple[float, float]:
 
 
 class LlamaCppScorer:
-    """A GGUF on its own llama.cpp context: one decode per window, logits only for the scored half."""
+    """A GGUF on the same llama.cpp handles the backend uses (llama_ctx), offloaded by the backend's own rule:
+    one decode per window, logits only for the scored half."""
 
     def __init__(self, path: str | Path, *, n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None) -> None:
-        import llama_cpp
-        from llama_cpp._logger import set_verbose  # importing it routes llama.cpp's log through Python
-
-        from localrun.hardware import llama_cpp_build, physical_cores
+        from localrun.backends.llama_ctx import LlamaContext, llama_cpp, open_model
+        from localrun.backends.llamacpp import gpu_layers
+        from localrun.hardware import physical_cores
         from localrun.models.gguf_info import inspect_gguf
+        from localrun.settings import LoadOptions
 
         path = Path(path)
         inspect_gguf(path)  # a corrupt file is a UserError here, not a crash in llama.cpp
         self._lib = llama_cpp
-        set_verbose(False)
-        llama_cpp.llama_backend_init()
-        mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = 999 if llama_cpp_build()["gpu_offload"] else 0
-        self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
-        if not self._model:
-            raise UserError(f"llama.cpp could not load {path.name}: check that it is a complete GGUF file.")
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = n_ctx
-        cparams.n_ubatch = min(n_ctx, 512)
-        cparams.n_seq_max = 1
-        cparams.n_threads = cparams.n_threads_batch = n_threads or physical_cores()
-        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
-        if not self._ctx:
-            llama_cpp.llama_model_free(self._model)
-            raise UserError(f"llama.cpp could not make a context of {n_ctx} tokens for {path.name}.")
-        vocab = llama_cpp.llama_model_get_vocab(self._model)
-        self._vocab = vocab
-        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
-        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
-        self.bos_id = int(llama_cpp.llama_vocab_bos(vocab))
-        self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+        try:
+            self._model = open_model(str(path), n_gpu_layers=gpu_layers(path, LoadOptions(), n_ctx))
+        except ValueError:
+            raise UserError(f"llama.cpp could not load {path.name}: check that it is a complete GGUF file.") from None
+        try:
+            self._ctx = LlamaContext(self._model, n_ctx=n_ctx, n_threads=n_threads or physical_cores(), n_batch=n_ctx)
+        except ValueError:
+            self._model.close()
+            raise UserError(f"llama.cpp could not make a context of {n_ctx} tokens for {path.name}.") from None
+        self.n_vocab = int(self._ctx.n_vocab)
+        self.add_bos = bool(self._model.add_bos_token())
+        self.bos_id = int(self._model.token_bos())
+        self._batch = self._ctx.new_batch(n_ctx)
         self._n_ctx = n_ctx
 
     def tokenize(self, text: str) -> list[int]:
-        data = text.encode("utf-8")
-        n_max = len(data) + 16
-        buf = (self._lib.llama_token * n_max)()
-        n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, n_max, False, False)
-        if n < 0:
-            raise RuntimeError(f"llama_tokenize needed {-n} tokens, more than the {n_max} allowed")
-        return list(buf[:n])
+        return list(self._model.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
     def window_logits(self, ids: Sequence[int], first: int) -> np.ndarray:
-        lib, batch, n = self._lib, self._batch, len(ids)
+        lib, ctx, batch, n = self._lib, self._ctx, self._batch, len(ids)
         if n > self._n_ctx:
             raise ValueError(f"window of {n} tokens in a context of {self._n_ctx}")
-        lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
+        lib.llama_memory_clear(ctx.mem, True)
         for k, token in enumerate(ids):
             batch.token[k] = int(token)
             batch.pos[k] = k
@@ -343,19 +328,18 @@ class LlamaCppScorer:
             batch.seq_id[k][0] = 0
             batch.logits[k] = 1 if k >= first else 0
         batch.n_tokens = n
-        rc = lib.llama_decode(self._ctx, batch)
+        rc = lib.llama_decode(ctx.ctx, batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with status {rc}")
-        ptr = lib.llama_get_logits(self._ctx)
+        ptr = lib.llama_get_logits(ctx.ctx)
         rows = n - first
         out = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(rows, self.n_vocab))
         return out[: rows - 1].copy()  # the last position predicts past the window
 
     def close(self) -> None:
-        if getattr(self, "_ctx", None):
-            self._lib.llama_batch_free(self._batch)
-            self._lib.llama_free(self._ctx)
-            self._lib.llama_model_free(self._model)
+        if getattr(self, "_ctx", None) is not None:
+            self._ctx.close()  # frees its batches too
+            self._model.close()
             self._ctx = None
 
 
