@@ -174,3 +174,29 @@ def test_the_model_side_of_an_api_request_never_imports_the_server() -> None:
     out = subprocess.run([sys.executable, "-c", MODEL_SIDE], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_sequence_drafts_while_it_runs_alone_and_decodes_in_the_batch_otherwise(default_gguf) -> None:
+    """--parallel 2 with a draft (the model drafting for itself, fixed length): a request alone runs speculative
+    rounds in its slot and nearly every drafted token is accepted; two at once decode in one batch, not drafting
+    while both generate. Every reply equals the plain one (greedy)."""
+    opts = LoadOptions(parallel=2, n_ctx=1024, draft=str(default_gguf), draft_max=4, draft_mode="fixed")
+    b = load_backend(resolve_model(None), opts)
+    plain = load_backend(resolve_model(None), LoadOptions(n_ctx=1024))
+    try:
+        assert b.report.parallel == 2 and b.scheduler is not None and b.drafter is not None
+        prompts = [_ids(b, q) for q in QUESTIONS[:2]]
+        expected = [generate(plain, p, GREEDY).text for p in prompts]
+        alone = generate(b, prompts[0], GREEDY)
+        assert alone.text == expected[0]
+        assert alone.draft_tokens >= 20 and alone.acceptance_rate >= 0.95 and alone.mean_accepted_length > 2
+        steps_before = b.scheduler.status()["decode_steps"]
+        both = _together(b, prompts, GREEDY)
+        assert [s.text for s in both] == expected
+        # a round emits up to draft_max + 1 tokens a step; 96 tokens in far fewer steps means drafting took over
+        steps = b.scheduler.status()["decode_steps"] - steps_before
+        assert steps >= GREEDY.max_tokens - 1, "two sequences generating together should not draft"
+        assert sum(s.draft_tokens for s in both) <= 2 * GREEDY.max_tokens
+    finally:
+        b.close()
+        plain.close()

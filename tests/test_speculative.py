@@ -84,14 +84,14 @@ def test_self_draft_is_plain_output_and_accepts_everything(self_drafting) -> Non
     assert summary.draft_lengths[-1] == 3  # 1 + 7 rounds of 5 leave 4 tokens: the last round drafts no further
 
 
-def test_a_draft_under_auto_slots_keeps_one_sequence(default_gguf) -> None:
-    """The UI and the server ask for slots chosen from memory (parallel 0); drafting keeps the target and its
-    draft to one sequence each, and the reply streams (the draft once took slots and had no runner)."""
+def test_a_draft_under_auto_slots_drafts_for_a_request_alone(default_gguf) -> None:
+    """The UI and the server ask for slots chosen from memory (parallel 0): the target takes its slots, the draft
+    keeps one sequence (it once took slots and had no runner), and a request alone drafts in its slot."""
     from localrun.backends import load_backend
 
     backend = load_backend(default_gguf, LoadOptions(n_threads=1, n_ctx=512, parallel=0, draft=str(default_gguf)))
     try:
-        assert backend.report.parallel == 1 and backend.drafter.backend.report.parallel == 1
+        assert backend.report.parallel >= 1 and backend.drafter.backend.report.parallel == 1
         events = list(
             stream_generate(backend, _chat(backend, COPY_PROMPT), SamplingParams(max_tokens=24, ignore_eos=True))
         )

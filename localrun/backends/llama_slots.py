@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 from localrun.backends.llama_ctx import LlamaContext, llama_cpp
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from localrun.backends.llama_ctx import LlamaModel
 
 
@@ -25,7 +27,7 @@ class LlamaSlots(LlamaContext):
         self.n_slots = n_slots
         self.n_ctx_slot = llama_cpp.llama_n_ctx(self.ctx) // n_slots
         self.tokens: list[list[int]] = [[] for _ in range(n_slots)]  # what each slot's cache holds
-        self._batch = self._new_batch(self.n_batch)
+        self._batch = self.new_batch(self.n_batch)
 
     def common_prefix(self, slot: int, ids: Sequence[int]) -> int:
         """How many leading tokens of ids the slot's cache holds already."""
@@ -75,3 +77,70 @@ class LlamaSlots(LlamaContext):
         for slot, ids, _ in rows:
             self.tokens[slot].extend(ids)
         return out
+
+    def decode_all(self, slot: int, ids: Sequence[int]) -> None:
+        """One llama_decode of ids after the slot's cache, with logits for every one (a speculative verify
+        batch): row i's logits are at batch position i."""
+        if len(ids) > self.n_batch:
+            raise ValueError(f"a verify batch of {len(ids)} tokens > n_batch {self.n_batch}")
+        b = self._batch
+        pos0 = len(self.tokens[slot])
+        for j, token in enumerate(ids):
+            b.token[j] = token
+            b.pos[j] = pos0 + j
+            b.n_seq_id[j] = 1
+            b.seq_id[j][0] = slot
+            b.logits[j] = 1
+        b.n_tokens = len(ids)
+        rc = llama_cpp.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        self.tokens[slot].extend(ids)
+
+
+class SlotSequence:
+    """One slot of a LlamaSlots context a step at a time (speculative.StepSequence), for the scheduler's
+    speculative rounds: it samples with the request's SamplerChain, which follows the text itself."""
+
+    max_verify = 65  # the last token and up to 64 drafted ones, as LlamaRunner's verify batch
+
+    def __init__(self, slots: LlamaSlots, slot: int, params: Any, chain: Any, breakers: frozenset[int]) -> None:
+        self.slots, self.slot, self.params, self.chain, self.breakers = slots, slot, params, chain, breakers
+        self.n_ctx, self.n_vocab = slots.n_ctx_slot, slots.n_vocab
+        self._rows = 1  # rows the last decode gave logits for (row -1 is the last)
+
+    @property
+    def n_cached(self) -> int:
+        return len(self.slots.tokens[self.slot])
+
+    def prefill(self, ids: Sequence[int]) -> int:
+        raise NotImplementedError("the scheduler evaluates prompts in its own chunked steps")
+
+    def decode(self, ids: Sequence[int]) -> None:
+        self.slots.decode_all(self.slot, ids)
+        self._rows = len(ids)
+
+    def trim(self, n: int) -> None:
+        self.slots.trim(self.slot, n)
+
+    def is_eog(self, token: int) -> bool:
+        return self.slots.is_eog(token)
+
+    def _position(self, row: int) -> int:
+        return row % self._rows
+
+    def choose(self, row: int, history: Sequence[int]) -> int:
+        return self.chain.sample(self._position(row))
+
+    def probs(self, row: int, history: Sequence[int]) -> np.ndarray:
+        from localrun.engine.speculative import filtered_probs
+
+        logits = self.slots.logits(self._position(row))
+        return filtered_probs(logits, self.params, history, breakers=self.breakers)
+
+    def greedy(self, row: int, history: Sequence[int], *, confidence: bool) -> tuple[int, float]:
+        raise NotImplementedError("a slot verifies drafts; the draft model drafts on its own context")
+
+    def accept(self, tokens: Sequence[int]) -> None:
+        for token in tokens:
+            self.chain.accept(token)

@@ -76,7 +76,7 @@ class LlamaCppBackend:
             )
         n_ctx = effective_n_ctx(options.n_ctx, self.info.context_length)
         n_threads = options.n_threads or physical_cores()
-        n_gpu_layers = self._gpu_layers(path, options, n_ctx)
+        n_gpu_layers = gpu_layers(path, options, n_ctx)
         kv = _KV_TYPES[options.kv_type]
         if options.kv_type != "f16" and options.flash_attn == "off":
             raise UserError(
@@ -126,10 +126,8 @@ class LlamaCppBackend:
         )
 
     def _parallel(self, options: LoadOptions, n_ctx: int, n_gpu_layers: int) -> tuple[int, str]:
-        """Slots for continuous batching: the one asked for, else what the memory-fit estimate allows.
-        Drafting decodes one sequence at a time, so it keeps one slot."""
-        if options.draft or options.lookup:
-            return 1, "speculative decoding runs one sequence at a time"
+        """Slots for continuous batching: the one asked for, else what the memory-fit estimate allows. With
+        a draft, a sequence drafts while it is the only one generating (engine.scheduler)."""
         if options.parallel is None:
             return 1, "one sequence"
         if options.parallel > 0:
@@ -140,17 +138,6 @@ class LlamaCppBackend:
         return fit.choose_parallel(
             self.info, n_ctx=n_ctx, kv_type=options.kv_type, n_gpu_layers=n_gpu_layers, devices=probe()
         )
-
-    def _gpu_layers(self, path: Path, options: LoadOptions, n_ctx: int) -> int:
-        """All layers when the build has a GPU and the model fits, else what fits, 0 on CPU."""
-        if options.device == "cpu" or not llama_cpp_build()["gpu_offload"]:
-            return 0
-        if options.n_gpu_layers is not None:
-            return options.n_gpu_layers
-        from localrun.hardware import probe
-        from localrun.models import fit
-
-        return fit.choose_gpu_layers(path, n_ctx=n_ctx, kv_type=options.kv_type, devices=probe())
 
     # -- the Backend protocol -------------------------------------------------------------
 
@@ -183,9 +170,16 @@ class LlamaCppBackend:
         seed = params.seed if params.seed is not None else random.randrange(2**31)
         if self.scheduler is not None:  # continuous batching: the scheduler's thread decodes, we hand out
             chain = SamplerChain(self._slots, params, seed=seed, history=prompt_ids)
+            spec = None
+            if drafter is not None and self._can_draft(params):
+                import numpy as np
+
+                from localrun.engine.scheduler import Speculation
+
+                spec = Speculation(drafter, params, np.random.default_rng(seed), self.dry_breakers(params))
             return (
                 yield from self.scheduler.stream(
-                    prompt_ids, chain, max_new=params.max_tokens, ignore_eos=params.ignore_eos
+                    prompt_ids, chain, max_new=params.max_tokens, ignore_eos=params.ignore_eos, draft=spec
                 )
             )
         runner = self._runner
@@ -277,6 +271,19 @@ class LlamaCppBackend:
         """As a draft model: up to n tokens after ids (speculative.draft_tokens on this model's sequence)."""
         seq = LlamaSequence(self._runner, params, breakers=self.dry_breakers(params))
         return draft_tokens(seq, ids, n, params, rng, go_on)
+
+
+def gpu_layers(path: Path, options: LoadOptions, n_ctx: int) -> int:
+    """The layers to offload: all when the build has a GPU and the model fits, else what fits, 0 on CPU (the
+    backend's rule, and the quality scorer's)."""
+    if options.device == "cpu" or not llama_cpp_build()["gpu_offload"]:
+        return 0
+    if options.n_gpu_layers is not None:
+        return options.n_gpu_layers
+    from localrun.hardware import probe
+    from localrun.models import fit
+
+    return fit.choose_gpu_layers(path, n_ctx=n_ctx, kv_type=options.kv_type, devices=probe())
 
 
 def _with_detail(report: LoadReport, key: str, value: str) -> LoadReport:

@@ -40,6 +40,19 @@ class _Seq:
     generated: int = 0
     last: int | None = None  # the sampled token not decoded yet
     closed: bool = False
+    draft: Any = None  # a Speculation: this request drafts when it runs alone
+    text: list[int] = field(default_factory=list)  # prompt and generated tokens (what a drafter continues)
+
+
+@dataclass(frozen=True, slots=True)
+class Speculation:
+    """What a request needs to draft: its drafter (speculative.Drafter), its settings, the generator its
+    sampled verification draws from, and DRY's breaker ids (for the numpy distributions)."""
+
+    drafter: Any
+    params: Any
+    rng: Any
+    breakers: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,10 +83,13 @@ class Scheduler:
 
     # -- the consumer side ------------------------------------------------------------------------
 
-    def stream(self, prompt: Sequence[int], chain: Any, *, max_new: int, ignore_eos: bool) -> Iterator[TokenStep]:
+    def stream(
+        self, prompt: Sequence[int], chain: Any, *, max_new: int, ignore_eos: bool, draft: Speculation | None = None
+    ) -> Iterator[TokenStep]:
         """The sequence's tokens; returns "length" when its slot is full. Closing it frees its slot at the next
-        step. The chain is the scheduler's from here on (it closes it)."""
-        seq = _Seq(list(prompt), chain, max_new, ignore_eos)
+        step. The chain is the scheduler's from here on (it closes it). With draft, the sequence runs
+        speculative rounds while it is the only one generating."""
+        seq = _Seq(list(prompt), chain, max_new, ignore_eos, draft=draft, text=list(prompt))
         with self._lock:
             self._waiting.append(seq)
             self._lock.notify()
@@ -125,6 +141,9 @@ class Scheduler:
                         self._finish(seq, _End(None, RuntimeError("The model is being unloaded.")))
                     return
                 running = list(self._running)
+                alone = len(running) == 1 and not self._waiting
+            if alone and self._speculate(running[0]):
+                continue
             self._step(running)
 
     def _admit(self) -> None:
@@ -214,11 +233,50 @@ class Scheduler:
                 for seq, end in ended:
                     self._finish(seq, end)
 
-    def _emit(self, seq: _Seq, token: int, first: bool) -> _End | None:
+    def _speculate(self, seq: _Seq) -> bool:
+        """A speculative round for the one sequence generating, when it drafts and its drafter proposes; False:
+        no round (a plain batched step follows). With several sequences, rows of other sequences fill the step
+        that drafting would fill, so drafting waits until a sequence is alone again (llama.cpp users measured
+        4x slower drafting with 2 slots); the drafter's own cost model decides while it is alone."""
+        from localrun.backends.llama_slots import SlotSequence
+        from localrun.engine.speculative import next_draft, verify_round
+
+        spec = seq.draft
+        if spec is None or seq.last is None or seq.closed:
+            return False
+        target = SlotSequence(self.slots, seq.slot, spec.params, seq.chain, spec.breakers)
+        try:
+            draft = next_draft(target, spec.drafter, seq.text, spec.params, spec.rng, left=seq.max_new - seq.generated)
+            if not draft.tokens:
+                return False
+            n_ok, following = verify_round(target, seq.text, seq.last, draft, spec.params, spec.rng)
+        except Exception as exc:  # a failed round fails its sequence, as a failed step does
+            with self._lock:
+                self.slots.trim(seq.slot, 0)
+                self._finish(seq, _End(None, exc))
+            return True
+        self.steps += 1
+        self.last_batch, self.last_sequences = len(draft.tokens) + 1, 1
+        self.sequence_rows += 1
+        kept = [*draft.tokens[:n_ok], following]
+        end = None
+        for i, token in enumerate(kept):
+            opens = len(draft.tokens) if i == 0 else 0
+            end = self._emit(seq, token, False, from_draft=i < n_ok, drafted=opens)
+            if end is not None:
+                break
+        if end is not None:
+            with self._lock:
+                self._finish(seq, end)
+        return True
+
+    def _emit(self, seq: _Seq, token: int, first: bool, *, from_draft: bool = False, drafted: int = 0) -> _End | None:
         if not seq.ignore_eos and self.slots.is_eog(token):
             return _End(None)
-        seq.out.put(TokenStep(token, prefill_tokens=len(seq.prompt) - seq.cached if first else None))
+        prefill = len(seq.prompt) - seq.cached if first else None
+        seq.out.put(TokenStep(token, prefill_tokens=prefill, from_draft=from_draft, drafted=drafted))
         seq.generated += 1
+        seq.text.append(token)
         seq.last = token
         in_cache = len(seq.prompt) + seq.generated - 1
         if in_cache + 1 >= self.slots.n_ctx_slot:

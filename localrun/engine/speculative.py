@@ -171,7 +171,6 @@ def verify_steps(
     already evaluated (prefill: how many of its ids were). Never drafts past max_tokens or the context."""
     history = list(prompt_ids)
     limit = min(params.max_tokens, seq.n_ctx - len(prompt_ids))  # tokens we may emit
-    greedy = params.temperature <= 0
     token, first, opens = seq.choose(-1, history), True, 0
     while True:
         if not params.ignore_eos and seq.is_eog(token):
@@ -182,22 +181,45 @@ def verify_steps(
         emitted = len(history) - len(prompt_ids)
         if emitted >= limit:
             return "length"
-        room = min(limit - emitted - 1, seq.n_ctx - seq.n_cached - 2, seq.max_verify - 1)
-        draft = fit_draft(drafter.propose(history, params, rng) if room > 0 else Draft(), room, seq.n_vocab)
+        draft = next_draft(seq, drafter, history, params, rng, left=limit - emitted)
         if not draft.tokens:
             seq.decode([token])
             token, opens = seq.choose(-1, history), 0
             continue
-        n_past = seq.n_cached
-        seq.decode([token, *draft.tokens])
-        n_ok, token = _verify(seq, history, draft, greedy, rng)
-        seq.trim(n_past + 1 + n_ok)
+        n_ok, token = verify_round(seq, history, token, draft, params, rng)
         for i, t in enumerate(draft.tokens[:n_ok]):
             if not params.ignore_eos and seq.is_eog(t):
                 return None
             yield TokenStep(t, from_draft=True, drafted=len(draft.tokens) if i == 0 else 0)
             history.append(t)
         opens = len(draft.tokens) if n_ok == 0 else 0  # a round with nothing accepted opens on the target's token
+
+
+def next_draft(
+    seq: StepSequence,
+    drafter: Drafter,
+    history: list[int],
+    params: SamplingParams,
+    rng: np.random.Generator,
+    *,
+    left: int,
+) -> Draft:
+    """The drafter's proposal after history, cut to what the round may hold: left - 1 tokens (the round ends on
+    one of the target's own, and left is what max_tokens still allows), the room in the cache, one verify batch."""
+    room = min(left - 1, seq.n_ctx - seq.n_cached - 2, seq.max_verify - 1)
+    return fit_draft(drafter.propose(history, params, rng) if room > 0 else Draft(), room, seq.n_vocab)
+
+
+def verify_round(
+    seq: StepSequence, history: list[int], token: int, draft: Draft, params: SamplingParams, rng: np.random.Generator
+) -> tuple[int, int]:
+    """One round: evaluate [token, d1..dk] after the cache, verify, trim the cache past what was kept. history
+    ends with token. Returns (drafted tokens accepted, the target's next token, not evaluated yet)."""
+    n_past = seq.n_cached
+    seq.decode([token, *draft.tokens])
+    n_ok, following = _verify(seq, history, draft, params.temperature <= 0, rng)
+    seq.trim(n_past + 1 + n_ok)
+    return n_ok, following
 
 
 def _verify(
