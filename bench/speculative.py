@@ -9,6 +9,11 @@ f16-q4 (F16/Q4_0), self-q4 (the default Q4_1 with its own Q4_0); lookup: prompt 
 whose answer copies its input, timed over the answer itself (up to its end-of-sequence: with EOS ignored
 the model goes on past its answer into text that copies nothing); lookup-list: the list prompt of
 earlier runs, 256 tokens with EOS ignored, for comparison. Writes bench/results/speculative-cpu.json.
+
+Under load: python bench/speculative.py --clients 4 [--rounds 2] [--n-gen 128]. `localrun serve --parallel C` on
+the F32 target, plain and with the Q8_0 draft, the servers taking turns (rounds interleaved): C clients at once
+asking C different stories (greedy, exactly --n-gen tokens each), then one alone. Records total tokens/s with C
+clients and alone for both, and their ratios; writes bench/results/speculative-load-cpu.json.
 """
 
 from __future__ import annotations
@@ -125,6 +130,86 @@ def chat_text(target: Path, prompt: str) -> str:
         b.close()
 
 
+TOPICS = ["a robot who learns to paint", "a lighthouse keeper", "a lost kite", "a dragon who bakes bread"]
+TOPICS += ["a clockmaker's apprentice", "a whale who sings", "a city under the sea", "a fox and a crow"]
+
+
+def load_round(base: str, clients: int, n_gen: int) -> dict:
+    """clients requests at once (all threads started together), then the first alone: tokens/s of each."""
+    import threading
+    import time
+
+    import openai
+
+    api = openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=900)
+    model = api.models.list().data[0].id
+
+    def ask(topic: str, out: list) -> None:
+        reply = api.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": f"Write a short story about {topic}."}],
+            max_tokens=n_gen,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        out.append((reply.choices[0].message.content, reply.usage.completion_tokens))
+
+    ask(TOPICS[-1], [])  # warm-up: the first request pays for page faults and thread start-up
+    got: list = []
+    threads = [threading.Thread(target=ask, args=(TOPICS[i % len(TOPICS)], got)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    together_s = time.perf_counter() - t0
+    alone: list = []
+    t0 = time.perf_counter()
+    ask(TOPICS[0], alone)
+    alone_s = time.perf_counter() - t0
+    return {
+        "tokens_per_s": sum(n for _, n in got) / together_s,
+        "alone_tokens_per_s": alone[0][1] / alone_s,
+        "texts": sorted(text for text, _ in got),
+    }
+
+
+def under_load(m: dict[str, Path], threads: int, clients: int, rounds: int, n_gen: int) -> dict:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from serve_common import serve
+
+    flags = ["--parallel", str(clients), "--n-ctx", "1024", "--n-threads", str(threads)]
+    sides = {"plain": [], "draft": ["--draft", str(m["Q8_0"])]}
+    runs: dict[str, list[dict]] = {name: [] for name in sides}
+    for rnd in range(rounds):
+        for name in sides if rnd % 2 == 0 else reversed(list(sides)):
+            with serve(str(m["F32"]), *flags, *sides[name]) as base:
+                runs[name].append(load_round(base, clients, n_gen))
+            print(f"round {rnd + 1} {name}: {runs[name][-1]['tokens_per_s']:.1f} tok/s with {clients}", flush=True)
+    figures = {
+        name: {
+            "tokens_per_s": median([r["tokens_per_s"] for r in rs]),
+            "alone_tokens_per_s": median([r["alone_tokens_per_s"] for r in rs]),
+        }
+        for name, rs in runs.items()
+    }
+    return {
+        "clients": clients,
+        "rounds": rounds,
+        "n_gen": n_gen,
+        "threads": threads,
+        "target": m["F32"].name,
+        "draft": m["Q8_0"].name,
+        "figures": figures,
+        "load_ratio": figures["draft"]["tokens_per_s"] / figures["plain"]["tokens_per_s"],
+        "alone_ratio": figures["draft"]["alone_tokens_per_s"] / figures["plain"]["alone_tokens_per_s"],
+        "same_texts": all(d["texts"] == p["texts"] for d, p in zip(runs["draft"], runs["plain"], strict=True)),
+        "runs": {name: [{k: v for k, v in r.items() if k != "texts"} for r in rs] for name, rs in runs.items()},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache/localrun/bench-spec")
@@ -133,9 +218,17 @@ def main() -> None:
     ap.add_argument("--n-gen", type=int, default=256)
     ap.add_argument("--only", nargs="*", default=None, help="f32-q8 f32-q4 f16-q4 self-q4 lookup lookup-list")
     ap.add_argument("--name", default="speculative-cpu")
+    ap.add_argument("--clients", type=int, default=0, help="under load: this many clients at once (see above)")
+    ap.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args()
     threads = a.threads or physical_cores()
     m = make_models(a.cache)
+    if a.clients:
+        result = under_load(m, threads, a.clients, a.rounds, a.n_gen)
+        path = write_result("speculative-load-cpu", result)
+        print(f"draft/plain: {result['load_ratio']:.2f} with {a.clients} clients, {result['alone_ratio']:.2f} alone")
+        print(f"written to {path}")
+        return
     cases = {
         "f32-q8": (m["F32"], ["--draft", str(m["Q8_0"])], STORY, m["Q8_0"]),
         "f32-q4": (m["F32"], ["--draft", str(m["Q4_0"])], STORY, None),
