@@ -51,51 +51,43 @@ class LlamaSlots(LlamaContext):
     def decode(self, rows: Sequence[tuple[int, Sequence[int], bool]]) -> list[int]:
         """One llama_decode of (slot, tokens, logits for the last one) rows, each after its slot's cache.
         Returns, per row, the batch position of its logits (-1 where none was asked for)."""
-        b = self._batch
         n = 0
         out: list[int] = []
         for slot, ids, wants in rows:
-            pos0 = len(self.tokens[slot])
-            for j, token in enumerate(ids):
-                b.token[n] = token
-                b.pos[n] = pos0 + j
-                b.n_seq_id[n] = 1
-                b.seq_id[n][0] = slot
-                b.logits[n] = 0
-                n += 1
+            n = self._put(n, slot, ids, every=False)
             if wants:
-                b.logits[n - 1] = 1
+                self._batch.logits[n - 1] = 1
                 out.append(n - 1)  # llama_get_logits_ith and llama_sampler_sample take the batch position
             else:
                 out.append(-1)
-        if n > self.n_batch:
-            raise ValueError(f"a step of {n} tokens > n_batch {self.n_batch}")
-        b.n_tokens = n
-        rc = llama_cpp.llama_decode(self.ctx, b)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode returned {rc}")
-        for slot, ids, _ in rows:
-            self.tokens[slot].extend(ids)
+        self._run(n, [(slot, ids) for slot, ids, _ in rows])
         return out
 
     def decode_all(self, slot: int, ids: Sequence[int]) -> None:
         """One llama_decode of ids after the slot's cache, with logits for every one (a speculative verify
         batch): row i's logits are at batch position i."""
-        if len(ids) > self.n_batch:
-            raise ValueError(f"a verify batch of {len(ids)} tokens > n_batch {self.n_batch}")
-        b = self._batch
-        pos0 = len(self.tokens[slot])
+        self._run(self._put(0, slot, ids, every=True), [(slot, ids)])
+
+    def _put(self, n: int, slot: int, ids: Sequence[int], *, every: bool) -> int:
+        """Write ids into the batch from position n on, after the slot's cache; returns the next position."""
+        if n + len(ids) > self.n_batch:
+            raise ValueError(f"a step of {n + len(ids)} tokens > n_batch {self.n_batch}")
+        b, pos0 = self._batch, len(self.tokens[slot])
         for j, token in enumerate(ids):
-            b.token[j] = token
-            b.pos[j] = pos0 + j
-            b.n_seq_id[j] = 1
-            b.seq_id[j][0] = slot
-            b.logits[j] = 1
-        b.n_tokens = len(ids)
-        rc = llama_cpp.llama_decode(self.ctx, b)
+            b.token[n + j] = token
+            b.pos[n + j] = pos0 + j
+            b.n_seq_id[n + j] = 1
+            b.seq_id[n + j][0] = slot
+            b.logits[n + j] = 1 if every else 0
+        return n + len(ids)
+
+    def _run(self, n: int, rows: Sequence[tuple[int, Sequence[int]]]) -> None:
+        self._batch.n_tokens = n
+        rc = llama_cpp.llama_decode(self.ctx, self._batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
-        self.tokens[slot].extend(ids)
+        for slot, ids in rows:
+            self.tokens[slot].extend(ids)
 
 
 class SlotSequence:
