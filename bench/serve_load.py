@@ -58,7 +58,11 @@ def llama_server(model: Path, *, slots: int, slot_ctx: int, threads: int):
         yield f"{base}/v1"
     finally:
         proc.terminate()
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # llama-server with several slots has been seen to hang on SIGTERM
+            proc.kill()
+            proc.wait()
 
 
 def measure(base: str, jobs: list[list[dict]], clients: int, max_tokens: int) -> dict:
