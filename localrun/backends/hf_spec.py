@@ -19,11 +19,9 @@ import numpy as np
 import torch
 
 from localrun.engine.penalties import dry_penalties, recent_counts, uses_counts, uses_dry
-from localrun.engine.speculative import VocabSummary, sample_from, sample_ids
+from localrun.engine.speculative import MAX_VERIFY, VocabSummary, sample_from, sample_ids
 from localrun.errors import UserError
 from localrun.settings import SamplingParams
-
-MAX_VERIFY = 65  # positions in one verify forward: the last token and up to 64 drafted ones
 
 
 class PenaltyProcessor:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from localrun.engine.penalties import DRY_BREAKERS, PENALTY_LAST_N, uses_counts, uses_dry
+from localrun.engine.speculative import MAX_VERIFY
 from localrun.llama_lib import llama_cpp as _llama_cpp
 from localrun.settings import SamplingParams
 
@@ -173,7 +174,7 @@ class LlamaRunner(LlamaContext):
     """One sequence: decodes into the context and knows which tokens its KV cache holds. The keyword
     arguments are LlamaContext's (n_threads, flash_attn, kv_type, n_batch, n_ubatch)."""
 
-    def __init__(self, model, *, n_ctx: int, max_verify: int = 65, **context: Any) -> None:
+    def __init__(self, model, *, n_ctx: int, max_verify: int = MAX_VERIFY, **context: Any) -> None:
         super().__init__(model, n_ctx=n_ctx, **context)
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
         self.tokens: list[int] = []  # what the KV cache holds, positions 0..n_cached-1 (no numpy: cold start)

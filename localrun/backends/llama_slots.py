@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from localrun.backends.llama_ctx import LlamaContext, llama_cpp
+from localrun.engine.speculative import MAX_VERIFY
 
 if TYPE_CHECKING:
     import numpy as np
@@ -94,7 +95,7 @@ class SlotSequence:
     """One slot of a LlamaSlots context a step at a time (speculative.StepSequence), for the scheduler's
     speculative rounds: it samples with the request's SamplerChain, which follows the text itself."""
 
-    max_verify = 65  # the last token and up to 64 drafted ones, as LlamaRunner's verify batch
+    max_verify = MAX_VERIFY
 
     def __init__(self, slots: LlamaSlots, slot: int, params: Any, chain: Any, breakers: frozenset[int]) -> None:
         self.slots, self.slot, self.params, self.chain, self.breakers = slots, slot, params, chain, breakers

@@ -23,6 +23,8 @@ from localrun.settings import SamplingParams
 if TYPE_CHECKING:  # numpy loads when a speculative request first needs it, not on every cold start
     import numpy as np
 
+MAX_VERIFY = 65  # ids in one verify evaluation on either backend: the last token and up to 64 drafted ones
+
 
 @dataclass(frozen=True, slots=True)
 class Draft:
