@@ -218,9 +218,7 @@ def load(request: LoadRequest, task: Task) -> None:
         inspect_gguf(resolved.path)  # a header read, no weights
     if state.backend is not None:  # free the old model's memory before loading the next one
         task.send(Progress("Unloading the previous model"))
-        state.backend.close()
-        state.backend = state.loaded = None
-        task.send(Unloaded())
+        unload(task)
     task.send(
         Progress(
             f"Loading {resolved.name or 'the first model'} from {resolved.path or resolved.hub_id or resolved.url}"
@@ -231,6 +229,15 @@ def load(request: LoadRequest, task: Task) -> None:
     state.backend = backend
     state.loaded = Loaded(request, resolved.name, backend.report)
     task.send(state.loaded)
+
+
+def unload(task: Task) -> None:
+    """Close the loaded model, if any, and tell the parent (its memory is free)."""
+    state = task.state
+    if state.backend is not None:
+        state.backend.close()
+        state.backend = state.loaded = None
+        task.send(Unloaded())
 
 
 def generate(request: GenerateRequest, task: Task) -> None:

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from localrun.engine.messages import Unloaded
-from localrun.engine.worker_child import Task
+from localrun.engine.worker_child import Task, unload
 
 PLUGIN = "localrun.evaluate.jobs"
 
@@ -72,19 +71,10 @@ def peak_rss_bytes() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
-def _unload(task: Task) -> None:
-    """Close the loaded model: a scorer loads its own copy, and two would double the memory."""
-    state = task.state
-    if state.backend is not None:
-        state.backend.close()
-        state.backend = state.loaded = None
-        task.send(Unloaded())
-
-
 def reference(request: ReferenceRequest, task: Task) -> None:
     from localrun.evaluate import quality
 
-    _unload(task)
+    unload(task)  # a scorer loads its own copy of the weights: two would double the memory
     with task.busy():
         scorer = quality.open_scorer(request.path, n_ctx=request.n_ctx)
         try:
@@ -98,7 +88,7 @@ def reference(request: ReferenceRequest, task: Task) -> None:
 def score(request: QualityRequest, task: Task) -> None:
     from localrun.evaluate import quality
 
-    _unload(task)
+    unload(task)  # a scorer loads its own copy of the weights: two would double the memory
     with task.busy():
         scorer = quality.open_scorer(request.path, n_ctx=request.n_ctx, quant=request.quant)
         try:
