@@ -211,10 +211,7 @@ class Scheduler:
                     self.slots.trim(seq.slot, 0)
                     self._finish(seq, _End(None, exc))
             return
-        self.steps += 1
-        self.last_batch = sum(len(r[1]) for r in rows)
-        self.last_sequences = len(rows)
-        self.sequence_rows += len(rows)
+        self._count_step(sum(len(r[1]) for r in rows), len(rows))
         ended: list[tuple[_Seq, _End]] = []
         for seq, (_, ids, _wants), i in zip(members, rows, at, strict=True):
             if seq.last is None:
@@ -232,6 +229,12 @@ class Scheduler:
             with self._lock:
                 for seq, end in ended:
                     self._finish(seq, end)
+
+    def _count_step(self, tokens: int, sequences: int) -> None:
+        """One decode step's figures (status(), /metrics): its tokens and its sequences."""
+        self.steps += 1
+        self.last_batch, self.last_sequences = tokens, sequences
+        self.sequence_rows += sequences
 
     def _speculate(self, seq: _Seq) -> bool:
         """A speculative round for the one sequence generating, when it drafts and its drafter proposes; False:
@@ -255,9 +258,7 @@ class Scheduler:
                 self.slots.trim(seq.slot, 0)
                 self._finish(seq, _End(None, exc))
             return True
-        self.steps += 1
-        self.last_batch, self.last_sequences = len(draft.tokens) + 1, 1
-        self.sequence_rows += 1
+        self._count_step(len(draft.tokens) + 1, 1)
         kept = [*draft.tokens[:n_ok], following]
         end = None
         for i, token in enumerate(kept):
