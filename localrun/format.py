@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from localrun.engine.events import GenerationEvent, GenerationSummary
 
 # A prompt rate is shown only when at least this many prompt tokens were evaluated. Below that, TTFT is
@@ -22,6 +24,36 @@ def fmt_bytes(n: int | None) -> str:
         if n >= scale:
             return f"{n / scale:.2f} {unit}" if unit == "GB" else f"{n / scale:.0f} {unit}"
     return f"{n} B"
+
+
+LOADED_MODEL_HEADERS = ("NAME", "MEMORY", "PLANNED", "SLOTS", "DEVICE", "CONTEXT", "UNLOADS IN")
+
+
+def unloads_in(row: dict[str, Any]) -> str:
+    """When a loaded model unloads: pinned, busy, forever, or the idle time left."""
+    if row.get("pinned"):
+        return "pinned"
+    if row.get("state") == "busy":
+        return "busy"
+    if row.get("state") == "loading":
+        return "loading"
+    left = row.get("expires_in_s")
+    if left is None:
+        return "forever"
+    return f"{left:.0f} s" if left < 120 else f"{left / 60:.0f} min"
+
+
+def loaded_model_cells(row: dict[str, Any], name: str) -> tuple[str, ...]:
+    """One loaded model (a model pool row, or /v1/models' loaded row) as `localrun ps` and the System tab show it."""
+    return (
+        name,
+        fmt_bytes(row.get("memory_bytes")),
+        fmt_bytes(row.get("planned_bytes")),
+        f"{row.get('slots_busy', 0)}/{row.get('slots', 1)} busy",
+        str(row.get("device", "?")),
+        str(row.get("context_length", "?")),
+        unloads_in(row),
+    )
 
 
 def fmt_rate(tps: float | None) -> str:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from localrun.engine.worker import WorkerClient
+from localrun.engine.pool import ModelPool
 
 # Each module exposes TITLE, KEY (used in elem_ids: tab-KEY, tab-KEY-button) and build(ctx).
 TABS = ("ui.tabs.chat", "ui.tabs.quantize", "ui.tabs.compare", "ui.tabs.models", "ui.tabs.system")
@@ -18,7 +18,7 @@ class AppContext:
     """What tabs share: the model worker, the model to preselect, the Blocks being built (for load
     events), and components other tabs may use."""
 
-    worker: WorkerClient
+    worker: ModelPool  # every loaded model, each in a process of its own
     default_model: str | None = None
     demo: Any = None
     components: dict[str, Any] = field(default_factory=dict)

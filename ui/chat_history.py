@@ -82,7 +82,7 @@ def choices(keeper: ChatKeeper, user: str, query: str = "") -> list[tuple[str, s
 
 def reply_record(ctx: Any, request: Any, text: str, summary: GenerationSummary | None, model: str) -> dict:
     """What the store keeps of a UI reply beyond its text: how it was made and its figures."""
-    loaded = ctx.worker.loaded
+    loaded = ctx.worker.loaded_for(request.load)  # the model that answered, not another tab's
     if loaded is None or summary is None:
         return {}
     options = request.load.options if request.load is not None else loaded.request.options
@@ -279,7 +279,7 @@ def replay_report(ctx: Any, request: Any) -> Iterator[str]:
                 raise UserError(update.message)
             if isinstance(update, GenerationEvent) and update.summary is not None:
                 summary = update.summary
-        loaded = ctx.worker.loaded
+        loaded = ctx.worker.loaded_for(request_.load)
         return summary, loaded.report.model_path if loaded is not None else None
 
     lines = ["Replaying with the saved settings and seeds…"]
@@ -327,10 +327,12 @@ def _offer_model(ctx: Any, messages: list[dict]) -> tuple[Any, str]:
     if not replies:
         return gr.skip(), ""
     made_with = replies[-1].get("model") or ""
-    loaded = ctx.worker.loaded
-    if loaded is not None and loaded.name == made_with:
-        return gr.skip(), ""
     spec = saved_spec(replies[-1])
+    current = ctx.worker.loaded
+    if current is not None and current.name == made_with:
+        return gr.skip(), ""
+    if any(loaded.name == made_with for loaded in ctx.worker.loads()):  # loaded beside another: no reload
+        return gr.update(value=spec), ""
     quant = (replies[-1].get("run") or {}).get("quant")
     what = f"{made_with} ({quant})" if quant else made_with
     return gr.update(value=spec), f"This chat was made with **{html.escape(what)}**: press **Load** to load it."

@@ -114,7 +114,9 @@ def stream(ctx: Any, turn: Turn, turns: list, owner: str) -> Iterator[tuple]:
         yield update(**out)
     if event is not None:
         series.add(event)
-    model = model or (loaded_name(ctx.worker.loaded) if ctx.worker.loaded else "?")
+    if model is None:
+        answered = ctx.worker.loaded_for(turn.request.load)
+        model = loaded_name(answered) if answered is not None else "?"
     yield _finish(turn, turns, parts, event, failed, series, model, ctx=ctx, owner=owner, remote=remote)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from localrun.cli.serve import add_server_flags, limits_from
+from localrun.cli.serve import add_server_flags, limits_from, pool_from
 from localrun.errors import UserError
 from localrun.netpolicy import credential_text, is_loopback, port_free, require_auth
 
@@ -100,12 +100,11 @@ def run(args: argparse.Namespace) -> int:
     )
     port = pick_port(args.host, args.port)
     api_key = _api_key(args)
-    from localrun.engine.worker import WorkerClient
     from ui.app import AppContext, launch
 
     print(f"localrun UI on http://{args.host}:{port}", file=sys.stderr)
     loopback = is_loopback(args.host) and not args.share
-    ctx = AppContext(worker=WorkerClient(), default_model=args.model, loopback=loopback)
+    ctx = AppContext(worker=pool_from(args), default_model=args.model, loopback=loopback)
     mount = None
     if args.api:
         print(f"localrun: OpenAI API on http://{args.host}:{port}/v1", file=sys.stderr)

@@ -24,6 +24,7 @@ COMMANDS = {
     "compare": "localrun.cli.compare",
     "serve": "localrun.cli.serve",
     "endpoints": "localrun.cli.endpoints",
+    "ps": "localrun.cli.ps",
 }
 
 

@@ -135,12 +135,12 @@ def _load_bench(args: argparse.Namespace, options: LoadOptions) -> dict:
             return run_load_bench(remote_sender(backend), about, clients=clients, ignore_eos=eos, **sizes)
         finally:
             backend.close()
-    from localrun.engine.worker import WorkerClient
+    from localrun.engine.pool import ModelPool, PoolPolicy
     from localrun.server.engine import WorkerEngine
 
     if options.parallel is None:  # as serve: slots as the memory allows, so the bench measures what it serves
         options = options.replace(parallel=0)
-    engine = WorkerEngine(WorkerClient(), options=options, max_queue=max(clients) + 1)
+    engine = WorkerEngine(ModelPool(PoolPolicy(keep_alive_s=float("inf"))), options=options, max_queue=max(clients) + 1)
     try:
         loaded = engine.load(args.model)
         about = load_about(loaded.report, slots=engine.status().get("slots"), engine="localrun (this machine)")

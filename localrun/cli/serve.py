@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
+from localrun.errors import UserError
 from localrun.limits import Limits
 from localrun.settings import LoadOptions, add_flags, from_args
 
@@ -18,6 +20,34 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait for the model before 429 (16)")
     group = p.add_argument_group("request limits", "what one request may ask; a request over one gets a 4xx naming it")
     add_flags(group, Limits, show_default=True)
+    pool = p.add_argument_group("models", "several models loaded at once, each in a process of its own")
+    pool.add_argument(
+        "--keep-alive",
+        default="15m",
+        metavar="DURATION",
+        help="unload a model idle this long (30s, 5m, 1h; 0: after each request; -1: never); default 15m",
+    )
+    pool.add_argument(
+        "--pin", action="append", default=[], metavar="MODEL", help="never unload MODEL (a name or path; repeatable)"
+    )
+    pool.add_argument(
+        "--memory-budget",
+        default=None,
+        metavar="SIZE",
+        help="memory every loaded model counts against (8G, 512M; default: 80%% of free RAM and VRAM)",
+    )
+
+
+def pool_from(args: argparse.Namespace) -> Any:
+    """The ModelPool the --keep-alive, --pin and --memory-budget flags ask for (user mistakes: UserError)."""
+    from localrun.engine.pool import ModelPool, PoolPolicy, keep_alive_seconds, parse_size
+
+    budget = parse_size(args.memory_budget, "--memory-budget") if args.memory_budget else None
+    try:
+        keep_alive = keep_alive_seconds(args.keep_alive)
+    except UserError as exc:
+        raise UserError(f"--keep-alive: {exc}") from None
+    return ModelPool(PoolPolicy(keep_alive_s=keep_alive, pinned=tuple(args.pin), budget_bytes=budget))
 
 
 def limits_from(args: argparse.Namespace) -> Limits:
@@ -40,7 +70,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from localrun.errors import UserError
     from localrun.netpolicy import port_free
     from localrun.server.access import api_key, check_exposure
 
@@ -54,21 +83,22 @@ def run(args: argparse.Namespace) -> int:
     if options.parallel is None:  # several clients at once: slots as the memory allows
         options = options.replace(parallel=0)
     limits = limits_from(args)
+    pool = pool_from(args)  # its flags are checked before anything starts
     if not port_free(args.host, args.port):  # one sentence, not uvicorn's log line and exit
         raise UserError(f"Port {args.port} on {args.host} is in use: pick another with --port.")
     import uvicorn
 
-    from localrun.engine.worker import WorkerClient
     from localrun.server.app import create_app
     from localrun.server.engine import WorkerEngine
 
-    engine = WorkerEngine(WorkerClient(), options=options, max_queue=args.max_queue)
+    engine = WorkerEngine(pool, options=options, max_queue=args.max_queue)
     try:
         loaded = engine.load(args.model)
     except BaseException:
         engine.close()
         raise
     print(f"localrun: {loaded.name} loaded ({loaded.report.describe()})", file=sys.stderr)
+    print(f"localrun: {engine.worker.describe()}", file=sys.stderr)
     if loaded.report.parallel_why:
         print(f"localrun: {loaded.report.parallel} slot(s): {loaded.report.parallel_why}", file=sys.stderr)
     config = uvicorn.Config(

@@ -165,6 +165,23 @@ def ram_resident_bytes(
     return info.tensor_data_bytes + vocab_bytes(info) + max(loading, running)
 
 
+WORKER_BASE_BYTES = 24 * MiB  # a model process before its model: the interpreter and llama_cpp (measured)
+
+
+def worker_bytes(
+    info: GGUFInfo, *, n_ctx: int, slots: int = 1, kv_type: str = "f16", draft: GGUFInfo | None = None
+) -> int:
+    """What a model process holds once loaded and answering (the model pool's budget counts this): the process
+    itself, the weights, the KV cache of every slot (n_ctx cells each) and one ubatch of compute in use, plus a
+    draft model with its own cache. Within a few per cent of the worker's RSS on the default model (bench/fit.py
+    measures the parts; tests/test_pool.py the whole)."""
+    cells = n_ctx * max(slots, 1)
+    total = WORKER_BASE_BYTES + ram_resident_bytes(info, n_ctx=cells, kv_type=kv_type, n_tokens_used=N_UBATCH)
+    if draft is not None:
+        total += ram_resident_bytes(draft, n_ctx=cells, kv_type="f16", n_tokens_used=N_UBATCH)
+    return total
+
+
 def overhead_bytes(info: GGUFInfo) -> int:
     """Tokenizer tables and other allocations outside the named buffers, plus the logits output buffer."""
     return vocab_bytes(info) + runtime_bytes(info)

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from localrun.engine.events import GenerationEvent
+from localrun.engine.pool import MemoryBusy, keep_alive_seconds
 from localrun.errors import UserError, without_paths
 from localrun.limits import LimitExceeded, Limits
 from localrun.server.engine import CancelWatch, QueueFull, WorkerEngine
@@ -108,6 +109,7 @@ class Api:
         self.limits = limits or Limits()
         self._recommended_cache: dict[str | None, Any] = {}
         self._ids: dict[str, str] = {}  # load spec -> the model list's id it was asked for by
+        self._seen: dict[str, Any] = {}  # id -> LoadRequest of every model loaded so far (one given by path too)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -121,23 +123,29 @@ class Api:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
             raise ApiError(401, "Incorrect API key.", code="invalid_api_key")
 
-    def _loaded_id(self) -> str | None:
-        """The loaded model's id: the model list's id it was requested by (a store file, loaded by its path,
+    def _id_of(self, loaded: Any) -> str:
+        """A loaded model's id: the model list's id it was requested by (a store file, loaded by its path,
         keeps its repo:file id rather than showing up twice, under its file name too), else its name."""
-        loaded = self.engine.worker.loaded or self.engine.last_loaded  # after a crash: the model to reload
-        if loaded is None:
-            return None
         return self._ids.get(loaded.request.model, loaded.name)
 
-    def _model_spec(self, name: str) -> str | None:
-        """None for the loaded model, else a model on disk to load; 404 for anything else."""
-        if name == self._loaded_id():
-            return None
+    def _loaded_id(self) -> str | None:
+        """The id of the model used last (after a crash: the model to reload)."""
+        loaded = self.engine.worker.loaded or self.engine.last_loaded
+        return self._id_of(loaded) if loaded is not None else None
+
+    def _model_load(self, name: str) -> Any:
+        """The LoadRequest for a model id: a loaded one as it was loaded, one seen before, or one on disk;
+        404 for anything else."""
+        for loaded in self.engine.worker.loads():
+            if name == self._id_of(loaded):
+                return loaded.request
+        if name in self._seen:
+            return self._seen[name]
         for row in _local_models():
             if name == row.name:  # by name where the catalog knows it, so the loaded model keeps its name
                 spec = str(row.path) if ":" in row.name else row.name
                 self._ids[spec] = row.name
-                return spec
+                return self.engine.load_request(spec)
         raise ApiError(
             404,
             f"The model {name!r} does not exist on this machine: GET /v1/models lists the ones that do.",
@@ -167,21 +175,23 @@ class Api:
         from starlette.responses import PlainTextResponse
 
         self._authorize(request)
-        text = self.metrics.render(process_gauges(self.engine.worker.status))
+        text = self.metrics.render(process_gauges(self.engine.worker.status), pool=self.engine.worker)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def models(self, request: Any) -> Any:
         from starlette.responses import JSONResponse
 
         self._authorize(request)
-        return JSONResponse({"object": "list", "data": self._model_rows()})
+        pool = self.engine.worker
+        budget = {"budget_bytes": pool.budget_bytes, "planned_bytes": pool.used_bytes()}
+        return JSONResponse({"object": "list", "data": self._model_rows(), "memory": budget})
 
     async def model(self, request: Any) -> Any:
         from starlette.responses import JSONResponse
 
         self._authorize(request)
         name = request.path_params["model"]
-        self._model_spec(name)  # 404 for a model that is not here
+        self._model_load(name)  # 404 for a model that is not here
         row = next((r for r in self._model_rows() if r["id"] == name), None)
         if row is None:  # listed in the store, but its file does not read as a model
             raise ApiError(
@@ -190,16 +200,35 @@ class Api:
         return JSONResponse(row)
 
     def _model_rows(self) -> list[dict[str, Any]]:
-        loaded = self._loaded_id()
-        now = self.engine.worker.loaded is not None
-        rows = (
-            [{"id": loaded, "object": "model", "created": 0, "owned_by": "localrun", "loaded": now}] if loaded else []
-        )
-        if rows and now:  # extensions, as vLLM's max_model_len: what a client (a remote localrun) can plan with
-            report = self.engine.worker.loaded.report
-            rows[0].update(context_length=report.n_ctx, slots=report.parallel)
+        """Loaded models first, with extension fields (as vLLM's max_model_len, Ollama's ps): what a client,
+        `localrun ps` or a remote localrun can plan with; then the other models on disk."""
+        pool = self.engine.worker
+        rows, listed = [], set()
+        for loaded, entry in pool.rows():
+            if loaded is None:
+                continue
+            model_id = self._id_of(loaded)
+            if not model_id:  # a remote engine's unnamed first model: the remote's own list names it
+                continue
+            self._seen[model_id] = loaded.request
+            listed.add(model_id)
+            row = {"id": model_id, "object": "model", "created": 0, "owned_by": "localrun", "loaded": True}
+            row.update(
+                state=entry["state"],
+                memory_bytes=entry["memory_bytes"],
+                planned_bytes=entry["planned_bytes"],
+                context_length=entry["context_length"],
+                slots=entry["slots"],
+                slots_busy=entry["slots_busy"],
+                device=entry["device"],
+                pinned=entry["pinned"],
+                keep_alive_s=entry["keep_alive_s"],
+                expires_in_s=entry["expires_in_s"],
+                pid=entry["pid"],
+            )
+            rows.append(row)
         for row in _local_models():
-            if row.name != loaded and row.quant != "corrupt":
+            if row.name not in listed and row.quant != "corrupt":
                 rows.append({"id": row.name, "object": "model", "created": 0, "owned_by": "localrun", "loaded": False})
         return rows
 
@@ -216,7 +245,13 @@ class Api:
     async def _generate(self, request: Any, route: str, body_type: type, convert: Callable) -> Any:
         self._authorize(request)
         body = parse_body(await self._read_body(request), body_type, self.limits)
-        load = self.engine.load_request(self._model_spec(body.model))
+        load = self._model_load(body.model)
+        keep_alive = None
+        if body.keep_alive is not None:
+            try:
+                keep_alive = keep_alive_seconds(body.keep_alive)
+            except UserError as exc:
+                raise ApiError(400, str(exc), param="keep_alive") from None
         recommended = self._recommended(load.model if load is not None else None)
         # a grammar can take a while to build: off the event loop, so /health and streams keep going
         job, reply = await asyncio.to_thread(
@@ -240,7 +275,7 @@ class Api:
                 self.metrics.count_cancel(cancel.overrun_tokens)
 
         try:
-            pump = _Pump(self.engine.submit(job, cancel), on_final, on_abort)
+            pump = _Pump(self.engine.submit(job, cancel, keep_alive_s=keep_alive), on_final, on_abort)
         except QueueFull as exc:
             raise ApiError(429, f"The server is busy: {exc}", type="rate_limit_error", code="queue_full") from None
         try:
@@ -251,6 +286,8 @@ class Api:
             return _empty()
         except UserError as exc:
             raise ApiError(400, str(exc)) from None
+        except MemoryBusy as exc:
+            raise ApiError(503, str(exc), type="server_error", code="memory_busy") from None
         except Exception as exc:  # the model process failed (a crash: it restarts with the next request)
             raise ApiError(503, str(exc), type="server_error", code="model_failed") from None
         if first is not _END and first.summary is not None and first.summary.error:

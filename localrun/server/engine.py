@@ -1,8 +1,8 @@
-"""What the routes talk to: the model worker process (localrun.engine.worker), shared with the UI under `ui --api`.
+"""What the routes talk to: the model pool (localrun.engine.pool), shared with the UI under `ui --api`.
 
-Requests run together up to the model's slots (continuous batching); the rest wait in arrival order. The
-API bounds its own share of that queue: with max_queue requests waiting beyond the slots, submit() raises
-QueueFull (HTTP 429) and queues nothing.
+Requests to one model run together up to its slots (continuous batching); the rest wait in arrival order. The
+API bounds its own share of each model's queue: with max_queue requests waiting beyond the slots, submit()
+raises QueueFull (HTTP 429) and queues nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 from localrun.engine.events import GenerationEvent
 from localrun.engine.messages import Failed, Loaded, LoadRequest
+from localrun.engine.pool import MemoryBusy
 from localrun.errors import UserError
 from localrun.settings import LoadOptions
 
@@ -44,14 +45,14 @@ class CancelWatch:
 
 
 class WorkerEngine:
-    """API requests on a WorkerClient: model names to LoadRequests, Failed to exceptions, a bounded queue."""
+    """API requests on a ModelPool: model names to LoadRequests, Failed to exceptions, a bounded queue."""
 
     def __init__(self, worker: Any, *, options: LoadOptions | None = None, max_queue: int = DEFAULT_MAX_QUEUE):
         self.worker = worker
         self.options = options or LoadOptions()
         self.max_queue = max_queue
         self._lock = threading.Lock()
-        self._in_flight = 0
+        self._in_flight: dict[str | None, int] = {}  # per model spec
         self._ids = itertools.count(1)
         self._last: LoadRequest | None = None  # what to reload after a crash
         self.last_loaded: Loaded | None = None  # the last model loaded, which a crash does not forget
@@ -75,22 +76,31 @@ class WorkerEngine:
         loaded = self.worker.loaded or self.last_loaded
         return loaded.request if loaded is not None else self._last
 
-    def submit(self, request: Any, cancel: CancelWatch) -> Iterator[GenerationEvent]:
-        """Queue a request (QueueFull when the API's share is full) and return its events."""
-        slots = self.worker.status().get("slots", 1)
+    def submit(
+        self, request: Any, cancel: CancelWatch, *, keep_alive_s: float | None = None
+    ) -> Iterator[GenerationEvent]:
+        """Queue a request (QueueFull when the API's share of its model's queue is full) and return its events.
+        keep_alive_s: how long its model stays loaded once idle (None: the pool's keep-alive)."""
+        load = getattr(request, "load", None)
+        model = load.model if load is not None else None
+        slots = self.worker.slots_for(load)
         with self._lock:
-            waiting = self._in_flight - slots  # the requests beyond the model's slots wait in the queue
+            waiting = self._in_flight.get(model, 0) - slots  # the requests beyond the model's slots wait
             if waiting >= self.max_queue:
                 raise QueueFull(f"{waiting} API requests are waiting already: retry in a moment.")
-            self._in_flight += 1
+            self._in_flight[model] = self._in_flight.get(model, 0) + 1
         owner = f"api-{next(self._ids)}"
         cancel.stop = lambda: self.worker.cancel(owner)
-        return self._events(request, owner, cancel)
+        return self._events(request, owner, cancel, model, keep_alive_s)
 
-    def _events(self, request: Any, owner: str, cancel: CancelWatch) -> Iterator[GenerationEvent]:
+    def _events(
+        self, request: Any, owner: str, cancel: CancelWatch, model: str | None, keep_alive_s: float | None
+    ) -> Iterator[GenerationEvent]:
         try:
-            for update in self.worker.submit(request, owner=owner):
+            for update in self.worker.submit(request, owner=owner, keep_alive_s=keep_alive_s):
                 if isinstance(update, Failed):
+                    if update.kind == "busy":
+                        raise MemoryBusy(update.message)
                     raise UserError(update.message) if update.kind == "user" else RuntimeError(update.message)
                 if isinstance(update, Loaded):
                     self.last_loaded = update
@@ -100,12 +110,12 @@ class WorkerEngine:
                     yield update
         finally:
             with self._lock:
-                self._in_flight -= 1
+                self._in_flight[model] -= 1
 
     def status(self) -> dict[str, Any]:
         state = self.worker.status()
         keys = ("model", "busy", "queued", "slots", "running")
-        return {k: state[k] for k in keys if k in state}
+        return {**{k: state[k] for k in keys if k in state}, "loaded_models": len(state.get("models", ()))}
 
     def close(self) -> None:
         self.worker.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from localrun.engine.events import GenerationSummary
 
@@ -101,8 +102,9 @@ class Metrics:
                 self.peak_vram_bytes = max(self.peak_vram_bytes or 0, summary.peak_vram_bytes)
             self.last_decode_tps = summary.decode_tps or self.last_decode_tps
 
-    def render(self, gauges: dict[str, tuple[str, float | None]] | None = None) -> str:
-        """The exposition text; gauges adds name -> (help, value) read at scrape time."""
+    def render(self, gauges: dict[str, tuple[str, float | None]] | None = None, *, pool: Any = None) -> str:
+        """The exposition text; gauges adds name -> (help, value) read at scrape time, pool (a ModelPool) its
+        loads, unloads by reason, and each loaded model's memory."""
         with self._lock:
             out: list[str] = []
             add = _Writer(out)
@@ -137,7 +139,35 @@ class Metrics:
             add.simple("localrun_model_peak_vram_bytes", "gauge", "Peak GPU memory.", self.peak_vram_bytes)
             for name, (help_text, value) in (gauges or {}).items():
                 add.simple(name, "counter" if name.endswith("_total") else "gauge", help_text, value)
+        if pool is not None:
+            _pool_lines(add, pool)
         return "\n".join(out) + "\n"
+
+
+def _label(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+
+
+def _pool_lines(add: _Writer, pool: Any) -> None:
+    """Loads, unloads (evictions are unloads with reason "evicted"), the budget, and each loaded model's memory."""
+    counts = dict(pool.counts)
+    add.metric("localrun_model_loads_total", "counter", "Models loaded, by reason.")
+    loads = {r: n for (kind, r), n in counts.items() if kind == "load"} or {"request": 0}
+    add.out += [f'localrun_model_loads_total{{reason="{_label(r)}"}} {n}' for r, n in sorted(loads.items())]
+    add.metric(
+        "localrun_model_unloads_total", "counter", "Models unloaded: idle, evicted (for memory), keep_alive 0, asked."
+    )
+    unloads = {r: n for (kind, r), n in counts.items() if kind == "unload"} or {"idle": 0}
+    add.out += [f'localrun_model_unloads_total{{reason="{_label(r)}"}} {n}' for r, n in sorted(unloads.items())]
+    add.simple("localrun_memory_budget_bytes", "gauge", "The model pool's memory budget.", pool.budget_bytes)
+    add.simple(
+        "localrun_memory_planned_bytes", "gauge", "Memory the loaded models are planned to hold.", pool.used_bytes()
+    )
+    rows = [r for r in pool.models() if r.get("memory_bytes") is not None]
+    add.simple("localrun_models_loaded", "gauge", "Models loaded now.", len(pool.models()))
+    if rows:
+        add.metric("localrun_model_ram_bytes", "gauge", "RSS of each loaded model's process.")
+        add.out += [f'localrun_model_ram_bytes{{model="{_label(r["name"])}"}} {r["memory_bytes"]}' for r in rows]
 
 
 class _Writer:

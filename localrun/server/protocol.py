@@ -153,6 +153,7 @@ class _Sampling(_Strict):
     dry_penalty_last_n: int | None = _setting("dry_penalty_last_n")
     ignore_eos: bool = False
     loop_guard: bool | None = None  # ours: false lets a looping reply run on
+    keep_alive: float | str | None = None  # as Ollama's: how long the model stays loaded once idle ("5m", 0, -1)
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -96,6 +96,32 @@ def worker_rows(ctx: Any) -> list[list[str]]:
     return rows
 
 
+def loaded_models(ctx: Any) -> Any:
+    """The loaded models, as `localrun ps` shows them: memory, planned, slots, device, keep-alive left."""
+    import pandas as pd
+
+    from localrun.format import LOADED_MODEL_HEADERS, loaded_model_cells
+
+    rows = [loaded_model_cells(r, r["name"]) for r in ctx.worker.models()]
+    return pd.DataFrame(rows, columns=[h.capitalize() for h in LOADED_MODEL_HEADERS])
+
+
+def loaded_names(ctx: Any) -> list[str]:
+    return [r["name"] for r in ctx.worker.models() if r.get("state") != "loading"]
+
+
+def unload(ctx: Any, name: str | None) -> str:
+    """The Unload button: one sentence on what happened."""
+    from localrun.errors import UserError
+
+    if not name:
+        return "Pick a loaded model to unload."
+    try:
+        return ctx.worker.unload(name)
+    except UserError as exc:
+        return str(exc)
+
+
 def system_table(ctx: Any) -> Any:
     """Every row of the System tab as one table."""
     import pandas as pd
@@ -109,6 +135,21 @@ def build(ctx: Any) -> None:
     import gradio as gr
 
     refresh = gr.Button("Refresh", elem_id="system-refresh")
+    gr.Markdown(f"**Loaded models** · {ctx.worker.describe()}")
+    models = gr.Dataframe(loaded_models(ctx), interactive=False, elem_id="loaded-models")
+    with gr.Row():
+        pick = gr.Dropdown(loaded_names(ctx), label="Loaded model", elem_id="unload-pick", allow_custom_value=False)
+        unload_button = gr.Button("Unload", elem_id="unload-model")
+    said = gr.Markdown(elem_id="unload-said")
+
+    def models_view() -> tuple:
+        names = loaded_names(ctx)
+        return loaded_models(ctx), gr.Dropdown(choices=names, value=names[0] if names else None)
+
+    unload_button.click(lambda name: unload(ctx, name), inputs=[pick], outputs=[said], api_name="unload_model").then(
+        models_view, outputs=[models, pick], api_visibility="private"
+    )
+    refresh.click(models_view, outputs=[models, pick], api_visibility="private")
     table = gr.Dataframe(system_table(ctx), interactive=False, wrap=True, max_height=900, elem_id="system-table")
     status = gr.JSON(ctx.worker.status(), label="Model process (raw)", elem_id="worker-status")
     refresh.click(lambda: system_table(ctx), outputs=[table], api_name="system_info")
@@ -116,3 +157,4 @@ def build(ctx: Any) -> None:
     # Fresh figures for every page load and every visit to the tab.
     for trigger in (ctx.demo.load, ctx.components["tab_system"].select):
         trigger(lambda: (system_table(ctx), ctx.worker.status()), outputs=[table, status], api_visibility="private")
+        trigger(models_view, outputs=[models, pick], api_visibility="private")
