@@ -1,4 +1,4 @@
-"""`localrun serve`: the OpenAI-compatible API on one loaded model."""
+"""`localrun serve`: the OpenAI-compatible API, on every model a request names (one process each, see engine/pool.py)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /metrics)",
         description="Serve the OpenAI API on 127.0.0.1. Another host needs an API key (flag, file or $LOCALRUN_API_KEY).",
     )
-    p.add_argument("model", nargs="?", help="a .gguf file, a model directory, or a catalog name (default: SmolLM2)")
+    p.add_argument(
+        "model",
+        nargs="?",
+        help="the model loaded at start: a .gguf file, a model directory, or a catalog name (default: SmolLM2)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     add_server_flags(p)
