@@ -261,3 +261,43 @@ def test_the_system_tab_lists_loaded_models_and_unloads_one() -> None:
         assert unload(ctx, DEFAULT) == f"{DEFAULT} is not loaded."
     finally:
         pool.close()
+
+
+def test_the_ui_picker_loads_a_second_model_beside_the_first_and_each_chat_keeps_its_own(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chat tab's Load and Send handlers on a real pool: the second Load keeps the first model loaded, and
+    a turn sent with the first model picked is answered by it, with no reload."""
+    from types import SimpleNamespace
+
+    from ui import store
+    from ui.tabs.chat import load_model
+
+    monkeypatch.setenv("LOCALRUN_HOME", str(home))
+    from localrun.engine.events import GenerationEvent
+    from localrun.engine.messages import GenerateRequest
+    from localrun.engine.pool import ModelPool, PoolPolicy
+    from localrun.settings import SamplingParams
+    from ui.tabs.chat import load_request
+
+    picks = {label.split(" ")[0]: value for label, value in store.model_choices()}
+    values = {"n_ctx": 512}
+    pool = ModelPool(PoolPolicy(keep_alive_s=float("inf")))
+    ctx = SimpleNamespace(worker=pool, loopback=True)
+    try:
+        for name in (DEFAULT, SECOND):
+            said = [text for text, _ in load_model(ctx, picks[name], values, owner="tab")]
+            assert said[-1].startswith("**Loaded"), said
+        rows = {r["name"]: r["pid"] for r in pool.models()}
+        assert len(rows) == 2 and None not in rows.values()
+        first = load_request(ctx, picks[DEFAULT], values)
+        request = GenerateRequest.chat(
+            [{"role": "user", "content": "Hi"}], SamplingParams(temperature=0, max_tokens=4), load=first
+        )
+        events = [u for u in pool.submit(request, owner="tab") if isinstance(u, GenerationEvent)]
+        assert events[-1].summary is not None and events[-1].summary.generated_tokens > 0
+        assert pool.loaded_for(first).name == DEFAULT
+        assert {r["name"]: r["pid"] for r in pool.models()} == rows  # no process restarted, nothing reloaded
+        assert pool.counts["load", "request"] == 2
+    finally:
+        pool.close()
