@@ -301,3 +301,40 @@ def test_the_ui_picker_loads_a_second_model_beside_the_first_and_each_chat_keeps
         assert pool.counts["load", "request"] == 2
     finally:
         pool.close()
+
+
+def test_a_load_that_waits_too_long_for_a_busy_model_fails_with_the_reason(home: Path, plans: dict) -> None:
+    """memory_wait_s bounds the wait: the request for the other model fails with why, the busy reply runs on."""
+    from localrun.engine.events import GenerationEvent
+    from localrun.engine.messages import Failed, GenerateRequest, LoadRequest
+    from localrun.engine.pool import ModelPool, PoolPolicy
+    from localrun.settings import LoadOptions, SamplingParams
+
+    options = LoadOptions(n_ctx=int(N_CTX), parallel=int(SLOTS))
+    q8 = str(home / "models" / "local" / "smol" / "smol-q8.gguf")
+    budget = int(max(plans.values()) * 1.3)
+    pool = ModelPool(PoolPolicy(keep_alive_s=float("inf"), budget_bytes=budget, memory_wait_s=1.0))
+    try:
+        long = GenerateRequest.chat(
+            [{"role": "user", "content": "Tell me a story."}],
+            SamplingParams(temperature=0, max_tokens=240, ignore_eos=True),
+            load=LoadRequest(None, options),
+        )
+        updates: list = []
+        runner = threading.Thread(target=lambda: updates.extend(pool.submit(long, owner="a")))
+        runner.start()
+        deadline = time.monotonic() + 60
+        while not any(r.get("state") == "busy" for r in pool.models()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        other = GenerateRequest.chat(
+            [{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=4), load=LoadRequest(q8, options)
+        )
+        failed = [u for u in pool.submit(other, owner="b") if isinstance(u, Failed)]
+        assert len(failed) == 1 and failed[0].kind == "busy", failed
+        assert "busy" in failed[0].message and "retry when a reply is done" in failed[0].message
+        runner.join()
+        last = [u for u in updates if isinstance(u, GenerationEvent)][-1]
+        assert last.summary is not None and last.summary.generated_tokens == 240  # not cut
+        assert [r["name"] for r in pool.models()] == [DEFAULT]
+    finally:
+        pool.close()
