@@ -47,7 +47,8 @@ def loaded_model_cells(row: dict[str, Any], name: str) -> tuple[str, ...]:
     """One loaded model (a model pool row, or /v1/models' loaded row) as `localrun ps` and the System tab show it."""
     return (
         name,
-        fmt_bytes(row.get("memory_bytes")),
+        fmt_bytes(row.get("memory_bytes"))
+        + (f" + {fmt_bytes(row['vram_bytes'])} VRAM" if row.get("vram_bytes") else ""),
         fmt_bytes(row.get("planned_bytes")),
         f"{row.get('slots_busy', 0)}/{row.get('slots', 1)} busy",
         str(row.get("device", "?")),

@@ -202,22 +202,25 @@ def _vram_reader():
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
         return lambda: int(max(torch.cuda.max_memory_allocated(), torch.cuda.memory_reserved()))
+    if not _nvml_handles():
+        return None
+    pid = os.getpid()
+    return lambda: process_vram_bytes(pid) or 0
+
+
+def process_vram_bytes(pid: int) -> int | None:
+    """GPU bytes a process holds on every NVIDIA GPU (NVML), or None without one (a model pool row's VRAM)."""
     handles = _nvml_handles()
     if not handles:
         return None
     import pynvml
 
-    pid = os.getpid()
-
-    def read() -> int:
-        total = 0
-        for handle in handles:
-            try:
-                for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                    if proc.pid == pid and proc.usedGpuMemory:
-                        total += int(proc.usedGpuMemory)
-            except pynvml.NVMLError:
-                continue
-        return total
-
-    return read
+    total = 0
+    for handle in handles:
+        try:
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid == pid and proc.usedGpuMemory:
+                    total += int(proc.usedGpuMemory)
+        except pynvml.NVMLError:
+            continue
+    return total

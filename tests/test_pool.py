@@ -338,3 +338,54 @@ def test_a_load_that_waits_too_long_for_a_busy_model_fails_with_the_reason(home:
         assert [r["name"] for r in pool.models()] == [DEFAULT]
     finally:
         pool.close()
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_each_model_shows_its_vram_and_an_unload_returns_it(home: Path) -> None:
+    """With a CUDA build and an NVIDIA GPU: both models offloaded, each row's VRAM is its process's own (as
+    nvidia-smi lists it), and once the idle model unloads, its process holds no VRAM anywhere."""
+    import subprocess
+
+    from tests.conftest import llama_device
+
+    if llama_device() != "cuda":
+        pytest.skip("needs a CUDA build of llama-cpp-python and an NVIDIA GPU")
+
+    def smi() -> dict[int, int]:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return {int(p): int(m) * 2**20 for p, m in (line.split(",") for line in out.strip().splitlines() if line)}
+
+    proc, base = _serve(home, "--keep-alive", "3s")
+    try:
+        assert _ask(base, SECOND).status_code == 200
+        rows = _loaded(base)
+        used = smi()
+        for row in rows.values():
+            assert row["device"] == "cuda" and row["vram_bytes"]
+            assert abs(row["vram_bytes"] - used[row["pid"]]) <= 0.1 * used[row["pid"]]
+        for row in rows.values():
+            assert _gone(row["pid"], within_s=20)
+            assert row["pid"] not in smi()
+    finally:
+        stop(proc)
+
+
+def test_a_pinned_model_stays_loaded_when_idle_and_is_never_evicted(home: Path, plans: dict) -> None:
+    budget = int(max(plans.values()) * 1.3)  # one model at a time, unless it is pinned
+    proc, base = _serve(home, "--keep-alive", "1s", "--pin", DEFAULT, "--memory-budget", str(budget))
+    try:
+        pinned = _loaded(base)[DEFAULT]
+        assert pinned["pinned"] and pinned["expires_in_s"] is None
+        time.sleep(2.5)
+        assert DEFAULT in _loaded(base)  # idle past its keep-alive, and still loaded
+        reply = _ask(base, SECOND)  # it cannot fit beside the pinned model, which is not evicted for it
+        assert reply.status_code == 503 and reply.json()["error"]["code"] == "memory_busy"
+        assert "pinned models hold" in reply.json()["error"]["message"]
+        assert _loaded(base)[DEFAULT]["pid"] == pinned["pid"]
+    finally:
+        stop(proc)

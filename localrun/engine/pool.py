@@ -309,6 +309,7 @@ class ModelPool:
                         "state": "busy" if entry.busy else "idle" if state.get("alive") else "stopped",
                         "pid": state.get("pid"),
                         "memory_bytes": _rss(state.get("pid")),
+                        "vram_bytes": _vram(state.get("pid")) if report.device == "cuda" else None,
                         "planned_bytes": entry.plan.bytes,
                         "planned_how": entry.plan.how,
                         "device": report.device,
@@ -413,6 +414,9 @@ class ModelPool:
                         self._current = entry
                         created = True
                         break
+                    pinned = sum(e.plan.bytes for e in self._entries.values() if e.pinned)
+                    if plan.bytes > self.budget_bytes - pinned:  # waiting cannot help: pinned models stay
+                        raise _Refused(Failed(self._pinned_sentence(load, plan, pinned), "busy"))
                     now = time.monotonic()
                     deadline = deadline or now + self.policy.memory_wait_s
                     if now >= deadline:
@@ -502,6 +506,12 @@ class ModelPool:
             f"{gib(self.budget_bytes)} is held by {held}; retry when a reply is done."
         )
 
+    def _pinned_sentence(self, load: LoadRequest, plan: Plan, pinned: int) -> str:
+        return (
+            f"{load.model or 'The default model'} needs {gib(plan.bytes)}, and pinned models hold {gib(pinned)} of "
+            f"the {gib(self.budget_bytes)} memory budget: unpin one, or raise --memory-budget."
+        )
+
     def _too_big_sentence(self, load: LoadRequest, plan: Plan) -> str:
         return (
             f"{load.model or 'The default model'} needs {gib(plan.bytes)} ({plan.how}), more than the whole memory "
@@ -564,6 +574,12 @@ def _idle_status() -> dict[str, Any]:
         "crashes": 0,
         "last_crash": None,
     }
+
+
+def _vram(pid: int | None) -> int | None:
+    from localrun.hardware import process_vram_bytes
+
+    return process_vram_bytes(pid) if pid else None
 
 
 def _rss(pid: int | None) -> int | None:

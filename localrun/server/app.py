@@ -216,6 +216,7 @@ class Api:
             row.update(
                 state=entry["state"],
                 memory_bytes=entry["memory_bytes"],
+                vram_bytes=entry["vram_bytes"],
                 planned_bytes=entry["planned_bytes"],
                 context_length=entry["context_length"],
                 slots=entry["slots"],
