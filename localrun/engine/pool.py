@@ -33,7 +33,6 @@ DEFAULT_KEEP_ALIVE_S = 15 * 60.0
 BUDGET_SHARE = 0.8  # of the memory free when the pool starts, if no budget is given
 MEMORY_WAIT_S = 60.0
 _REAP_S = 0.25
-GiB = 2**30
 
 
 def keep_alive_seconds(value: float | str) -> float:
@@ -71,8 +70,11 @@ def parse_size(text: str, flag: str) -> int:
     return int(float(match.group(1)) * 1024 ** "bkmgt".index(match.group(2) or "b"))
 
 
-def gib(n: float) -> str:
-    return f"{n / GiB:.2f} GB"
+def gib(n: int) -> str:
+    """Bytes as `localrun ps` and the UI show them (decimal GB/MB)."""
+    from localrun.format import fmt_bytes
+
+    return fmt_bytes(int(n))
 
 
 @dataclass(frozen=True, slots=True)
