@@ -85,7 +85,7 @@ def recommended(spec: str | None) -> Any | None:
 def catalog_rows(*, n_ctx: int | None = None, kv_type: str = "f16") -> list[list[Any]]:
     """Every catalog model with its default variant, whether it is on disk, and its fit verdict here."""
     from localrun.hardware import probe
-    from localrun.models.fit import fit_report, rough_verdict, verdict_line
+    from localrun.models.fit import catalog_verdict, fit_report, verdict_line
 
     devices = probe()
     rows = []
@@ -98,7 +98,7 @@ def catalog_rows(*, n_ctx: int | None = None, kv_type: str = "f16") -> list[list
             except UserError as exc:
                 verdict = str(exc)
         else:
-            verdict = rough_verdict(model.parameter_count, variant.quant, variant.size_bytes, devices)
+            verdict = catalog_verdict(model, variant, n_ctx=n_ctx, kv_type=kv_type, devices=devices)
         size = variant.size_bytes or (local.stat().st_size if local is not None and local.is_file() else None)
         rows.append(
             [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from localrun.errors import UserError
 from localrun.models import catalog
@@ -97,13 +98,72 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_target(spec: str) -> tuple[Any, str]:
+    """What `models fit` sizes for a name or path, and where its numbers come from: a GGUF on disk (its
+    header), or a catalog entry not downloaded yet (its manifest: a GGUFInfo, or None without numbers)."""
+    from localrun.models import fit
+
+    base, quant = catalog.split_quant(spec)
+    if "/" in base or base.lower() not in {m.name for m in catalog.catalog()}:
+        return _gguf_path(spec), "the file's header"
+    model = catalog.find_model(base)
+    variant = model.variant(quant)
+    if variant.format != "gguf":
+        quants = ", ".join(dict.fromkeys(v.quant for v in model.variants if v.format == "gguf"))
+        raise UserError(f"{spec} is a safetensors repo: the fit estimate needs a GGUF variant, such as {quants}.")
+    local = catalog.variant_local_path(variant)
+    if local is not None:
+        return local, "the downloaded file's header"
+    if model.hparams is None:
+        return None, "its size alone: its manifest has no architecture numbers"
+    listed = None if variant.size_bytes or variant.tensor_bytes else _hub_size(variant)
+    if listed:
+        variant = variant.replace(size_bytes=listed)
+    _, weights_from = fit.catalog_weights(model, variant)
+    if listed:
+        weights_from = weights_from.replace("the file size in the manifest", "the file size in the hub's listing")
+    return fit.catalog_info(model, variant), f"the catalog manifest, before download (weights: {weights_from})"
+
+
+def _hub_size(variant: catalog.Variant) -> int | None:
+    """The file's size from the hub's listing, where the manifest has none; None when the hub does not answer."""
+    from localrun.models import hub
+
+    try:
+        hub.check_reachable(timeout_s=2.0)
+        return hub._remote_file(hub.PullTarget(variant.repo, variant.filename, variant.revision)).size_bytes
+    except UserError:
+        return None
+
+
+def _rough_fit(spec: str) -> int:
+    """The fallback for a catalog entry without architecture numbers: a verdict from its size."""
+    from localrun.hardware import probe
+    from localrun.models import fit
+
+    base, quant = catalog.split_quant(spec)
+    model = catalog.find_model(base)
+    variant = model.variant(quant)
+    verdict = fit.rough_verdict(model.parameter_count, variant.quant, variant.size_bytes, probe())
+    print(f"verdict: {verdict}")
+    return 1 if "does not fit" in verdict else 0
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from localrun.models import fit
 
     options = from_args(LoadOptions, args)  # the context and cache type `localrun chat` would load with
-    draft = _gguf_path(args.draft) if args.draft else None
-    report = fit.fit_report(_gguf_path(args.model), n_ctx=options.n_ctx, kv_type=options.kv_type, draft=draft)
+    target, where = _fit_target(args.model)
+    if target is None:
+        return _rough_fit(args.model)
+    draft = None
+    if args.draft:
+        draft, draft_where = _fit_target(args.draft)
+        if draft is None:
+            raise UserError(f"The draft model {args.draft} cannot be sized before download: {draft_where}.")
+    report = fit.fit_report(target, n_ctx=options.n_ctx, kv_type=options.kv_type, draft=draft)
     est = report.estimate
+    print(f"{'numbers from':32} {where}")
     for label, value in (
         ("weights", est.weights_bytes),
         (f"KV cache ({est.n_ctx} ctx, {est.kv_type})", est.kv_cache_bytes),
@@ -142,8 +202,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=10)
     p.add_argument("--files", type=int, default=6, help="weight files shown per repo")
     p.set_defaults(func=cmd_search)
-    p = sub.add_parser("fit", help="will it fit? memory estimate and verdict for this machine")
-    p.add_argument("model")
+    p = sub.add_parser("fit", help="will it fit? memory estimate and verdict for this machine (before download too)")
+    p.add_argument("model", help="catalog NAME[:QUANT] (downloaded or not), hub repo or .gguf path")
     add_flags(p, LoadOptions, only=("n_ctx", "kv_type"))
     p.add_argument("--ctx", dest="n_ctx", type=int, default=None, help=argparse.SUPPRESS)  # its old name
     p.add_argument("--draft", default=None, help="draft model for speculative decoding")

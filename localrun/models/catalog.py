@@ -65,6 +65,38 @@ class Variant(Record):
     sha256: str | None = setting(None, pattern=r"^[0-9a-f]{64}$", help="Only where confirmed.")
     package_file: str | None = setting(None, help="package/file of a copy shipped in a Python package.")
     gated: bool = setting(False, help="The repo asks users to accept a license first.")
+    tensor_bytes: int | None = setting(None, gt=0, help="The GGUF's weight bytes (file size less its header).")
+    source: str | None = setting(None, pattern=r"^https?://\S+$", help="Where repo and filename come from (a URL).")
+
+
+class HParams(Record):
+    """The architecture numbers the memory fit reads from a GGUF header, from the model's config.json: with them
+    `localrun models fit` works before the file is downloaded."""
+
+    n_layers: int = setting(gt=0, help="block_count (config: num_hidden_layers).")
+    n_heads: int = setting(gt=0, help="attention.head_count (num_attention_heads).")
+    n_kv_heads: int | None = setting(None, gt=0, help="attention.head_count_kv (num_key_value_heads); unset: n_heads.")
+    kv_heads_per_layer: tuple[int, ...] = setting((), help="KV heads of each layer, for models that vary them.")
+    head_dim: int | None = setting(None, gt=0, help="attention.key_length (head_dim); unset: embedding / heads.")
+    value_head_dim: int | None = setting(None, gt=0, help="attention.value_length, where it differs from head_dim.")
+    embedding_length: int = setting(gt=0, help="embedding_length (hidden_size).")
+    feed_forward_length: int = setting(gt=0, help="feed_forward_length (intermediate_size).")
+    sliding_window: int | None = setting(None, gt=0, help="attention.sliding_window, where the GGUF carries one.")
+    swa_layers: int | None = setting(None, ge=0, help="Layers that slide; unset: the architecture's own pattern.")
+    expert_count: int | None = setting(None, gt=0, help="Experts per MoE layer (num_experts).")
+    vocab_size: int = setting(gt=0, help="Tokens in the GGUF's tokenizer (config: vocab_size).")
+    tokenizer: str = setting(pattern=r"^[a-z0-9-]+$", help="tokenizer.ggml.model: gpt2 (BPE) or llama (SPM).")
+    bpe_merges: int = setting(0, ge=0, help="Length of tokenizer.ggml.merges (BPE tokenizers).")
+    source: str = setting(pattern=r"\S", help="Where these numbers come from (config.json's URL, a GGUF header).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kv_heads_per_layer and len(self.kv_heads_per_layer) != self.n_layers:
+            raise RecordError("kv_heads_per_layer", f"Should have one count per layer ({self.n_layers})")
+        if self.swa_layers is not None and self.swa_layers > self.n_layers:
+            raise RecordError("swa_layers", f"Should be at most n_layers ({self.n_layers})")
+        if self.tokenizer == "gpt2" and not self.bpe_merges:
+            raise RecordError("bpe_merges", "A gpt2 (BPE) tokenizer needs its merge count")
 
 
 class CatalogModel(Record):
@@ -78,6 +110,8 @@ class CatalogModel(Record):
     context_length: int = setting(gt=0)
     variants: tuple[Variant, ...] = setting(min_items=1)
     recommended: Recommended | None = setting(None)  # type: ignore[valid-type]
+    hparams: HParams | None = setting(None, help="Architecture numbers for the fit before download.")
+    reasoning: bool = setting(False, help="A thinking model: it writes a reasoning block before its answer.")
     family: str = setting("")
 
     def variant(self, quant: str | None = None) -> Variant:
