@@ -205,3 +205,26 @@ def test_a_bad_manifest_gets_one_sentence(tmp_path: Path) -> None:
     path.write_text(json.dumps(data))
     with pytest.raises(UserError, match=r"invalid at models.0.variants.0.source: String should match"):
         catalog.load_manifest(path)
+
+
+def test_a_size_missing_from_the_manifest_comes_from_the_hub_listing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hubserver import FakeHub, HubServer
+
+    model = catalog.find_model("qwen3-8b")
+    variant = model.variant("Q4_K_M")
+    assert variant.size_bytes is None and variant.tensor_bytes is None
+    listed = tmp_path / "listed.gguf"
+    listed.write_bytes(bytes(8 << 20))  # only its size matters: the fit reads the listing, not the file
+    fake = FakeHub()
+    fake.add(variant.repo, variant.filename, listed)
+    with HubServer(fake) as running:
+        monkeypatch.setenv("HF_ENDPOINT", running.url)
+        assert main(["models", "fit", "qwen3-8b:Q4_K_M", "--n-ctx", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "weights: the file size in the hub's listing, less an estimated header" in out
+    weights = (8 << 20) - fit.header_bytes_estimate(model.hparams)
+    assert (
+        fit.estimate(fit.catalog_info(model, variant.replace(size_bytes=8 << 20)), n_ctx=4096).weights_bytes == weights
+    )
