@@ -347,7 +347,7 @@ def figures_of(summary: Any) -> dict[str, Any]:
     out = {}
     for f in dataclasses.fields(summary):
         value = getattr(summary, f.name)
-        if f.name == "text":
+        if f.name in ("text", "reasoning"):  # the message holds them
             continue
         out[f.name] = list(value) if isinstance(value, tuple) else value
     out["cached_tokens"] = summary.cached_tokens
@@ -394,6 +394,7 @@ def reply_message(
     return {
         "role": "assistant",
         "content": text,
+        "reasoning": getattr(summary, "reasoning", "") or None,
         "created_at": time.time(),
         "model": model,
         "model_path": report.model_path,

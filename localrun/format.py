@@ -96,6 +96,8 @@ def stats_line(s: GenerationSummary | GenerationEvent) -> str:
     ]
     if s.peak_vram_bytes is not None:
         parts.append(f"VRAM {fmt_bytes(s.peak_vram_bytes)}")
+    if getattr(s, "reasoning_tokens", 0):
+        parts.append(thought_figure(s))
     if getattr(s, "draft_tokens", 0):
         parts.append(f"draft accepted {s.accepted_tokens}/{s.draft_tokens} ({s.accepted_tokens / s.draft_tokens:.0%})")
     if isinstance(s, GenerationSummary) and s.backend:
@@ -103,6 +105,22 @@ def stats_line(s: GenerationSummary | GenerationEvent) -> str:
     if s.finish_reason in STOP_NOTES:
         parts.append(f"stopped: {STOP_NOTES[s.finish_reason]}")
     return " · ".join(parts)
+
+
+def thought_figure(s: GenerationSummary | GenerationEvent) -> str:
+    """e.g. 'thought 212 tok / 3.4 s' (and 'cut by the budget' when the thinking budget ended the block)."""
+    seconds = f" / {s.reasoning_s:.1f} s" if s.reasoning_s is not None else ""
+    cut = " (cut by the budget)" if getattr(s, "reasoning_cut", False) else ""
+    return f"thought {s.reasoning_tokens} tok{seconds}{cut}"
+
+
+def dropped_note(s: GenerationSummary, n_ctx: int | None = None) -> str | None:
+    """The sentence for a reply whose oldest messages were left out of the prompt (None: nothing was)."""
+    n = getattr(s, "dropped_messages", 0)
+    if not n:
+        return None
+    room = f" of {n_ctx} tokens" if n_ctx else ""
+    return f"The {n} oldest message{'s' if n > 1 else ''} (the system prompt kept) did not fit the context{room}: the model did not see {'them' if n > 1 else 'it'}."
 
 
 def _finish(reason: str) -> str:
@@ -124,6 +142,8 @@ def summary_table(s: GenerationSummary) -> list[tuple[str, str]]:
         ("backend / device", f"{s.backend} / {s.device}"),
         ("prompt tokens", f"{s.prompt_tokens} ({s.prefill_tokens} evaluated, {s.cached_tokens} from cache)"),
         ("generated tokens", str(s.generated_tokens)),
+        *([("thinking", thought_figure(s))] if s.reasoning_tokens else []),
+        *([("left out of the prompt", f"the {s.dropped_messages} oldest messages")] if s.dropped_messages else []),
         ("time to first token", fmt_ms(s.ttft_s)),
         ("prompt processing", _prompt_processing(s)),
         ("generation", fmt_rate(s.decode_tps)),

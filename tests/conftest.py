@@ -71,6 +71,34 @@ def run_localrun(
     )
 
 
+def rewrite_gguf(src: Path, dst: Path, *, drop: tuple[str, ...] = (), strings: dict[str, str] | None = None) -> Path:
+    """A copy of a GGUF with metadata keys removed (drop) or string keys set (strings), all else as it was."""
+    import gguf
+
+    strings = strings or {}
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(str(dst), str(reader.fields["general.architecture"].contents()))
+    for fld in reader.fields.values():
+        if fld.name.startswith("GGUF.") or fld.name in ("general.architecture", *drop, *strings):
+            continue
+        kind = fld.types[0]
+        sub = fld.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(fld.name, fld.contents(), kind, sub_type=sub)
+    for key, value in strings.items():
+        writer.add_string(key, value)
+    for tensor in reader.tensors:
+        writer.add_tensor_info(
+            tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type
+        )
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for tensor in reader.tensors:
+        writer.write_tensor_data(tensor.data)
+    writer.close()
+    return dst
+
+
 def cached_build(tmp_path_factory: pytest.TempPathFactory, name: str, build) -> Path:  # type: ignore[no-untyped-def]
     """A session-wide build product shared by test modules by name (same base temp dir, built once)."""
     path = tmp_path_factory.getbasetemp() / name

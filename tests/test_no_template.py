@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_localrun
+from conftest import REPO, rewrite_gguf, run_localrun
 
 from localrun.settings import LoadOptions, SamplingParams
 
@@ -15,28 +15,8 @@ from localrun.settings import LoadOptions, SamplingParams
 @pytest.fixture(scope="module")
 def bare_gguf(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model copied with its `tokenizer.chat_template` key removed (all else byte-identical)."""
-    import gguf
-
-    reader = gguf.GGUFReader(default_gguf)
     path = tmp_path_factory.mktemp("bare") / "SmolLM2-no-template.gguf"
-    writer = gguf.GGUFWriter(str(path), str(reader.fields["general.architecture"].contents()))
-    for fld in reader.fields.values():
-        if fld.name.startswith("GGUF.") or fld.name in ("general.architecture", "tokenizer.chat_template"):
-            continue
-        kind = fld.types[0]
-        sub = fld.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(fld.name, fld.contents(), kind, sub_type=sub)
-    for tensor in reader.tensors:
-        writer.add_tensor_info(
-            tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type
-        )
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for tensor in reader.tensors:
-        writer.write_tensor_data(tensor.data)
-    writer.close()
-    return path
+    return rewrite_gguf(default_gguf, path, drop=("tokenizer.chat_template",))
 
 
 def test_one_shot_is_a_plain_completion(bare_gguf: Path) -> None:

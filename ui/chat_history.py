@@ -103,7 +103,7 @@ def summary_of(figures: dict | None, text: str) -> GenerationSummary | None:
 
 def restored(messages: list[dict]) -> tuple[list[dict], list[list]]:
     """A saved chat as the chat tab holds it: the history (each reply with its stats line) and the turns table."""
-    from ui.metrics import reply_footer, turn_row
+    from ui.metrics import reply_footer, thinking_label, turn_row
 
     history, turns = [], []
     for m in messages:
@@ -113,6 +113,8 @@ def restored(messages: list[dict]) -> tuple[list[dict], list[list]]:
         summary = summary_of(m.get("figures"), m["content"]) if m["role"] == "assistant" else None
         if summary is not None:
             entry["stats"] = reply_footer(summary)
+            if summary.reasoning_tokens:
+                entry["thinking_label"] = thinking_label(summary)
             turns.append(turn_row(len(turns) + 1, m.get("model") or "?", summary))
         history.append(entry)
     return history, turns

@@ -13,10 +13,10 @@ from localrun.engine.chat import after_turn
 from localrun.engine.events import GenerationEvent
 from localrun.engine.messages import Failed, GenerateRequest, Loaded, Progress
 from localrun.errors import UserError
-from localrun.format import stats_line
+from localrun.format import dropped_note, stats_line
 from ui import chat_history
 from ui.controls import is_remote
-from ui.metrics import LiveSeries, charts_html, metrics_html, reply_footer, turn_row, turns_frame
+from ui.metrics import LiveSeries, charts_html, metrics_html, reply_footer, thinking_label, turn_row, turns_frame
 
 _TEXT_INTERVAL_S = 0.5  # the streaming reply and the live panel
 _PLOT_INTERVAL_S = 1.0  # the charts
@@ -57,11 +57,21 @@ def status_only(status: str) -> tuple:
     return update(status=status)
 
 
+def thinking_block(reasoning: str, label: str, *, open_: bool = False) -> str:
+    """A thinking model's block as a collapsible part of its reply (open while it streams)."""
+    return (
+        f'<details class="lr-thinking"{" open" if open_ else ""}><summary>{html.escape(label)}</summary>'
+        f'<div class="lr-thought">{html.escape(reasoning.strip())}</div></details>\n\n'
+    )
+
+
 def display(history: list) -> list[dict[str, str]]:
-    """Chatbot messages: each reply with its stats line underneath."""
+    """Chatbot messages: each reply with its thinking (collapsed) above it and its stats line underneath."""
     shown = []
     for m in history:
         content = m["content"]
+        if m.get("reasoning"):
+            content = thinking_block(m["reasoning"], m.get("thinking_label") or "Thinking") + content
         if m.get("stats"):
             content = f'{content}\n\n<span class="lr-stats">{html.escape(m["stats"])}</span>'
         shown.append({"role": m["role"], "content": content})
@@ -76,7 +86,7 @@ def stream(ctx: Any, turn: Turn, turns: list, owner: str) -> Iterator[tuple]:
     the charts _PLOT_INTERVAL_S apart, the chat history and the table once at the end, and nothing unchanged.
     """
 
-    series, parts, event, failed, model = LiveSeries(), [], None, None, None
+    series, parts, thought, event, failed, model = LiveSeries(), [], [], None, None, None
     last_text, last_plot = 0.0, time.monotonic()  # the first chart once it has a second of points
     generating, remote = False, turn.request.load is not None and is_remote(turn.request.load.options)
     yield update(
@@ -97,6 +107,7 @@ def stream(ctx: Any, turn: Turn, turns: list, owner: str) -> Iterator[tuple]:
             continue
         event = got
         parts.append(event.text)
+        thought.append(event.reasoning)
         now = time.monotonic()
         if event.is_final or now - last_text < _TEXT_INTERVAL_S:
             continue
@@ -108,7 +119,10 @@ def stream(ctx: Any, turn: Turn, turns: list, owner: str) -> Iterator[tuple]:
             out["charts"] = charts_html(series)
         # Plain text into a light element (Gradio sends it as an append); the chat renders the reply once, at
         # the end. The status line changes only once.
-        out["live"] = html.escape("".join(parts))
+        live = html.escape("".join(parts))
+        if event.reasoning_tokens:  # the thinking streams open above the answer, with its count and time
+            live = thinking_block("".join(thought), thinking_label(event), open_=not live) + live
+        out["live"] = live
         if not generating:
             generating, out["status"] = True, "Generating…"
         yield update(**out)
@@ -168,6 +182,8 @@ def _finish(
         footer = reply_footer(summary) if summary is not None else "interrupted: the model process stopped"
         made = chat_history.reply_record(ctx, turn.request, text, summary, model) if ctx is not None else {}
         reply = {**made, "role": "assistant", "content": text, "stats": footer}
+        if summary is not None and summary.reasoning:
+            reply.update(reasoning=summary.reasoning, thinking_label=thinking_label(summary))
     history = after_turn(turn.before, turn.history, reply)  # nothing came back: the turn did not happen
     if reply is not None and ctx is not None:
         _save(ctx, owner, turn, history)
@@ -180,6 +196,10 @@ def _finish(
         status = f"⚠️ Generation failed: {summary.error}"
     elif summary is not None:
         status = f"Done ({summary.finish_reason}): {stats_line(summary)}"
+        note = dropped_note(summary)
+        if note:
+            gr.Info(note)
+            status += f" · {note}"
     else:
         status = "⚠️ The reply ended without a result."
     state = summary.finish_reason if summary is not None else "error"

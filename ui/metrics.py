@@ -17,6 +17,7 @@ TURN_HEADERS = [
     "prompt tok/s",
     "gen tok/s",
     "tokens",
+    "thinking tok",
     "peak RAM (MB)",
     "peak VRAM (MB)",
     "draft accepted",
@@ -200,6 +201,7 @@ def turn_row(index: int, model: str, s: GenerationSummary) -> list[Any]:
         _num(prompt_rate(s)),
         _num(s.decode_tps),
         s.generated_tokens,
+        s.reasoning_tokens,
         _num(None if s.peak_ram_bytes is None else s.peak_ram_bytes / _MB, 0),
         _num(None if s.peak_vram_bytes is None else s.peak_vram_bytes / _MB, 0),
         _accepted(s),
@@ -212,6 +214,13 @@ def _accepted(s: GenerationSummary) -> str | None:
     if not s.draft_tokens:
         return None
     return f"{s.accepted_tokens / s.draft_tokens:.0%} · {s.accepted_tokens} of {s.draft_tokens}"
+
+
+def thinking_label(s: GenerationSummary | GenerationEvent) -> str:
+    """The title of a reply's thinking block, e.g. 'Thinking · 212 tok / 3.4 s'."""
+    from localrun.format import thought_figure
+
+    return "Thinking · " + thought_figure(s).removeprefix("thought ")
 
 
 def reply_footer(s: GenerationSummary) -> str:

@@ -114,7 +114,9 @@ class RemoteBackend:
 
     # -- the protocol ------------------------------------------------------------------------------
 
-    def render_chat(self, messages: Sequence[dict[str, Any]], *, tools: Sequence[dict] | None = None) -> str:
+    def render_chat(
+        self, messages: Sequence[dict[str, Any]], *, tools: Sequence[dict] | None = None, variables: dict | None = None
+    ) -> str:
         """The messages as they are: the remote engine applies its own template (tools go inline, see tools.py)."""
         return _CHAT + json.dumps([{"role": m["role"], "content": m.get("content") or ""} for m in messages])
 

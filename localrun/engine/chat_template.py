@@ -37,13 +37,15 @@ def render_chat(
     eos_token: str = "",
     add_generation_prompt: bool = True,
     tools: Sequence[dict] | None = None,
+    variables: dict | None = None,
 ) -> str:
     """Render messages to prompt text with the model's template (or a plain fallback).
 
-    tools (OpenAI function schemas) are passed only when given: templates test `tools is defined`."""
+    tools (OpenAI function schemas) are passed only when given: templates test `tools is defined`.
+    variables: more the template reads (enable_thinking, reasoning_effort)."""
     from jinja2 import TemplateError
 
-    extra = {"tools": list(tools)} if tools else {}
+    extra = {**(variables or {}), **({"tools": list(tools)} if tools else {})}
     try:
         return _compile(template or FALLBACK_TEMPLATE).render(
             messages=list(messages),

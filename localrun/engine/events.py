@@ -60,6 +60,11 @@ class GenerationSummary:
     verify_s: float = 0.0
     draft_lengths: tuple[int, ...] = ()
     overrun_tokens: int = 0  # tokens generated after Stop was seen (the model process counts them)
+    reasoning: str = ""  # the thinking block's text (text is the answer only)
+    reasoning_tokens: int = 0  # tokens generated inside it, its markers included (they count in generated_tokens)
+    reasoning_s: float | None = None  # from the first token to the block's end (None: no thinking)
+    reasoning_cut: bool = False  # the thinking budget closed the block, not the model
+    dropped_messages: int = 0  # the oldest messages left out of the prompt so the reply had room
 
     @property
     def cached_tokens(self) -> int:
@@ -84,8 +89,9 @@ class GenerationSummary:
 class GenerationEvent:
     """A piece of streamed output plus the cumulative figures so far.
 
-    text is the new text since the previous event (may be empty when a token is held back for
-    UTF-8 or stop-string reasons). finish_reason and summary are set on the last event only.
+    text is the new answer text since the previous event (may be empty when a token is held back for
+    UTF-8 or stop-string reasons); reasoning the new thinking text (localrun.engine.reasoning), never in
+    text. finish_reason and summary are set on the last event only.
     """
 
     text: str
@@ -106,6 +112,9 @@ class GenerationEvent:
     finish_reason: str | None = None
     summary: GenerationSummary | None = field(default=None, repr=False)
     prefill_tokens: int | None = None  # prompt tokens evaluated (the rest came from the KV cache); None: unknown
+    reasoning: str = ""
+    reasoning_tokens: int = 0
+    reasoning_s: float | None = None  # thinking so far (None: none)
 
     @property
     def is_final(self) -> bool:
@@ -119,6 +128,7 @@ class GenerationEvent:
         return replace(
             later,
             text=self.text + later.text,
+            reasoning=self.reasoning + later.reasoning,
             token_ids=self.token_ids + later.token_ids,
             from_draft=self.from_draft + later.from_draft,
         )

@@ -10,6 +10,7 @@ from typing import Any
 from localrun.backends.base import Backend
 from localrun.engine.drafting import as_drafter
 from localrun.engine.events import GenerationEvent, GenerationSummary, ServerCounts, TokenStep
+from localrun.engine.reasoning import ReasoningPlan, ReasoningSplitter
 from localrun.engine.repetition import LoopDetector
 from localrun.engine.speculative import Draft, Drafter
 from localrun.errors import UserError
@@ -124,6 +125,19 @@ class _Stats:
         self.drafter = drafter
         self.memory = memory if memory is not None else MemorySampler()
         self.text_parts: list[str] = []
+        self.reasoning_parts: list[str] = []
+        self.reasoning_tokens = 0
+        self.t_thought: float | None = None  # when the thinking block ended
+        self.reasoning_cut = False
+
+    def end_thinking(self, *, cut: bool = False) -> None:
+        if self.t_thought is None:
+            self.t_thought, self.reasoning_cut = time.perf_counter(), cut
+
+    def reasoning_s(self) -> float | None:
+        if not self.reasoning_tokens or self.t_first is None:
+            return None
+        return (self.t_thought if self.t_thought is not None else self.t_last) - self.t_first
 
     def on_token(self, step: TokenStep) -> None:
         now = self.t_last = time.perf_counter()
@@ -177,11 +191,16 @@ class _Stats:
         decode_tps = (self.generated - 1) / span if self.generated > 1 and span > 0 else None
         return ttft, prompt_tps, decode_tps
 
-    def event(self, text: str, ids: tuple[int, ...], drafts: tuple[bool, ...], **final) -> GenerationEvent:
+    def event(
+        self, text: str, ids: tuple[int, ...], drafts: tuple[bool, ...], reasoning: str = "", **final
+    ) -> GenerationEvent:
         ttft, prompt_tps, decode_tps = self.rates()
         m = self.memory
         return GenerationEvent(
             text=text,
+            reasoning=reasoning,
+            reasoning_tokens=self.reasoning_tokens,
+            reasoning_s=self.reasoning_s(),
             token_ids=ids,
             from_draft=drafts,
             prompt_tokens=self.prompt_tokens,
@@ -227,6 +246,10 @@ class _Stats:
             draft_s=draft_s,
             verify_s=max(self.round_s - draft_s, 0.0),
             draft_lengths=tuple(self.draft_lengths),
+            reasoning="".join(self.reasoning_parts).strip(),
+            reasoning_tokens=self.reasoning_tokens,
+            reasoning_s=self.reasoning_s(),
+            reasoning_cut=self.reasoning_cut,
         )
 
 
@@ -267,6 +290,65 @@ def check_prompt_fits(
         raise UserError(f"The prompt is {n_prompt} tokens, more than the context of {n_ctx} holds: {advice}.")
 
 
+class _Thinking:
+    """The reasoning split of one reply (localrun.engine.reasoning) and the end of its block: the model's own
+    end marker, or the thinking budget, where the engine writes the model's end marker itself and generation
+    goes on after it (the block is never left open, and no marker reaches the content). A grammar that waits
+    for the thinking to end (a schema or tool call after thinking) applies from there."""
+
+    def __init__(self, plan: ReasoningPlan, backend: Backend, stats: _Stats, detok: IncrementalDetokenizer) -> None:
+        self.plan, self.backend, self.stats, self.detok = plan, backend, stats, detok
+        self.split = ReasoningSplitter(plan.format, starts_open=plan.starts_open)
+        self.grammar_pending = plan.grammar_after is not None
+
+    def params(self, params: SamplingParams) -> SamplingParams:
+        """The settings of the next stretch: the waiting grammar once the block has ended."""
+        if self.grammar_pending and not self.split.thinking and self.split.state != "before":
+            self.grammar_pending = False
+            return params.replace(grammar=self.plan.grammar_after)
+        return params
+
+    def over_budget(self) -> bool:
+        budget = self.plan.budget
+        return self.split.thinking and budget is not None and self.stats.reasoning_tokens >= budget
+
+    def feed(self, piece: str) -> tuple[str, str, list[int] | None]:
+        """(reasoning, content, restart) for one token's text. restart is None, or the ids to add to the
+        context before generating on: the end marker when the budget ended the block, [] when the model ended
+        it itself and a grammar waits for that."""
+        split, state = self.split, self.split.state
+        reasoning, content = split.feed(piece)
+        if state == "thinking" or (state == "before" and split.opened):
+            self.stats.reasoning_tokens += 1
+        if state in ("before", "thinking") and split.opened and not split.thinking:
+            self.stats.end_thinking()
+            return reasoning, content, [] if self.grammar_pending else None
+        if self.over_budget():
+            more, closing = self.close()
+            return reasoning + more, content, closing
+        return reasoning, content, None
+
+    def close(self) -> tuple[str, list[int]]:
+        """End the block now: the thought's held tail, and the end marker's ids."""
+        marker = self.plan.format.closing()
+        held, _ = self.split.feed(self.detok.flush())
+        tail, _ = self.split.feed(marker)
+        self.stats.end_thinking(cut=True)
+        return held + tail, continuation_ids(self.backend, marker)
+
+    def tail(self, piece: str) -> tuple[str, str]:
+        reasoning, content = self.split.feed(piece)
+        more, rest = self.split.flush()
+        return reasoning + more, content + rest
+
+
+def continuation_ids(backend: Backend, text: str) -> list[int]:
+    """Token ids of text written after other text (no BOS: the tokenizer's ids for "" are taken off)."""
+    ids = backend.tokenize(text)
+    lead = backend.tokenize("")
+    return ids[len(lead) :] if lead and ids[: len(lead)] == lead else ids
+
+
 def stream_generate(
     backend: Backend,
     prompt_ids: Sequence[int],
@@ -274,6 +356,7 @@ def stream_generate(
     *,
     cancel: threading.Event | None = None,
     drafter: Drafter | Callable[[Sequence[int]], Sequence[int]] | None = None,
+    reasoning: ReasoningPlan | None = None,
 ) -> Iterator[GenerationEvent]:
     """Generate from prompt ids, yielding one GenerationEvent per token; the last has finish_reason.
 
@@ -281,6 +364,8 @@ def stream_generate(
     unless params.loop_guard is off (or ignore_eos on). TTFT is first token out minus the call. Stop early with `cancel.set()` (a final event with
     finish reason "cancelled" follows) or by closing the iterator; both leave the model usable.
     drafter defaults to the backend's own (loaded with --draft or --lookup); pass one to override.
+    reasoning splits a thinking model's block from its answer (events' reasoning and text) and bounds it;
+    max_tokens counts both, as OpenAI's does.
     """
     drafter = as_drafter(drafter if drafter is not None else getattr(backend, "drafter", None))
     timed = _TimedDrafter(drafter) if drafter is not None else None
@@ -289,12 +374,21 @@ def stream_generate(
     server_side = getattr(backend, "server_side", False)
     memory = RemoteMemory(backend.read_memory) if server_side else None
     stats = _Stats(0 if server_side else len(prompt_ids), timed, memory)
-    detok = IncrementalDetokenizer(backend.detokenize)
+    specials = reasoning is not None and reasoning.format.specials
+    detok = IncrementalDetokenizer(
+        getattr(backend, "detokenize_special", backend.detokenize) if specials else backend.detokenize
+    )
+    thinking = _Thinking(reasoning, backend, stats, detok) if reasoning is not None and not server_side else None
     stops = StopMatcher(params.stop)
     # the loop guard (finish reason "repetition"); ignore_eos asks for a fixed count of tokens, loops or not
     guard = params.loop_guard and not params.ignore_eos
     loops = LoopDetector(lambda t: backend.detokenize([t])) if guard else None
-    steps = backend.generate_tokens(prompt_ids, params, timed)
+    context = list(prompt_ids)  # what the model has seen: the prompt, its tokens and any end marker we wrote
+    opening = ""
+    if thinking is not None and thinking.over_budget():  # a budget of 0 on a prompt that opened the block
+        opening, closing = thinking.close()
+        context += closing
+    steps = backend.generate_tokens(context, thinking.params(params) if thinking else params, timed)
     finish, error, stop_hit = None, None, False
     try:
         if not server_side:
@@ -310,7 +404,14 @@ def stream_generate(
                 finish = stats.server_counts(done) if isinstance(done, ServerCounts) else done or "stop"
                 break
             stats.on_token(step)
-            text, hit = stops.feed(detok.add(step.token_id))
+            context.append(step.token_id)
+            piece = detok.add(step.token_id)
+            thought, restart = "", None
+            if thinking is not None:
+                thought, piece, restart = thinking.feed(piece)
+                stats.reasoning_parts.append(opening + thought)
+                thought, opening = opening + thought, ""
+            text, hit = stops.feed(piece)
             stats.text_parts.append(text)
             if hit:
                 finish, stop_hit = "stop", True
@@ -318,22 +419,34 @@ def stream_generate(
                 finish = "repetition"
             elif not server_side and stats.generated >= params.max_tokens:
                 finish = "length"
-            yield stats.event(text, (step.token_id,), (step.from_draft,))
+            yield stats.event(text, (step.token_id,), (step.from_draft,), thought)
+            if restart is not None and finish is None:  # generation goes on after the block's end
+                steps.close()
+                context += restart
+                if len(context) + 1 >= backend.report.n_ctx:
+                    finish = "length"
+                    break
+                left = params.max_tokens - stats.generated
+                steps = backend.generate_tokens(context, thinking.params(params).replace(max_tokens=left), timed)
     except UserError as exc:  # the user's mistake (prompt too long, ...): its sentence as it is
         finish, error = "error", str(exc)
     except Exception as exc:  # a backend failure ends the stream with an error event, not a traceback
         finish, error = "error", f"{type(exc).__name__}: {exc}"
     finally:
         steps.close()
-    tail = ""
+    tail, thought = "", ""
     if not stop_hit:  # text held back for UTF-8 or a possible stop string is released now
-        tail, stop_hit = stops.feed(detok.flush())
+        piece = detok.flush()
+        if thinking is not None:
+            thought, piece = thinking.tail(piece)
+            stats.reasoning_parts.append(thought)
+        tail, stop_hit = stops.feed(piece)
         tail += "" if stop_hit else stops.flush()
         finish = "stop" if stop_hit else finish
     stats.text_parts.append(tail)
     stats.memory.sample(force=True)
     summary = stats.summary(finish, backend, error)
-    yield stats.event(tail, (), (), finish_reason=finish, summary=summary)
+    yield stats.event(tail, (), (), thought, finish_reason=finish, summary=summary)
 
 
 def generate(backend: Backend, prompt_ids: Sequence[int], params: SamplingParams, **kwargs) -> GenerationSummary:

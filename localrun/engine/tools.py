@@ -63,11 +63,18 @@ def template_renders_tools(backend: Any) -> bool:
     return _PROBE_NAME in text
 
 
-def render_tool_chat(backend: Any, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]]) -> str:
-    """The prompt for a chat that may involve tools, through the template or the documented fallback."""
+def render_tool_chat(
+    backend: Any,
+    messages: Sequence[dict[str, Any]],
+    tools: Sequence[dict[str, Any]],
+    variables: dict[str, Any] | None = None,
+) -> str:
+    """The prompt for a chat that may involve tools, through the template or the documented fallback.
+    variables: more for the template (enable_thinking, reasoning_effort), passed only when there are some."""
+    extra = {"variables": variables} if variables else {}
     if tools and template_renders_tools(backend):
-        return backend.render_chat([_native(m) for m in messages], tools=tools)
-    return backend.render_chat(inline_tools(messages, tools))
+        return backend.render_chat([_native(m) for m in messages], tools=tools, **extra)
+    return backend.render_chat(inline_tools(messages, tools), **extra)
 
 
 def inline_tools(messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]]) -> list[dict[str, str]]:

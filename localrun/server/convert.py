@@ -39,6 +39,8 @@ def sampling(body: _Sampling, *, grammar: str | None = None, defaults: dict[str,
         "ignore_eos": body.ignore_eos,
         "loop_guard": body.loop_guard,
         "grammar": grammar,
+        "think": body.think_mode(),
+        "think_budget": body.thinking_budget,
     }
     try:
         return validated(SamplingParams, {**(defaults or {}), **{k: v for k, v in values.items() if v is not None}})

@@ -154,6 +154,20 @@ class _Sampling(_Strict):
     ignore_eos: bool = False
     loop_guard: bool | None = None  # ours: false lets a looping reply run on
     keep_alive: float | str | None = None  # as Ollama's: how long the model stays loaded once idle ("5m", 0, -1)
+    # thinking models: OpenAI's reasoning_effort ("none" answers without thinking), Ollama's think, a budget
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    think: bool | Literal["low", "medium", "high"] | None = None
+    thinking_budget: int | None = _setting("think_budget")
+
+    def think_mode(self) -> str | None:
+        """The settings' think value the request asks for (None: the model's default)."""
+        if self.think is not None and self.reasoning_effort is not None:
+            raise ApiError(400, "Give think or reasoning_effort, not both.", param="think")
+        if self.reasoning_effort is not None:
+            return {"none": "off", "minimal": "low"}.get(self.reasoning_effort, self.reasoning_effort)
+        if isinstance(self.think, bool):
+            return "on" if self.think else "off"
+        return self.think
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

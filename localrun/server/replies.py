@@ -19,6 +19,7 @@ def usage(summary: GenerationSummary) -> dict[str, Any]:
         "completion_tokens": summary.generated_tokens,
         "total_tokens": summary.prompt_tokens + summary.generated_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens(summary)},
+        "completion_tokens_details": {"reasoning_tokens": summary.reasoning_tokens},
     }
 
 
@@ -47,7 +48,12 @@ def figures(summary: GenerationSummary, *, tool_call_error: str | None = None) -
         "peak_vram_bytes": summary.peak_vram_bytes,
         "backend": summary.backend,
         "device": summary.device,
+        "reasoning_tokens": summary.reasoning_tokens,
+        "reasoning_s": summary.reasoning_s,
+        "reasoning_cut": summary.reasoning_cut,
     }
+    if summary.dropped_messages:
+        out["dropped_messages"] = summary.dropped_messages
     if tool_call_error:
         out["tool_call_error"] = tool_call_error
     return out
@@ -129,7 +135,9 @@ class ChatReply(_Reply):
     def chunks(self, event: GenerationEvent) -> list[dict[str, Any]]:
         """The chunks one event produces (the last event adds tool calls and the finish reason)."""
         text = self.splitter.feed(event.text) if self.splitter else event.text
-        out = [self._chunk({"content": text})] if text else []
+        out = [self._chunk({"reasoning_content": event.reasoning})] if event.reasoning else []
+        if text:
+            out.append(self._chunk({"content": text}))
         if event.summary is None:
             return out
         parsed = self.splitter.finish() if self.splitter else ParsedReply("")
@@ -146,6 +154,8 @@ class ChatReply(_Reply):
     def whole(self, summary: GenerationSummary) -> dict[str, Any]:
         parsed = parse_reply(summary.text, self.splitter.tool_names) if self.splitter else ParsedReply(summary.text)
         message: dict[str, Any] = {"role": "assistant", "content": parsed.content or None, "refusal": None}
+        if summary.reasoning:  # a thinking model's block, as DeepSeek, vLLM and llama-server name it
+            message["reasoning_content"] = summary.reasoning
         if parsed.tool_calls:
             message["tool_calls"] = [
                 {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
@@ -168,8 +178,10 @@ class CompletionReply(_Reply):
     def __init__(self, model: str) -> None:
         super().__init__(model, "cmpl")
 
-    def _obj(self, text: str, finish: str | None, **extra: Any) -> dict[str, Any]:
+    def _obj(self, text: str, finish: str | None, reasoning: str = "", **extra: Any) -> dict[str, Any]:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        if reasoning:  # a thinking model's block, apart from the text (an extension, as in chat replies)
+            choice["reasoning_content"] = reasoning
         return self._envelope(self.chunk_object, [choice], **extra)
 
     def first_chunk(self) -> None:
@@ -177,8 +189,11 @@ class CompletionReply(_Reply):
 
     def chunks(self, event: GenerationEvent) -> list[dict[str, Any]]:
         if event.summary is None:
-            return [self._obj(event.text, None)] if event.text else []
-        return [self._obj(event.text, openai_finish(event.summary), localrun=figures(event.summary))]
+            return [self._obj(event.text, None, event.reasoning)] if event.text or event.reasoning else []
+        finish = openai_finish(event.summary)
+        return [self._obj(event.text, finish, event.reasoning, localrun=figures(event.summary))]
 
     def whole(self, summary: GenerationSummary) -> dict[str, Any]:
-        return self._obj(summary.text, openai_finish(summary), usage=usage(summary), localrun=figures(summary))
+        return self._obj(
+            summary.text, openai_finish(summary), summary.reasoning, usage=usage(summary), localrun=figures(summary)
+        )
