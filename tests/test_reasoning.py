@@ -382,3 +382,42 @@ def _streamed(api, **ask):
             calls[call.index] = (call.function.name or name, args + (call.function.arguments or ""))
         finish = choice.finish_reason or finish
     return "".join(thought).strip(), "".join(content), finish, list(calls.values())
+
+
+# ---- the REPL on a terminal -----------------------------------------------------------------------------------
+
+
+def test_repl_dims_the_thinking_and_says_what_was_dropped(r1_gguf: Path) -> None:
+    """On a terminal the thinking is dimmed before the answer, the stats line counts it, and once the chat
+    outgrows its small context the REPL says that the oldest messages were left out (never silently)."""
+    pexpect = pytest.importorskip("pexpect")
+    args = ["-m", "localrun.cli", "chat", str(r1_gguf), "--n-ctx", "256", "--max-tokens", "60"]
+    child = pexpect.spawn(
+        sys.executable,
+        [*args, "--think-budget", "8", "--temperature", "0", "--no-save"],
+        cwd=str(REPO),
+        encoding="utf-8",
+        timeout=180,
+        dimensions=(40, 200),
+    )
+    try:
+        child.expect_exact(">>> ")
+        child.sendline("Tell me about the sea.")
+        child.expect_exact("\x1b[2mThinking: ")
+        child.expect(r"thought 8 tok / [\d.]+ s \(cut by the budget\)")
+        child.expect_exact(">>> ")
+        for topic in ("mountains", "forests", "deserts", "rivers"):
+            child.sendline(f"Now tell me about {topic}, in detail.")
+            index = child.expect(
+                [r"oldest messages? \(the system prompt kept\) did not fit the context", r"thought 8 tok"]
+            )
+            if index == 0:
+                break
+            child.expect_exact(">>> ")
+        else:
+            pytest.fail("the REPL never said that messages were left out")
+        child.sendline("/bye")
+        child.expect(pexpect.EOF)
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
