@@ -52,8 +52,6 @@ def figures(summary: GenerationSummary, *, tool_call_error: str | None = None) -
         "reasoning_s": summary.reasoning_s,
         "reasoning_cut": summary.reasoning_cut,
     }
-    if summary.dropped_messages:
-        out["dropped_messages"] = summary.dropped_messages
     if tool_call_error:
         out["tool_call_error"] = tool_call_error
     return out
