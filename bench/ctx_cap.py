@@ -1,5 +1,6 @@
 """Decode speed at depth 512 against the context size, with and without flash attention, interleaved:
-the measurement behind the default context cap (llamacpp.DEFAULT_MAX_CTX).
+the measurement behind choosing the context from memory alone, with no fixed cap (engine.plan.choose_context):
+with flash attention a larger context does not slow decoding down.
 
     python bench/ctx_cap.py [--threads N] [--reps 5] [--configs 1024:off,8192:off,8448:off,8192:auto,16384:auto,32768:auto]
 

@@ -16,7 +16,9 @@ DeviceName = Literal["auto", "cuda", "mps", "cpu"]
 KvType = Literal["f16", "q8_0", "q4_0"]
 # More threads than logical CPUs only slow llama.cpp down, and 100000 of them crash it.
 MACHINE_THREADS = os.cpu_count() or 1
-# The context a model loads with when none is asked for: its trained length, capped here (memory grows with it).
+# The context when nothing better is known: no memory budget to choose within (`models fit` with no --n-ctx), or
+# a transformers config without the numbers a KV cache is sized from. A load with no --n-ctx chooses from memory
+# (localrun.engine.plan.choose_context).
 DEFAULT_CTX_CAP = 8192
 
 
@@ -28,7 +30,8 @@ class Meta:
     backend: "llamacpp" or "hf" for an option only that backend reads (the UI hides it for the other).
     group: settings of one group share a row in the UI. slider: (min, max, step) of a slider.
     choices: (label, value) pairs for a dropdown. recommend: a catalog manifest may recommend a value.
-    ui: False keeps it out of the web UI (options that run foreign code)."""
+    ui: False keeps it out of the web UI (options that run foreign code). flag: False keeps it off the command
+    line too (a value the engine sets, not the user)."""
 
     label: str
     group: str = ""
@@ -37,6 +40,7 @@ class Meta:
     choices: tuple[tuple[str, str], ...] | None = None
     recommend: bool = False
     ui: bool = True
+    flag: bool = True
 
 
 def meta(model: type, name: str) -> Meta:
@@ -205,7 +209,7 @@ class LoadOptions(Settings):
         None,
         ge=16,
         le=1 << 24,
-        help=f"Context length in tokens (default: the model's, capped at {DEFAULT_CTX_CAP}).",
+        help="Context length in tokens (default: the largest up to the model's trained length that fits the memory budget).",
         meta=Meta("Context size", "load"),
     )
     n_threads: int | None = setting(
@@ -296,10 +300,17 @@ class LoadOptions(Settings):
         help="Speculative decoding: draft by n-gram lookup in the prompt and the reply so far (no draft model).",
         meta=Meta("Prompt lookup drafting", "draft"),
     )
+    memory_budget_bytes: int | None = setting(
+        None,
+        ge=1,
+        help="The memory the context is chosen within when --n-ctx is not given (set by the model pool from --memory-budget; default: 0.8 of the free RAM and VRAM).",
+        meta=Meta("Memory budget", "load", ui=False, flag=False),
+    )
 
 
 def effective_n_ctx(requested: int | None, trained: int | None) -> int:
-    """The context a model loads with: the one asked for, else its trained length capped at DEFAULT_CTX_CAP."""
+    """The context without a memory budget to choose within: the one asked for, else the trained length capped at
+    DEFAULT_CTX_CAP. A load chooses from memory instead (localrun.engine.plan.choose_context)."""
     if requested:
         return requested
     return min(trained or DEFAULT_CTX_CAP, DEFAULT_CTX_CAP)
@@ -321,7 +332,7 @@ def is_list(model: type, name: str) -> bool:
 def add_flags(parser: Any, model: type, *, only: tuple[str, ...] | None = None, show_default: bool = False) -> None:
     """Add one --flag per field of a settings model, with its help text (and its default, if show_default)."""
     for name, spec in fields(model).items():
-        if only is not None and name not in only:
+        if only is not None and name not in only or not meta(model, name).flag:
             continue
         flag, kind = "--" + name.replace("_", "-"), spec.kind
         help_text = f"{spec.check.help.rstrip('.')} (default {spec.default})." if show_default else spec.check.help

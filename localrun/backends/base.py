@@ -53,6 +53,7 @@ class LoadReport:
     chat_template: bool = True  # False: the model ships none, and chat uses the plain User:/Assistant: fallback
     parallel: int = 1  # sequences decoded together (slots); n_ctx is each one's context
     parallel_why: str = ""
+    context_reason: str = ""  # how n_ctx was chosen (engine.plan.choose_context), e.g. "context 4096 (--n-ctx)"
 
     def describe(self) -> str:
         """One line, e.g. 'llamacpp on cpu · ctx 8192 · 2 threads · loaded in 0.21 s'."""

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,7 +26,10 @@ from localrun.engine.events import TokenStep
 from localrun.engine.penalties import breaker_ids, uses_dry
 from localrun.engine.speculative import Draft, Drafter, VocabSummary, draft_tokens, verify_steps
 from localrun.errors import UserError
-from localrun.settings import LoadOptions, SamplingParams, effective_n_ctx
+from localrun.settings import LoadOptions, SamplingParams
+
+if TYPE_CHECKING:
+    from localrun.engine.plan import ContextChoice
 
 _POLL_S = 0.1  # how often a waiting reader checks that the generate thread is still alive
 _JOIN_S = 30.0  # a cancelled generate() stops within one forward pass; this is only a safety net
@@ -109,6 +113,18 @@ class _GenerateRun:
             self.thread.join(timeout=_JOIN_S)
 
 
+def _context(resolved: ResolvedModel, model: torch.nn.Module, options: LoadOptions) -> ContextChoice:
+    """The context the pool's plan chose too (engine.plan.hf_context): weights counted as the plan counts them
+    when the model is a directory on disk, else from the loaded model's footprint."""
+    from localrun.engine.plan import hf_context, hf_weights_bytes
+
+    if resolved.path is not None and Path(resolved.path).is_dir():
+        weights = hf_weights_bytes(resolved.path, options)
+    else:
+        weights = int(model.get_memory_footprint()) + 450 * 2**20
+    return hf_context(model.config, options, weights_bytes=weights)
+
+
 class HFBackend:
     """A loaded transformers model. Each plain request evaluates its whole prompt (no cross-request
     prefix cache); the static KV cache, when asked for, is allocated once and reset per request.
@@ -132,7 +148,8 @@ class HFBackend:
         loaded = load_model(model, options)
         self.model, self.tokenizer, self.device = loaded.model, loaded.tokenizer, loaded.device
         self.model.eval()
-        self.n_ctx = effective_n_ctx(options.n_ctx, getattr(self.model.config, "max_position_embeddings", None))
+        self.context = _context(model, self.model, options)
+        self.n_ctx = self.context.n_ctx
         self._eos_ids = self._find_eos_ids()
         self._static_cache = self._make_static_cache() if self._wants_static else None
         load_s = time.perf_counter() - t0
@@ -151,6 +168,7 @@ class HFBackend:
             weights_bytes=int(self.model.get_memory_footprint()),
             details=self._details(loaded.source),
             chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
+            context_reason=self.context.reason,
         )
         self._spec_state = KVState(self.model)  # the speculative loop's cache, kept across requests
         if drafting:

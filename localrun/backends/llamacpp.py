@@ -17,7 +17,7 @@ from localrun.engine.penalties import breaker_ids, uses_dry
 from localrun.engine.speculative import Draft, Drafter, VocabSummary, draft_tokens, sample_ids, verify_steps
 from localrun.errors import UserError
 from localrun.hardware import llama_cpp_build, physical_cores
-from localrun.settings import LoadOptions, SamplingParams, effective_n_ctx
+from localrun.settings import LoadOptions, SamplingParams
 
 if TYPE_CHECKING:  # numpy loads with the first speculative request: a plain chat does not need it
     import numpy as np
@@ -74,7 +74,11 @@ class LlamaCppBackend:
             raise UserError(
                 f"This llama-cpp-python build has no {options.device} support: reinstall it with that backend, or use --device cpu."
             )
-        n_ctx = effective_n_ctx(options.n_ctx, self.info.context_length)
+        from localrun.engine.plan import draft_info, gguf_context
+
+        # the pool's plan made this same choice (engine.plan.choose_context), at the budget it passed in options
+        choice = gguf_context(self.info, options, draft=draft_info(options))
+        n_ctx = choice.n_ctx
         n_threads = options.n_threads or physical_cores()
         n_gpu_layers = gpu_layers(path, options, n_ctx)
         kv = _KV_TYPES[options.kv_type]
@@ -82,7 +86,7 @@ class LlamaCppBackend:
             raise UserError(
                 f"A {options.kv_type} KV cache needs flash attention: use --flash-attn auto or on, or --kv-type f16."
             )
-        n_slots, why = self._parallel(options, n_ctx, n_gpu_layers)
+        n_slots, why = choice.slots, choice.slots_why
         t0 = time.perf_counter()
         try:
             self._model = open_model(str(path), n_gpu_layers=n_gpu_layers)
@@ -123,20 +127,7 @@ class LlamaCppBackend:
             chat_template=bool(self.info.chat_template),
             parallel=n_slots,
             parallel_why=why,
-        )
-
-    def _parallel(self, options: LoadOptions, n_ctx: int, n_gpu_layers: int) -> tuple[int, str]:
-        """Slots for continuous batching: the one asked for, else what the memory-fit estimate allows. With
-        a draft, a sequence drafts while it is the only one generating (engine.scheduler)."""
-        if options.parallel is None:
-            return 1, "one sequence"
-        if options.parallel > 0:
-            return options.parallel, "asked for"
-        from localrun.hardware import probe
-        from localrun.models import fit
-
-        return fit.choose_parallel(
-            self.info, n_ctx=n_ctx, kv_type=options.kv_type, n_gpu_layers=n_gpu_layers, devices=probe()
+            context_reason=choice.reason,
         )
 
     # -- the Backend protocol -------------------------------------------------------------

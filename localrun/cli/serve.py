@@ -103,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
         raise
     print(f"localrun: {loaded.name} loaded ({loaded.report.describe()})", file=sys.stderr)
     print(f"localrun: {engine.worker.describe()}", file=sys.stderr)
+    if loaded.report.context_reason:
+        print(f"localrun: {loaded.report.context_reason}", file=sys.stderr)
     if loaded.report.parallel_why:
         print(f"localrun: {loaded.report.parallel} slot(s): {loaded.report.parallel_why}", file=sys.stderr)
     config = uvicorn.Config(

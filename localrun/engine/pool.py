@@ -141,6 +141,7 @@ class ModelPool:
         except _Refused as exc:
             yield exc.failed
             return
+        request = _with_budget(request, entry.load.options.memory_budget_bytes)  # as the entry was planned
         try:
             if keep_alive_s is not None:
                 entry.keep_alive_s = keep_alive_s
@@ -334,6 +335,7 @@ class ModelPool:
                         raise _Refused(Failed(self._busy_sentence(load, plan), "busy"))
                     self._cond.wait(timeout=min(1.0, deadline - now))
             if plan is None:  # outside the lock: it reads the file's header
+                load = _with_budget(load, self._context_budget(key))
                 try:
                     plan = plan_load(load)
                 except UserError as exc:
@@ -384,6 +386,13 @@ class ModelPool:
             raise _Refused(
                 entry.failed or Failed(f"Loading {entry.name} was abandoned: send the request again.", "user")
             )
+
+    def _context_budget(self, key: str) -> int:
+        """The memory a new model's context is chosen within: the budget less what pinned models hold (they
+        never unload); idle models may be unloaded for it, busy ones waited for, as for any load."""
+        with self._cond:
+            pinned = sum(e.plan.bytes for e in self._entries.values() if e.pinned and e.key != key)
+        return max(self.budget_bytes - pinned, 1)
 
     def _plan_loaded(self, loaded: Loaded, before: Plan) -> Plan:
         """Once loaded, the plan for what the backend chose (its context and slots), no longer a prediction."""
@@ -469,6 +478,19 @@ class ModelPool:
                     self._remove(entry)
             for entry in expired:
                 self._end(entry, "idle")
+
+
+def _with_budget(request: Any, budget_bytes: int | None) -> Any:
+    """A request (or the load it carries) with the memory budget its model's context is chosen within: every
+    request the pool sends a model carries its entry's, so the process never sees a different load."""
+    if isinstance(request, LoadRequest):
+        if request.options.memory_budget_bytes == budget_bytes:
+            return request
+        return replace(request, options=request.options.replace(memory_budget_bytes=budget_bytes))
+    load = getattr(request, "load", None)
+    if isinstance(load, LoadRequest):
+        return replace(request, load=_with_budget(load, budget_bytes))
+    return request
 
 
 def _idle_status() -> dict[str, Any]:

@@ -219,6 +219,7 @@ class Api:
                 vram_bytes=entry["vram_bytes"],
                 planned_bytes=entry["planned_bytes"],
                 context_length=entry["context_length"],
+                context_reason=loaded.report.context_reason,
                 slots=entry["slots"],
                 slots_busy=entry["slots_busy"],
                 device=entry["device"],

@@ -298,7 +298,8 @@ def _visibility(picker: str, backend: str, names: list[str]) -> list[Any]:
 def _loaded_text(loaded: Loaded | None) -> str:
     if loaded is None:
         return "No model loaded yet: press **Load**, or just send a message."
-    return f"**Loaded {html.escape(loaded_name(loaded))}** · {html.escape(loaded.report.describe())}"
+    line = f"**Loaded {html.escape(loaded_name(loaded))}** · {html.escape(loaded.report.describe())}"
+    return f"{line} · {html.escape(loaded.report.context_reason)}" if loaded.report.context_reason else line
 
 
 def load_request(ctx: Any, spec: str | None, values: dict[str, Any]) -> LoadRequest:
