@@ -168,6 +168,30 @@ class SamplingParams(Settings):
         help="Keep generating past the end-of-sequence token (for benchmarks).",
         meta=Meta("Ignore end-of-sequence", "output"),
     )
+    think: Literal["auto", "on", "off", "low", "medium", "high"] = setting(
+        "auto",
+        help="Thinking models (a <think> block or gpt-oss's analysis channel): off answers without thinking where the template can, "
+        "low/medium/high set gpt-oss's reasoning effort, auto is the model's own default.",
+        meta=Meta(
+            "Thinking",
+            "thinking",
+            choices=(
+                ("model default", "auto"),
+                ("on", "on"),
+                ("off", "off"),
+                ("low effort", "low"),
+                ("medium effort", "medium"),
+                ("high effort", "high"),
+            ),
+        ),
+    )
+    think_budget: int | None = setting(
+        None,
+        ge=0,
+        le=1 << 20,
+        help="Thinking models: most tokens of thinking; then the block is closed with the model's own end marker and the answer follows (unset: no limit).",
+        meta=Meta("Thinking budget (tokens)", "thinking"),
+    )
     grammar: str | None = setting(
         None,
         help="llama.cpp: a GBNF grammar the reply must follow (e.g. JSON from a schema).",

@@ -421,3 +421,24 @@ def test_repl_dims_the_thinking_and_says_what_was_dropped(r1_gguf: Path) -> None
     finally:
         if child.isalive():
             child.terminate(force=True)
+
+
+def test_remote_engine_hands_on_the_thinking(api, r1_gguf: Path) -> None:
+    """localrun driving another localrun (the remote backend): the remote's reasoning_content arrives as our
+    reasoning, apart from the answer, and the thinking budget travels as the remote's thinking_budget."""
+    from localrun.backends import load_backend
+
+    base = str(api.base_url).rstrip("/")
+    from tests.serve_support import KEY
+
+    key = Path(REPO / "test-artifacts")
+    key.mkdir(exist_ok=True)
+    key_file = key / "remote-thinking.key"
+    key_file.write_text(KEY)
+    remote = load_backend(_name(r1_gguf), LoadOptions(backend="remote", url=base, remote_api_key_file=str(key_file)))
+    try:
+        thought, text, s = _answer(remote, SamplingParams(temperature=0.0, max_tokens=60, think_budget=8))
+    finally:
+        remote.close()
+    assert thought.strip() and text.strip() and not any(m in text for m in MARKERS)
+    assert s.reasoning_tokens == 8 and s.reasoning == thought.strip()

@@ -95,8 +95,11 @@ class Backend(Protocol):
 
     def detokenize(self, ids: Sequence[int]) -> str: ...
 
-    def render_chat(self, messages: Sequence[dict[str, str]], *, tools: Sequence[dict] | None = None) -> str:
-        """The prompt text for a chat, from the model's own chat template (tools: OpenAI function schemas)."""
+    def render_chat(
+        self, messages: Sequence[dict[str, str]], *, tools: Sequence[dict] | None = None, variables: dict | None = None
+    ) -> str:
+        """The prompt text for a chat, from the model's own chat template (tools: OpenAI function schemas;
+        variables: more the template reads, such as enable_thinking)."""
         ...
 
     def generate_tokens(

@@ -287,7 +287,18 @@ class HFBackend:
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def render_chat(self, messages: Sequence[dict[str, str]], *, tools: Sequence[dict] | None = None) -> str:
+    def detokenize_special(self, ids: Sequence[int]) -> str:
+        """Text with special tokens written out (gpt-oss's channel markers are special tokens)."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    @property
+    def chat_template_source(self) -> str | None:
+        template = getattr(self.tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else None
+
+    def render_chat(
+        self, messages: Sequence[dict[str, str]], *, tools: Sequence[dict] | None = None, variables: dict | None = None
+    ) -> str:
         """The prompt text from the tokenizer's own chat template (a plain fallback when it has none)."""
         if not getattr(self.tokenizer, "chat_template", None):
             from localrun.engine.chat_template import render_chat
@@ -297,7 +308,11 @@ class HFBackend:
 
         try:
             return self.tokenizer.apply_chat_template(
-                list(messages), tools=list(tools) if tools else None, tokenize=False, add_generation_prompt=True
+                list(messages),
+                tools=list(tools) if tools else None,
+                tokenize=False,
+                add_generation_prompt=True,
+                **(variables or {}),
             )
         except TemplateError as exc:  # e.g. "System role not supported": the user can change the messages
             raise UserError(f"The model's chat template refused the conversation: {exc}.") from None

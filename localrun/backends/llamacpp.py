@@ -143,13 +143,24 @@ class LlamaCppBackend:
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._model.detokenize(list(ids)).decode("utf-8", errors="replace")
 
-    def render_chat(self, messages: Sequence[dict[str, str]], *, tools: Sequence[dict] | None = None) -> str:
+    def detokenize_special(self, ids: Sequence[int]) -> str:
+        """Text with control tokens written out (gpt-oss's channel markers are control tokens)."""
+        return self._model.detokenize(list(ids), special=True).decode("utf-8", errors="replace")
+
+    @property
+    def chat_template_source(self) -> str | None:
+        return self.info.chat_template
+
+    def render_chat(
+        self, messages: Sequence[dict[str, str]], *, tools: Sequence[dict] | None = None, variables: dict | None = None
+    ) -> str:
         return render_chat(
             self.info.chat_template,
             messages,
             bos_token=self._token_text(self._model.token_bos()),
             eos_token=self._token_text(self._model.token_eos()),
             tools=tools,
+            variables=variables,
         )
 
     def generate_tokens(

@@ -39,7 +39,14 @@ _LLAMA_EXTRAS["dry_penalty_last_n"] = "dry_penalty_last_n"
 # it has its default, and refused with one sentence otherwise (never silently dropped).
 ENGINE_FIELDS: dict[str, dict[str, str]] = {
     "llama.cpp": {**_OPENAI, **_LLAMA_EXTRAS, "repeat_penalty": "repeat_penalty", "ignore_eos": "ignore_eos"},
-    "localrun": {**_OPENAI, **_LLAMA_EXTRAS, "repeat_penalty": "repetition_penalty", "ignore_eos": "ignore_eos"},
+    "localrun": {
+        **_OPENAI,
+        **_LLAMA_EXTRAS,
+        "repeat_penalty": "repetition_penalty",
+        "ignore_eos": "ignore_eos",
+        "think": "think",
+        "think_budget": "thinking_budget",
+    },
     "vLLM": {
         **_OPENAI,
         "top_k": "top_k",
@@ -99,6 +106,9 @@ class RemoteBackend:
         self.memory_route = memory_route
         self.last_end: ServerCounts | None = None
         self.supports_grammar = self.engine == "llama.cpp"
+        from localrun.engine.reasoning import THINK_TAGS
+
+        self.reasoning_format = THINK_TAGS  # how _stream hands on a thinking block (engine.reasoning)
         self.fields = ENGINE_FIELDS[self.engine]
         details = {"engine": self.engine, "model": self.model, "round trip": f"{self.rtt_s * 1e3:.1f} ms"}
         self.report = LoadReport(
@@ -167,7 +177,7 @@ class RemoteBackend:
                     out["grammar"] = value
                 continue
             if name in self.fields:
-                out[self.fields[name]] = value
+                out[self.fields[name]] = {"on": True, "off": False}.get(value, value) if name == "think" else value
             else:
                 raise UserError(
                     f"The remote engine ({self.engine}) does not take {name}: set it back to {spec.default} to use it."
@@ -187,7 +197,7 @@ class RemoteBackend:
     def _stream(self, path: str, body: dict[str, Any]) -> Iterator[TokenStep]:
         import httpx
 
-        finish, usage, timings = None, None, None
+        finish, usage, timings, thinking = None, None, None, False
         try:
             with self._http.stream("POST", self.url + path, json=body) as response:
                 if response.status_code >= 400:
@@ -205,9 +215,19 @@ class RemoteBackend:
                     usage = chunk.get("usage") or usage
                     timings = chunk.get("timings") or timings
                     for choice in chunk.get("choices") or ():
-                        text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+                        delta = choice.get("delta") or {}
+                        # a thinking model's block comes apart (reasoning_content; "reasoning" in vLLM and
+                        # Ollama): it goes on in the tags the engine's parser reads (reasoning_format)
+                        thought = (
+                            delta.get("reasoning_content") or delta.get("reasoning") or choice.get("reasoning_content")
+                        )
+                        text = delta.get("content") or choice.get("text") or ""
+                        if thought:
+                            yield TokenStep(self._keep(("" if thinking else "<think>") + thought))
+                            thinking = True
                         if text:
-                            yield TokenStep(self._keep(text))
+                            yield TokenStep(self._keep(("</think>" if thinking else "") + text))
+                            thinking = False
                         finish = choice.get("finish_reason") or finish
         except httpx.HTTPError as exc:
             raise network_error(exc, self.url) from None
@@ -215,8 +235,14 @@ class RemoteBackend:
             raise UserError("The remote engine ended the stream before it said why (the connection was dropped).")
         usage = usage or {}
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+        thought = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens")
         end = ServerCounts(
-            _FINISH.get(finish, finish), usage.get("prompt_tokens"), usage.get("completion_tokens"), cached, timings
+            _FINISH.get(finish, finish),
+            usage.get("prompt_tokens"),
+            usage.get("completion_tokens"),
+            cached,
+            timings,
+            reasoning_tokens=thought,
         )
         self.last_end = end  # what the engine said of the last request that ended (for benches)
         return end

@@ -43,6 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-s", "--system", help="system prompt")
     p.add_argument("--no-stats", action="store_true", help="do not print the stats line")
     p.add_argument(
+        "--hide-thinking",
+        action="store_true",
+        help="thinking models: do not print the thinking (dimmed before the answer on a terminal, on stderr on a pipe)",
+    )
+    p.add_argument(
         "--resume",
         nargs="?",
         const="last",
@@ -171,6 +176,38 @@ def record_turn(recorder, session, summary, *, model: ResolvedModel, backend, op
     recorder.record(session.messages, reply, system=session.system)
 
 
+class ReplyPrinter:
+    """Writes a reply as it streams: the answer on stdout; a thinking model's thinking dimmed before it on a
+    terminal, on stderr when stdout is a pipe (so a pipe gets the answer alone), or nowhere (--hide-thinking)."""
+
+    DIM, PLAIN = "\x1b[2m", "\x1b[0m"
+
+    def __init__(self, *, hide_thinking: bool = False) -> None:
+        self.hide = hide_thinking
+        self.tty = sys.stdout.isatty()
+        self.thinking = False
+
+    def write(self, event: GenerationEvent) -> None:
+        if event.reasoning and not self.hide:
+            if self.tty:
+                sys.stdout.write(self.DIM + ("" if self.thinking else "Thinking: ") + event.reasoning + self.PLAIN)
+                sys.stdout.flush()
+            else:
+                sys.stderr.write(event.reasoning)
+                sys.stderr.flush()
+            self.thinking = True
+        if event.text or event.is_final:
+            self._end_thinking()
+        if event.text:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+
+    def _end_thinking(self) -> None:
+        if self.thinking:
+            (sys.stdout if self.tty else sys.stderr).write("\n\n" if self.tty else "\n")
+            self.thinking = False
+
+
 def _one_shot(
     args: argparse.Namespace,
     model: ResolvedModel,
@@ -196,9 +233,9 @@ def _one_shot(
                 events = session.send(prompt, params, cancel=cancel)
             else:
                 events = complete(backend, prompt, params, cancel=cancel)
+            printer = ReplyPrinter(hide_thinking=args.hide_thinking)
             for event in events:
-                sys.stdout.write(event.text)
-                sys.stdout.flush()
+                printer.write(event)
                 summary = event.summary or summary
         sys.stdout.write("\n")
         sys.stdout.flush()
@@ -275,7 +312,9 @@ class Repl:
     def _load(self, model: ResolvedModel):
         print(f"Loading {model.name} ({model.path})…", file=sys.stderr, flush=True)
         backend = load(model, self.options)
-        print(f"Ready: {backend.report.describe()}. Type /help for commands.", file=sys.stderr, flush=True)
+        report = backend.report
+        context = f"; {report.context_reason}" if report.context_reason else ""
+        print(f"Ready: {report.describe()}{context}. Type /help for commands.", file=sys.stderr, flush=True)
         return backend
 
     def loop(self) -> int:
@@ -322,13 +361,13 @@ class Repl:
         return line.strip() or None
 
     def _stream(self, reply: Callable[[threading.Event], Iterator[GenerationEvent]], params: SamplingParams) -> None:
-        from localrun.format import stats_line
+        from localrun.format import dropped_note, stats_line
 
         summary = None
         with _ctrl_c_cancels() as cancel:
+            printer = ReplyPrinter(hide_thinking=self.args.hide_thinking)
             for event in reply(cancel):
-                sys.stdout.write(event.text)
-                sys.stdout.flush()
+                printer.write(event)
                 summary = event.summary or summary
         sys.stdout.write("\n")
         first_save = self.recorder is not None and self.recorder.chat_id is None
@@ -338,6 +377,9 @@ class Repl:
             print(f"[saved as chat {self.recorder.chat_id}: `localrun chat --resume` continues it]", file=sys.stderr)
         summary = self.session.last
         if summary is not None:
+            note = dropped_note(summary, self.backend.report.n_ctx)
+            if note:
+                print(f"[{note}]", file=sys.stderr)
             if summary.finish_reason == "cancelled":
                 print("[stopped]", file=sys.stderr)
             if summary.error:
@@ -391,6 +433,8 @@ class Repl:
         from localrun.format import summary_table
 
         print(f"model: {self.backend.report.describe()}")
+        if self.backend.report.context_reason:
+            print(f"{self.backend.report.context_reason}")
         if self.session.last is None:
             print("No reply yet.")
             return

@@ -33,6 +33,7 @@ class ServerCounts:
     generated_tokens: int | None = None
     cached_tokens: int | None = None
     engine_timings: dict | None = None
+    reasoning_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -179,6 +179,8 @@ class _Stats:
             self.prefill_tokens = end.prompt_tokens - (end.cached_tokens or 0)
         if end.generated_tokens is not None:
             self.generated = end.generated_tokens
+        if end.reasoning_tokens is not None:
+            self.reasoning_tokens = end.reasoning_tokens
         return end.finish_reason
 
     def rates(self) -> tuple[float | None, float | None, float | None]:
@@ -378,7 +380,7 @@ def stream_generate(
     detok = IncrementalDetokenizer(
         getattr(backend, "detokenize_special", backend.detokenize) if specials else backend.detokenize
     )
-    thinking = _Thinking(reasoning, backend, stats, detok) if reasoning is not None and not server_side else None
+    thinking = _Thinking(reasoning, backend, stats, detok) if reasoning is not None else None
     stops = StopMatcher(params.stop)
     # the loop guard (finish reason "repetition"); ignore_eos asks for a fixed count of tokens, loops or not
     guard = params.loop_guard and not params.ignore_eos

@@ -40,9 +40,13 @@ def run(backend: Any, request: GenerateRequest, cancel: Any = None) -> Iterator[
     if request.messages is not None and not has_chat_template(backend) and FALLBACK_STOP not in params.stop:
         params = params.replace(stop=(*params.stop, FALLBACK_STOP))
     prompt = build_prompt(backend, request)
-    if getattr(backend, "server_side", False):  # a remote engine checks its context itself
+    if getattr(backend, "server_side", False):  # a remote engine checks its context and ends its block itself
         yield from stream_generate(
-            backend, prompt.ids, params.replace(max_tokens=request.max_tokens or params.max_tokens), cancel=cancel
+            backend,
+            prompt.ids,
+            params.replace(max_tokens=request.max_tokens or params.max_tokens),
+            cancel=cancel,
+            reasoning=prompt.reasoning,
         )
         return
     ids, plan = prompt.ids, prompt.reasoning
@@ -86,14 +90,23 @@ def build_prompt(backend: Any, request: GenerateRequest) -> Prompt:
     says where its block is."""
     from localrun.engine import reasoning
 
-    fmt = reasoning.detect(reasoning.template_source(backend))
     params = request.params
+    server_side = getattr(backend, "server_side", False)
+    # a remote engine renders the chat and bounds the thinking itself; its block comes apart in its own tags
+    fmt = None if server_side else reasoning.detect(reasoning.template_source(backend))
+
+    def plan(text: str) -> ReasoningPlan | None:
+        if server_side:
+            remote = getattr(backend, "reasoning_format", None)
+            return ReasoningPlan(remote, False) if remote is not None else None
+        return _plan(fmt, text, params)
+
     if request.prompt is not None:
         check_prompt_text(request.prompt, hint=request.empty_hint)
         text = _thinking_suffix(fmt, request.prompt, params)
         ids = backend.tokenize(text)
         check_prompt_fits(len(ids), backend.report.n_ctx, advice=request.overflow_advice)
-        return Prompt(ids, _plan(fmt, text, params))
+        return Prompt(ids, plan(text))
     if not request.messages:
         raise UserError("There is no message to answer: send one first.")
     n_ctx = backend.report.n_ctx
@@ -108,7 +121,7 @@ def build_prompt(backend: Any, request: GenerateRequest) -> Prompt:
             break
         history = history[2:] if len(history) > 2 else history[1:]
     check_prompt_fits(len(ids), n_ctx, advice=request.overflow_advice)
-    return Prompt(ids, _plan(fmt, text, params), len(request.messages) - len(history))
+    return Prompt(ids, plan(text), len(request.messages) - len(history))
 
 
 def _thinking_suffix(fmt: Any, text: str, params: Any) -> str:
