@@ -119,7 +119,7 @@ def test_series_and_turn_rows() -> None:
         peak_vram_bytes=None,
     )
     # 12 evaluated prompt tokens are too few for a prompt rate (format.MIN_RATE_TOKENS)
-    assert turn_row(3, "m", summary) == [3, "m", 42.0, None, 95.5, 5, 310.0, None, None, "cancelled"]
+    assert turn_row(3, "m", summary) == [3, "m", 42.0, None, 95.5, 5, 0, 310.0, None, None, "cancelled"]
     assert reply_footer(summary).endswith("· cancelled") and "TTFT 42 ms" in reply_footer(summary)
 
 

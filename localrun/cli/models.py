@@ -161,9 +161,17 @@ def cmd_fit(args: argparse.Namespace) -> int:
         draft, draft_where = _fit_target(args.draft)
         if draft is None:
             raise UserError(f"The draft model {args.draft} cannot be sized before download: {draft_where}.")
-    report = fit.fit_report(target, n_ctx=options.n_ctx, kv_type=options.kv_type, draft=draft)
+    n_ctx, reason = options.n_ctx, None
+    if n_ctx is None:  # the context `localrun chat` would choose from memory (engine.plan.choose_context)
+        from localrun.engine.plan import gguf_context
+
+        choice = gguf_context(target, options, draft=draft)
+        n_ctx, reason = choice.n_ctx, choice.reason
+    report = fit.fit_report(target, n_ctx=n_ctx, kv_type=options.kv_type, draft=draft)
     est = report.estimate
     print(f"{'numbers from':32} {where}")
+    if reason:
+        print(f"{'context a load chooses':32} {reason}")
     for label, value in (
         ("weights", est.weights_bytes),
         (f"KV cache ({est.n_ctx} ctx, {est.kv_type})", est.kv_cache_bytes),

@@ -424,7 +424,14 @@ def model_rows(info: GGUFInfo, *, n_ctx: int | None = None, kv_type: str = "f16"
     require_weights(info)
     if not known_architecture(info.architecture):
         return [*info_rows(info), ("fit verdict", UNKNOWN_FIT)]
-    return info_rows(info) + fit_rows(fit_report(info, n_ctx=n_ctx, kv_type=kv_type))
+    reason = []
+    if n_ctx is None:  # the context a load would choose from memory, as `models fit` and `chat` do
+        from localrun.engine.plan import gguf_context
+        from localrun.settings import LoadOptions
+
+        choice = gguf_context(info, LoadOptions(kv_type=kv_type))
+        n_ctx, reason = choice.n_ctx, [("context a load chooses", choice.reason)]
+    return info_rows(info) + reason + fit_rows(fit_report(info, n_ctx=n_ctx, kv_type=kv_type))
 
 
 # ---- the fit before download: a GGUFInfo from a catalog manifest ------------------------------------------------
