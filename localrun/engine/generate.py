@@ -390,7 +390,7 @@ def stream_generate(
     if thinking is not None and thinking.over_budget():  # a budget of 0 on a prompt that opened the block
         opening, closing = thinking.close()
         context += closing
-    steps = backend.generate_tokens(context, thinking.params(params) if thinking else params, timed)
+    steps = backend.generate_tokens(list(context), thinking.params(params) if thinking else params, timed)
     finish, error, stop_hit = None, None, False
     try:
         if not server_side:
@@ -429,7 +429,7 @@ def stream_generate(
                     finish = "length"
                     break
                 left = params.max_tokens - stats.generated
-                steps = backend.generate_tokens(context, thinking.params(params).replace(max_tokens=left), timed)
+                steps = backend.generate_tokens(list(context), thinking.params(params).replace(max_tokens=left), timed)
     except UserError as exc:  # the user's mistake (prompt too long, ...): its sentence as it is
         finish, error = "error", str(exc)
     except Exception as exc:  # a backend failure ends the stream with an error event, not a traceback
