@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import re
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from test_fit import Device
 
 from localrun.cli import main
 from localrun.errors import UserError
@@ -18,14 +18,6 @@ from localrun.models.gguf_info import inspect_gguf
 
 MODELS = catalog.catalog()
 REASONING_FAMILIES = ("qwen3-", "deepseek-r1-", "smollm3-", "gpt-oss-")
-
-
-@dataclass
-class Device:
-    kind: str
-    name: str
-    total_bytes: int
-    free_bytes: int
 
 
 @pytest.fixture(autouse=True)

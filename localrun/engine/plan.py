@@ -188,11 +188,8 @@ def budget_for(options: Any, devices: Callable[[], list[Any]]) -> Budget:
     return Budget(total, f"a {gib(total)} budget, {BUDGET_SHARE:.0%} of free memory")
 
 
-def gguf_context(info: Any, options: Any, *, draft: Any = None, devices: list[Any] | None = None) -> ContextChoice:
-    """choose_context for a GGUF: memory is fit.worker_bytes at the options' KV type with the draft (draft_info)
-    included; devices are probed once, and only when the choice needs them."""
-    from localrun.models import fit
-
+def _probe_once(devices: list[Any] | None) -> Callable[[], list[Any]]:
+    """This machine's devices, probed on the first call only (a choice that does not need them never probes)."""
     probed: list[list[Any]] = [] if devices is None else [devices]
 
     def machine() -> list[Any]:
@@ -201,6 +198,16 @@ def gguf_context(info: Any, options: Any, *, draft: Any = None, devices: list[An
 
             probed.append(probe())
         return probed[0]
+
+    return machine
+
+
+def gguf_context(info: Any, options: Any, *, draft: Any = None, devices: list[Any] | None = None) -> ContextChoice:
+    """choose_context for a GGUF: memory is fit.worker_bytes at the options' KV type with the draft (draft_info)
+    included; devices are probed once, and only when the choice needs them."""
+    from localrun.models import fit
+
+    machine = _probe_once(devices)
 
     def need(n_ctx: int, slots: int) -> int:
         return fit.worker_bytes(info, n_ctx=n_ctx, slots=slots, kv_type=options.kv_type, draft=draft)
@@ -276,14 +283,7 @@ def hf_context(config: Any, options: Any, *, weights_bytes: int, devices: list[A
         n_ctx = effective_n_ctx(None, trained)
         why = f"the model's config gives no layer and head sizes to plan a KV cache with, so at most {DEFAULT_CTX_CAP}"
         return ContextChoice(n_ctx, 1, f"context {n_ctx} ({why})", "one sequence")
-    probed: list[list[Any]] = [] if devices is None else [devices]
-
-    def machine() -> list[Any]:
-        if not probed:
-            from localrun.hardware import probe
-
-            probed.append(probe())
-        return probed[0]
+    machine = _probe_once(devices)
 
     def need(n_ctx: int, slots: int) -> int:
         return weights_bytes + (layers or 0) * kv_heads * head_dim * 2 * _hf_kv_dtype_bytes(options, machine) * n_ctx
