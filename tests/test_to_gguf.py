@@ -65,10 +65,11 @@ def build_tiny_model(kind: str, tokenizer_dir: Path, out: Path, *, hidden: int =
     import torch
     import transformers
 
-    classes = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
+    classes = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}
     config_cls = getattr(transformers, f"{classes[kind]}Config")
     model_cls = getattr(transformers, f"{classes[kind]}ForCausalLM")
-    rope: dict[str, object] = {"rope_type": "default", "rope_theta": 1e6 if kind == "qwen2" else 10000.0}
+    rope: dict[str, object] = {"rope_type": "default", "rope_theta": 1e6 if kind.startswith("qwen") else 10000.0}
+    extra = {"head_dim": 32} if kind == "qwen3" else {}  # qwen3: head_dim differs from hidden / heads
     if kind == "llama":
         rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0}
         rope |= {"high_freq_factor": 4.0, "original_max_position_embeddings": 64}
@@ -85,6 +86,7 @@ def build_tiny_model(kind: str, tokenizer_dir: Path, out: Path, *, hidden: int =
         rope_parameters=rope,
         bos_token_id=1,
         eos_token_id=2,
+        **extra,
     )
     torch.manual_seed(0)
     model = model_cls(config).eval()
@@ -103,6 +105,7 @@ def build_tiny_model(kind: str, tokenizer_dir: Path, out: Path, *, hidden: int =
 VARIANTS = {  # kind -> (pre-tokenizer style, tied embeddings)
     "llama": ("smollm", False),
     "qwen2": ("qwen2", True),
+    "qwen3": ("qwen2", True),
     "mistral": ("llama-bpe", False),
 }
 
@@ -189,7 +192,7 @@ def test_metadata(tiny) -> None:
     reader = GGUFReader(gguf)
     fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.") or "id" in k}
     names = {t.name for t in reader.tensors}
-    arch = "qwen2" if kind == "qwen2" else "llama"
+    arch = kind if kind.startswith("qwen") else "llama"
     assert fields["general.architecture"] == arch
     assert reader.fields["tokenizer.ggml.pre"].contents() == pre
     assert fields[f"{arch}.attention.head_count_kv"] == 2
@@ -198,6 +201,10 @@ def test_metadata(tiny) -> None:
     assert ("output.weight" in names) == (not tied)
     assert ("blk.0.attn_q.bias" in names) == (kind == "qwen2")
     assert ("rope_freqs.weight" in names) == (kind == "llama")
+    assert ("blk.0.attn_q_norm.weight" in names) == (kind == "qwen3")
+    if kind == "qwen3":
+        assert fields["qwen3.attention.key_length"] == 32
+        assert [t.shape.tolist() for t in reader.tensors if t.name == "blk.0.attn_q.weight"] == [[64, 128]]
     assert all(t.tensor_type.name == "F32" for t in reader.tensors)
 
 
@@ -257,7 +264,7 @@ def test_source_untouched_and_output_atomic(variants, tmp_path: Path) -> None:
 
 def test_unsupported_architecture(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(UserError, match="LlamaForCausalLM.*Qwen2ForCausalLM"):
+    with pytest.raises(UserError, match="LlamaForCausalLM.*Qwen3ForCausalLM.*Gemma3ForCausalLM"):
         convert_hf_to_gguf(tmp_path, tmp_path / "x.gguf")
     assert not list(tmp_path.glob("*.gguf"))
 
@@ -283,3 +290,166 @@ def test_missing_source_and_bad_type(tmp_path: Path) -> None:
         convert_hf_to_gguf(tmp_path / "nope", tmp_path / "x.gguf")
     with pytest.raises(UserError, match="F32, F16, BF16"):
         convert_hf_to_gguf(tmp_path, tmp_path / "x.gguf", out_type="F8")
+
+
+# Gemma 3: a SentencePiece tokenizer.model written here (protobuf by hand: sentencepiece is not a dependency).
+GEMMA_WORDS = ["hello", "\u2581world", "\u2581the", "\u2581cat", "\u2581sat"]
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while True:
+        out += bytes([(n & 0x7F) | (0x80 if n > 0x7F else 0)])
+        n >>= 7
+        if not n:
+            return out
+
+
+def _piece(text: str, score: float, kind: int) -> bytes:
+    import struct
+
+    raw = text.encode()
+    body = b"\x0a" + _varint(len(raw)) + raw + b"\x15" + struct.pack("<f", score) + b"\x18" + _varint(kind)
+    return b"\x0a" + _varint(len(body)) + body
+
+
+def gemma_pieces() -> list[tuple[str, float, int]]:
+    """Gemma's layout: <pad> <eos> <bos> <unk>, turn markers, byte fallback, then words and their prefixes."""
+    pieces = [("<pad>", 0.0, 3), ("<eos>", 0.0, 3), ("<bos>", 0.0, 3), ("<unk>", 0.0, 2)]
+    pieces += [("<start_of_turn>", 0.0, 4), ("<end_of_turn>", 0.0, 4)]
+    pieces += [(f"<0x{b:02X}>", 0.0, 6) for b in range(256)]
+    seen = {p[0] for p in pieces}
+    for word in GEMMA_WORDS:
+        for end in range(1, len(word) + 1):
+            if word[:end] not in seen:
+                seen.add(word[:end])
+                pieces.append((word[:end], -10.0 + end, 1))  # longer pieces score higher, so they merge
+    return pieces
+
+
+def build_tiny_gemma3(out: Path) -> Path:
+    """A random 6-layer Gemma 3 (5 sliding layers, window 8, then one global) with its tokenizer."""
+    import torch
+    import transformers
+
+    pieces = gemma_pieces()
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    rope["full_attention"] = {"rope_type": "default", "rope_theta": 1e6}
+    config = transformers.Gemma3TextConfig(
+        vocab_size=len(pieces) + 2,  # padded past the tokenizer, as Gemma's embedding is
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        sliding_window=8,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        rope_parameters=rope,
+    )
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.15)  # Gemma's norms store weight - 1, so around 0
+    model.save_pretrained(out)
+    (out / "tokenizer.model").write_bytes(b"".join(_piece(*p) for p in pieces))
+    decoder = {str(i): {"content": p[0], "special": True} for i, p in enumerate(pieces[:6])}
+    tok_config = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    tok_config |= {"add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": decoder}
+    tok_config["chat_template"] = "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['content'] }}{% endfor %}"
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_config), encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("tiny-gemma3")
+    hf_dir = build_tiny_gemma3(base / "hf")
+    return hf_dir, convert_hf_to_gguf(hf_dir, base / "model-F32.gguf", out_type="F32").path
+
+
+def test_gemma3_logits_match_transformers(gemma3) -> None:
+    hf_dir, gguf = gemma3
+    # 40 positions: past the sliding window of 8, so local and global layers both matter
+    ids = [2, *np.random.default_rng(0).integers(4, len(gemma_pieces()), size=39).tolist()]
+    expected, got = _hf_logits(hf_dir, ids), _llama_logits(gguf, ids)
+    max_diff = float(np.abs(expected - got).max())
+    print(f"gemma3: max |logit diff| = {max_diff:.2e} over {len(ids)} positions, logit std {expected.std():.2f}")
+    # ~1e-3 at every position, the first included: ggml's CPU GELU reads an F16 table (a wrong norm shift or
+    # sliding window would be off by whole logits)
+    assert max_diff < 5e-3
+    assert (expected.argmax(-1) == got.argmax(-1)).all()
+
+
+def test_gemma3_metadata_and_tokenizer(gemma3) -> None:
+    from gguf import GGUFReader
+    from safetensors.numpy import load_file
+
+    hf_dir, gguf = gemma3
+    reader = GGUFReader(gguf)
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    assert fields["general.architecture"] == "gemma3"
+    assert fields["gemma3.attention.sliding_window"] == 8
+    assert (fields["gemma3.rope.freq_base"], fields["gemma3.rope.freq_base_swa"]) == (1e6, 1e4)
+    assert fields["gemma3.attention.key_length"] == 32
+    assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.add_space_prefix"] is False
+    n_vocab = len(gemma_pieces()) + 2
+    assert (
+        len(fields["tokenizer.ggml.tokens"]) == n_vocab and fields["tokenizer.ggml.tokens"][-1] == f"[PAD{n_vocab - 1}]"
+    )
+    assert fields["tokenizer.ggml.token_type"][:7] == [3, 3, 3, 3, 3, 3, 6]  # turn markers made control tokens
+    assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"]) == (2, 1)
+    tensors = {t.name: t for t in reader.tensors}
+    assert "output.weight" not in tensors  # tied
+    weights = load_file(hf_dir / "model.safetensors")
+    # Gemma's RMSNorm multiplies by (1 + weight): llama.cpp's expects the 1 already added
+    norm = np.asarray(tensors["blk.0.attn_q_norm.weight"].data)
+    assert np.array_equal(norm, weights["model.layers.0.self_attn.q_norm.weight"] + 1)
+    llm = _llama_vocab(gguf)
+    pieces = {p[0]: i for i, p in enumerate(gemma_pieces())}
+    assert llm.tokenize(b"hello world", add_bos=True) == [2, pieces["hello"], pieces["\u2581world"]]
+    assert llm.tokenize(b"<end_of_turn>", add_bos=False, special=True) == [5]
+    assert llm.detokenize([pieces["hello"], pieces["\u2581the"], pieces["\u2581cat"]]) == b"hello the cat"
+
+
+def test_gemma3_conditional_generation_text_part(gemma3, tmp_path: Path) -> None:
+    """A Gemma3ForConditionalGeneration checkpoint converts to the same language model, vision tower left out."""
+    from gguf import GGUFReader
+    from safetensors.numpy import load_file, save_file
+
+    hf_dir, text_gguf = gemma3
+    mm = tmp_path / "gemma3-mm"
+    shutil.copytree(hf_dir, mm)
+    text = json.loads((hf_dir / "config.json").read_text())
+    config = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "text_config": text}
+    config |= {"vision_config": {"hidden_size": 8}, "tie_word_embeddings": True}
+    (mm / "config.json").write_text(json.dumps(config))
+    weights = {
+        k.replace("model.", "model.language_model.", 1): v for k, v in load_file(mm / "model.safetensors").items()
+    }
+    weights["model.vision_tower.vision_model.embeddings.patch_embedding.weight"] = np.zeros((8, 3), np.float32)
+    weights["model.multi_modal_projector.mm_input_projection_weight"] = np.zeros((8, 64), np.float32)
+    save_file(weights, mm / "model.safetensors")
+    gguf = convert_hf_to_gguf(mm, tmp_path / "mm.gguf", out_type="F32").path
+    ours, text_only = GGUFReader(gguf), GGUFReader(text_gguf)
+    assert [(t.name, t.data.tobytes()) for t in ours.tensors] == [(t.name, t.data.tobytes()) for t in text_only.tensors]
+    skip = {"general.name"}  # from the directory name
+    assert {k: f.contents() for k, f in ours.fields.items() if k not in skip} == {
+        k: f.contents() for k, f in text_only.fields.items() if k not in skip
+    }
+
+
+def test_gemma3_without_sentencepiece_model_refused(gemma3, tmp_path: Path) -> None:
+    hf_dir, _ = gemma3
+    odd = tmp_path / "no-spm"
+    shutil.copytree(hf_dir, odd)
+    (odd / "tokenizer.model").unlink()
+    with pytest.raises(UserError, match="no tokenizer.model"):
+        convert_hf_to_gguf(odd, tmp_path / "x.gguf", out_type="F32")
+    (odd / "tokenizer.model").write_bytes(b"\xff\xff not protobuf")
+    with pytest.raises(UserError, match="not a SentencePiece model"):
+        convert_hf_to_gguf(odd, tmp_path / "x.gguf", out_type="F32")
+    assert not list(tmp_path.glob("*.gguf"))

@@ -1,8 +1,8 @@
-"""Hugging Face llama-family checkpoint -> GGUF (F32, F16 or BF16), written with gguf's GGUFWriter."""
+"""Hugging Face checkpoint (Llama, Mistral, Qwen2, Qwen3, Gemma 3) -> GGUF (F32, F16 or BF16), written with
+gguf's GGUFWriter, with the metadata and tensors llama.cpp's own convert_hf_to_gguf.py writes."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,36 +11,31 @@ from typing import Any
 
 from localrun.errors import UserError
 from localrun.quantize import atomic_output, check_disk_space
+from localrun.quantize.hf_vocab import (
+    HF_PRE_TOKENIZERS,
+    KNOWN_PRE_TOKENIZERS,
+    detect_pre_tokenizer,
+    read_json,
+    restore_pre_tokenizer,
+    write_bpe_tokenizer,
+    write_spm_tokenizer,
+)
+
+__all__ = ["KNOWN_PRE_TOKENIZERS", "convert_hf_to_gguf", "detect_pre_tokenizer", "iter_convert"]
+__all__ += ["gguf_to_hf_dir", "restore_pre_tokenizer"]
 
 # HF class name -> GGUF architecture; Mistral's dense models are llama to llama.cpp.
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
-OUT_TYPES = ("F32", "F16", "BF16")
-
-# Pre-tokenizers as tokenizer.json spells them, keyed by the name llama.cpp knows them by (tokenizer.ggml.pre).
-_LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-_QWEN2_REGEX = _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
-_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-_BYTE_LEVEL_NO_REGEX = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
-
-
-def _split(regex: str) -> dict[str, Any]:
-    return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
-
-
-def _sequence(*steps: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "Sequence", "pretokenizers": list(steps)}
-
-
-_DIGITS = {"type": "Digits", "individual_digits": True}
-HF_PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
-    "llama-bpe": _sequence(_split(_LLAMA3_REGEX), _BYTE_LEVEL_NO_REGEX),
-    "qwen2": _sequence(_split(_QWEN2_REGEX), _BYTE_LEVEL_NO_REGEX),
-    # smollm and starcoder split alike; llama.cpp's smollm entry only skips cleaning spaces on decode
-    "smollm": _sequence(_DIGITS, _BYTE_LEVEL),
-    "starcoder": _sequence(_DIGITS, _BYTE_LEVEL),
-    "gpt-2": _BYTE_LEVEL,
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",
+    "Gemma3ForConditionalGeneration": "gemma3",  # its text part; the vision tower is llama.cpp's mmproj
 }
-KNOWN_PRE_TOKENIZERS = tuple(HF_PRE_TOKENIZERS)
+OUT_TYPES = ("F32", "F16", "BF16")
+# Tensors of a multimodal checkpoint that are not the language model.
+_NOT_TEXT = ("vision_tower.", "multi_modal_projector.", "vision_model.", "visual.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,13 +59,6 @@ class ConvertStep:
     result: ConvertResult | None = None
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path.parent} has no {path.name}: pass a complete Hugging Face model directory.") from None
-
-
 def hf_architecture(config: dict[str, Any]) -> tuple[str, str]:
     """(HF class name, GGUF arch) for a config.json, or a UserError naming the supported ones."""
     names = config.get("architectures") or []
@@ -81,127 +69,41 @@ def hf_architecture(config: dict[str, Any]) -> tuple[str, str]:
     raise UserError(f"Unsupported architecture {', '.join(names) or 'unknown'}: the converter handles {supported}.")
 
 
-def _pre_tokenizer_steps(tokenizer: dict[str, Any]) -> list[tuple[Any, ...]]:
-    """The pre-tokenizer as a comparable list of (kind, settings) steps."""
-    pre = tokenizer.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    out: list[tuple[Any, ...]] = []
-    for step in steps:
-        kind = step.get("type")
-        if kind == "Split":
-            pattern = step.get("pattern", {})
-            out.append(("Split", pattern.get("Regex", pattern.get("String"))))
-        elif kind == "Digits":
-            out.append(("Digits", bool(step.get("individual_digits"))))
-        elif kind == "ByteLevel":
-            out.append(("ByteLevel", bool(step.get("use_regex", True))))
-        else:
-            out.append((kind,))
-    return out
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The language model's settings: a multimodal config's text_config over its top level."""
+    return {**config, **config["text_config"]} if isinstance(config.get("text_config"), dict) else config
 
 
-def detect_pre_tokenizer(tokenizer: dict[str, Any], tokenizer_config: dict[str, Any]) -> str | None:
-    """The llama.cpp pre-tokenizer name (tokenizer.ggml.pre) matching tokenizer.json, or None if unknown.
-
-    llama.cpp picks its split regex from this name, so only exact structural matches are accepted.
-    """
-    steps = _pre_tokenizer_steps(tokenizer)
-    matches = [n for n, pre in HF_PRE_TOKENIZERS.items() if _pre_tokenizer_steps({"pre_tokenizer": pre}) == steps]
-    if set(matches) == {"smollm", "starcoder"}:
-        return "starcoder" if tokenizer_config.get("clean_up_tokenization_spaces") else "smollm"
-    return matches[0] if matches else None
-
-
-def _token_content(value: Any) -> str | None:
-    if isinstance(value, dict):
-        return value.get("content")
-    return value if isinstance(value, str) else None
+def write_tokenizer(writer: Any, model_dir: Path, arch: str, vocab_size: int, *, pre_tokenizer: str | None) -> str:
+    """Add the tokenizer llama.cpp's converter would for `arch`; returns tokenizer.ggml.pre."""
+    if arch != "gemma3":
+        pre = write_bpe_tokenizer(writer, model_dir, vocab_size, pre_tokenizer=pre_tokenizer)
+        if arch == "llama" and vocab_size == 49152:  # llama.cpp's rule for Granite/SmolLM-sized vocabularies
+            writer.add_add_bos_token(False)
+        return pre
+    if not (model_dir / "tokenizer.model").is_file():
+        raise UserError(f"{model_dir} has no tokenizer.model: Gemma 3 converts with its SentencePiece model.")
+    write_spm_tokenizer(writer, model_dir, vocab_size)
+    writer.add_add_space_prefix(False)
+    return "default"
 
 
-def _add_bos_default(tokenizer: dict[str, Any], bos: str | None) -> bool:
-    """Whether the post-processor prepends BOS (used when tokenizer_config has no add_bos_token)."""
-    post = tokenizer.get("post_processor") or {}
-    processors = post.get("processors", []) if post.get("type") == "Sequence" else [post]
-    for proc in processors:
-        if proc.get("type") == "TemplateProcessing" and bos is not None:
-            first = (proc.get("single") or [{}])[0]
-            if first.get("SpecialToken", {}).get("id") == bos:
-                return True
-    return False
+def _rope_settings(config: dict[str, Any]) -> tuple[dict[str, Any], float | None, float | None]:
+    """(global RoPE parameters, theta, sliding-window theta) from the old (rope_theta, rope_scaling,
+    rope_local_base_freq) or the new (rope_parameters, per layer type) config layout."""
+    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    if "full_attention" not in params and "sliding_attention" not in params:
+        local = next((config[k] for k in ("local_rope_theta", "rope_local_base_freq") if k in config), None)
+        if local is not None:
+            params["sliding_attention"] = {"rope_theta": local}
+        params.setdefault("rope_theta", config.get("rope_theta"))
+        if "type" in params:
+            params.setdefault("rope_type", params["type"])
+    full = params.get("full_attention", params)
+    return full, full.get("rope_theta"), params.get("sliding_attention", {}).get("rope_theta")
 
 
-def _chat_template(model_dir: Path, tokenizer_config: dict[str, Any]) -> Any:
-    jinja = model_dir / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    return tokenizer_config.get("chat_template")
-
-
-def _vocab_lists(tokenizer: dict[str, Any], vocab_size: int) -> tuple[list[str], list[int]]:
-    """Token strings and GGUF token types by id, padded to the model's vocab size."""
-    from gguf import TokenType
-
-    model_vocab: dict[str, int] = tokenizer["model"]["vocab"]
-    by_id: dict[int, tuple[str, int]] = {i: (tok, TokenType.NORMAL) for tok, i in model_vocab.items()}
-    for added in tokenizer.get("added_tokens", []):
-        kind = TokenType.CONTROL if added.get("special") else TokenType.USER_DEFINED
-        by_id[added["id"]] = (added["content"], kind)
-    size = max(vocab_size, max(by_id) + 1)
-    tokens, types = [], []
-    for i in range(size):
-        tok, kind = by_id.get(i, (f"[PAD{i}]", TokenType.UNUSED))
-        tokens.append(tok)
-        types.append(int(kind))
-    return tokens, types
-
-
-def write_tokenizer(writer: Any, model_dir: Path, vocab_size: int, *, pre_tokenizer: str | None) -> str:
-    """Add the BPE vocabulary, merges, special tokens and chat template; returns the pre-tokenizer name."""
-    tokenizer = read_json(model_dir / "tokenizer.json")
-    config_path = model_dir / "tokenizer_config.json"
-    tok_config = read_json(config_path) if config_path.is_file() else {}
-    model = tokenizer.get("model", {})
-    if model.get("type") != "BPE" or not any(s[0] == "ByteLevel" for s in _pre_tokenizer_steps(tokenizer)):
-        raise UserError("Only byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM, GPT-2 style) can be converted so far.")
-    pre = pre_tokenizer or detect_pre_tokenizer(tokenizer, tok_config)
-    if pre is None:
-        raise UserError(
-            "Unknown pre-tokenizer in tokenizer.json: pass --pre-tokenizer NAME (one llama.cpp knows, e.g. "
-            f"{', '.join(KNOWN_PRE_TOKENIZERS)}) if you know which one matches."
-        )
-    tokens, types = _vocab_lists(tokenizer, vocab_size)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    ids = {tok: i for i, tok in enumerate(tokens)}
-    specials = {name: _token_content(tok_config.get(f"{name}_token")) for name in ("bos", "eos", "unk", "pad")}
-    adders = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id}
-    adders |= {"unk": writer.add_unk_token_id, "pad": writer.add_pad_token_id}
-    for name, content in specials.items():
-        if content is not None and content in ids:
-            adders[name](ids[content])
-    add_bos = tok_config.get("add_bos_token")
-    writer.add_add_bos_token(bool(add_bos) if add_bos is not None else _add_bos_default(tokenizer, specials["bos"]))
-    writer.add_add_eos_token(bool(tok_config.get("add_eos_token", False)))
-    template = _chat_template(model_dir, tok_config)
-    if template:
-        writer.add_chat_template(template)
-    return pre
-
-
-def _rope_settings(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """(theta, scaling dict or None) from either the old (rope_theta/rope_scaling) or new (rope_parameters) layout."""
-    params = config.get("rope_parameters") or {}
-    theta = float(config.get("rope_theta") or params.get("rope_theta") or 10000.0)
-    scaling = config.get("rope_scaling") or params
-    kind = scaling.get("rope_type") or scaling.get("type") if scaling else None
-    return theta, (scaling if kind not in (None, "default") else None)
-
-
-def llama3_rope_factors(config: dict[str, Any], head_dim: int, theta: float, scaling: dict[str, Any]) -> Any:
+def llama3_rope_factors(head_dim: int, theta: float, scaling: dict[str, Any]) -> Any:
     """Per-frequency divisors for llama3-style RoPE scaling (Meta's published formula)."""
     import numpy as np
 
@@ -222,40 +124,83 @@ def llama3_rope_factors(config: dict[str, Any], head_dim: int, theta: float, sca
     return np.asarray(out, dtype=np.float32)
 
 
-def write_hparams(writer: Any, config: dict[str, Any], *, name: str, file_type: int) -> dict[str, Any] | None:
-    """Add model hyperparameters; returns the llama3 RoPE scaling dict when a rope_freqs tensor is needed."""
+def _write_rope_scaling(writer: Any, rope: dict[str, Any]) -> None:
     import gguf
 
-    n_head = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
-    writer.add_name(name)
-    writer.add_context_length(config.get("max_position_embeddings", 2048))
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(config.get("num_key_value_heads") or n_head)
-    if head_dim != config["hidden_size"] // n_head:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
-    writer.add_vocab_size(config["vocab_size"])
-    writer.add_file_type(file_type)
-    theta, scaling = _rope_settings(config)
-    writer.add_rope_freq_base(theta)
-    if scaling is None:
-        return None
-    kind = scaling.get("rope_type") or scaling.get("type")
-    if kind == "llama3":
-        return scaling
-    if kind not in ("linear", "yarn"):
+    kind, factor = rope.get("rope_type"), rope.get("factor")
+    if kind in (None, "default", "llama3"):  # llama3 travels as the rope_freqs tensor
+        return
+    if kind not in ("linear", "yarn") or factor is None:
         raise UserError(f"RoPE scaling type {kind!r} is not supported by the converter (linear, yarn, llama3 are).")
     writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if kind == "linear" else gguf.RopeScalingType.YARN)
-    writer.add_rope_scaling_factor(float(scaling["factor"]))
-    if "original_max_position_embeddings" in scaling:
-        writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
-    return None
+    writer.add_rope_scaling_factor(float(factor))
+    if kind == "yarn":
+        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+        extras = {"extrapolation_factor": writer.add_rope_scaling_yarn_ext_factor}
+        extras |= {"attention_factor": writer.add_rope_scaling_yarn_attn_factor}
+        extras |= {
+            "beta_fast": writer.add_rope_scaling_yarn_beta_fast,
+            "beta_slow": writer.add_rope_scaling_yarn_beta_slow,
+        }
+        for key, adder in extras.items():
+            value = rope.get(key, rope.get("attn_factor") if key == "attention_factor" else None)
+            if value is not None:
+                adder(value)
+
+
+def _check_gemma3(config: dict[str, Any]) -> None:
+    """Refuse what llama.cpp's gemma3 graph cannot run as transformers does (it fixes these by convention)."""
+    if config.get("attn_logit_softcapping") is not None:
+        raise UserError("This Gemma 3 config sets attn_logit_softcapping, which llama.cpp's gemma3 does not apply.")
+    n_layer, head_dim = config["num_hidden_layers"], config.get("head_dim", 256)
+    scale = config["hidden_size"] // config["num_attention_heads"] if n_layer == 62 else head_dim
+    if config.get("query_pre_attn_scalar", scale) != scale:
+        raise UserError(f"query_pre_attn_scalar must be {scale} for llama.cpp's gemma3 attention scale.")
+    layer_types = config.get("layer_types")
+    expected = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n_layer)]
+    if layer_types is not None and list(layer_types) != expected:
+        raise UserError("llama.cpp's gemma3 needs every 6th layer global (5 sliding, 1 full); this config differs.")
+    if config.get("sliding_window_pattern") != 1 and not config.get("sliding_window"):
+        raise UserError("This Gemma 3 config has no sliding_window: it is not a complete Gemma 3 config.")
+
+
+def write_hparams(writer: Any, config: dict[str, Any], arch: str, *, file_type: int) -> dict[str, Any] | None:
+    """Add the hyperparameters in llama.cpp's converter's order; returns the llama3 RoPE parameters when a
+    rope_freqs tensor is needed."""
+    gemma = arch == "gemma3"
+    if gemma:
+        _check_gemma3(config)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config.get("max_position_embeddings", 131072 if gemma else 2048))
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    if "num_key_value_heads" in config:
+        writer.add_head_count_kv(config["num_key_value_heads"])
+    rope, theta, swa_theta = _rope_settings(config)
+    _write_rope_scaling(writer, rope)
+    if theta is not None or gemma:
+        writer.add_rope_freq_base(theta if theta is not None else 1_000_000.0)
+    if swa_theta is not None:
+        writer.add_rope_freq_base_swa(swa_theta)
+    writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
+    if "head_dim" in config or gemma:
+        writer.add_key_length(config.get("head_dim", 256))
+        writer.add_value_length(config.get("head_dim", 256))
+    writer.add_file_type(file_type)
+    if arch == "llama":
+        writer.add_vocab_size(config["vocab_size"])
+        writer.add_rope_dimension_count(
+            config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        )
+    if gemma:
+        if softcap := config.get("final_logit_softcapping"):
+            writer.add_final_logit_softcapping(softcap)
+        if config.get("sliding_window_pattern") != 1:
+            writer.add_sliding_window(config["sliding_window"])
+        if "num_key_value_heads" not in config:
+            writer.add_head_count_kv(4)
+    return rope if rope.get("rope_type") == "llama3" else None
 
 
 def rope_interleave(weight: Any, n_head: int) -> Any:
@@ -285,34 +230,45 @@ class _Plan:
     gguf_name: str
     file: Path
     shape: tuple[int, ...]
-    n_head_permute: int  # 0 = no RoPE reordering
+    n_head_permute: int = 0  # 0 = no RoPE reordering
+    shift: float = 0.0  # added to the weights (Gemma's norms store weight - 1)
+    rows: int | None = None  # keep only the first rows (Gemma's embedding beyond the vocabulary)
 
 
-def plan_tensors(model_dir: Path, config: dict[str, Any], arch: str) -> list[_Plan]:
+_GGUF_ARCH = {"llama": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3", "gemma3": "GEMMA3"}
+
+
+def plan_tensors(model_dir: Path, config: dict[str, Any], arch: str, *, n_vocab: int | None = None) -> list[_Plan]:
     """Map every checkpoint tensor to its GGUF name, skipping what llama.cpp does not load."""
     import gguf
     from safetensors import safe_open
 
-    gguf_arch = gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2
-    name_map = gguf.TensorNameMap(gguf_arch, config["num_hidden_layers"])
+    name_map = gguf.TensorNameMap(getattr(gguf.MODEL_ARCH, _GGUF_ARCH[arch]), config["num_hidden_layers"])
     n_head = config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_head
     tied = bool(config.get("tie_word_embeddings", False))
     plans = []
     for hf_name, file in sorted(_tensor_files(model_dir).items()):
-        if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
+        name = hf_name.replace("language_model.", "")
+        if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
             continue
-        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if any(part in name for part in _NOT_TEXT):
+            continue
+        gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise UserError(f"Tensor {hf_name} has no GGUF equivalent: this checkpoint is not a plain {arch} model.")
         with safe_open(file, framework="pt") as f:
             shape = tuple(f.get_slice(hf_name).get_shape())
-        permute = 0
-        if arch == "llama" and ".q_proj." in hf_name:
+        permute, shift, rows = 0, 0.0, None
+        if arch == "llama" and ".q_proj." in name:
             permute = n_head
-        elif arch == "llama" and ".k_proj." in hf_name:
+        elif arch == "llama" and ".k_proj." in name:
             permute = n_kv
-        plans.append(_Plan(hf_name, gguf_name, file, shape, permute))
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            shift = 1.0
+        if arch == "gemma3" and "embed_tokens.weight" in name and n_vocab is not None and n_vocab < shape[0]:
+            rows, shape = n_vocab, (n_vocab, *shape[1:])
+        plans.append(_Plan(hf_name, gguf_name, file, shape, permute, shift, rows))
     return plans
 
 
@@ -335,7 +291,15 @@ def _load_tensor(plan: _Plan, out_type: str) -> Any:
     from safetensors import safe_open
 
     with safe_open(plan.file, framework="pt") as f:
-        data = f.get_tensor(plan.hf_name).to(torch.float32).numpy()
+        data = f.get_tensor(plan.hf_name)
+    # like llama.cpp: BF16 sources go to F32 first, and the Gemma norm shift is added in the source precision
+    if data.dtype not in (torch.float16, torch.float32):
+        data = data.to(torch.float32)
+    if plan.shift:
+        data = data + plan.shift
+    if plan.rows is not None:
+        data = data[: plan.rows]
+    data = data.to(torch.float32).numpy()
     if plan.n_head_permute:
         data = rope_interleave(data, plan.n_head_permute)
     dtype, ggml_type = _out_dtype(plan.shape, out_type)
@@ -348,6 +312,19 @@ def _file_type(out_type: str) -> int:
     from gguf import LlamaFileType
 
     return {"F32": LlamaFileType.ALL_F32, "F16": LlamaFileType.MOSTLY_F16, "BF16": LlamaFileType.MOSTLY_BF16}[out_type]
+
+
+def _write_general(writer: Any, model_dir: Path) -> None:
+    """general.type, name, size label and whatever the model card says, as gguf's Metadata reads them."""
+    import gguf
+
+    total, shared, expert, n_expert = writer.get_total_parameter_count()
+    metadata = gguf.Metadata.load(None, model_dir, None, total)
+    metadata.name = metadata.name or model_dir.name
+    if metadata.size_label is None and total > 0:
+        metadata.size_label = gguf.size_label(total, shared, expert, n_expert)
+    writer.add_type(gguf.GGUFType.MODEL)
+    metadata.set_gguf_meta_model(writer)
 
 
 def iter_convert(
@@ -363,26 +340,30 @@ def iter_convert(
         raise UserError(f"Unknown conversion type {out_type!r}: choose one of {', '.join(OUT_TYPES)}.")
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir} is not a Hugging Face model directory (no config.json).")
-    config = read_json(model_dir / "config.json")
+    config = text_config(read_json(model_dir / "config.json"))
     _, arch = hf_architecture(config)
-    plans = plan_tensors(model_dir, config, arch)
+    plans = plan_tensors(model_dir, config, arch, n_vocab=config["vocab_size"])
     n_params = sum(math.prod(p.shape) for p in plans)
     est_bytes = sum(math.prod(p.shape) * _out_dtype(p.shape, out_type)[0].itemsize for p in plans)
     check_disk_space(out_path.parent, est_bytes + (64 << 20))
     yield ConvertStep(0.0, f"converting {model_dir.name} ({arch}, {n_params / 1e6:.1f}M params) to {out_type}")
     with atomic_output(out_path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
-        llama3 = write_hparams(writer, config, name=model_dir.name, file_type=_file_type(out_type))
-        pre = write_tokenizer(writer, model_dir, config["vocab_size"], pre_tokenizer=pre_tokenizer)
+        rope, theta, _ = _rope_settings(config)
         factors = None
-        if llama3 is not None:
+        if rope.get("rope_type") == "llama3":
             head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-            factors = llama3_rope_factors(config, head_dim, _rope_settings(config)[0], llama3)
+            factors = llama3_rope_factors(head_dim, theta or 10000.0, rope)
             writer.add_tensor_info("rope_freqs.weight", factors.shape, factors.dtype, factors.nbytes)
         for p in plans:
             dtype, ggml_type = _out_dtype(p.shape, out_type)
             nbytes = math.prod(p.shape) * dtype.itemsize
             writer.add_tensor_info(p.gguf_name, p.shape, dtype, nbytes, raw_dtype=ggml_type)
+        # metadata in llama.cpp's converter's order: general, hyperparameters, quantization version, tokenizer
+        _write_general(writer, model_dir)
+        write_hparams(writer, config, arch, file_type=_file_type(out_type))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        pre = write_tokenizer(writer, model_dir, arch, config["vocab_size"], pre_tokenizer=pre_tokenizer)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -412,24 +393,6 @@ def _gguf_pre_tokenizer(gguf_path: Path) -> str | None:
 
     field = GGUFReader(gguf_path).fields.get("tokenizer.ggml.pre")
     return str(field.contents()) if field is not None else None
-
-
-def restore_pre_tokenizer(hf_dir: Path, pre: str) -> None:
-    """Write llama.cpp pre-tokenizer `pre` back into tokenizer.json as its HF equivalent.
-
-    transformers rebuilds a GGUF's tokenizer with a plain ByteLevel pre-tokenizer whatever tokenizer.ggml.pre says,
-    which silently changes how digits and punctuation split.
-    """
-    path = hf_dir / "tokenizer.json"
-    tokenizer = read_json(path)
-    tokenizer["pre_tokenizer"] = HF_PRE_TOKENIZERS[pre]
-    if pre == "llama-bpe":
-        tokenizer["model"]["ignore_merges"] = True
-    path.write_text(json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8")
-    config_path = hf_dir / "tokenizer_config.json"
-    config = read_json(config_path) if config_path.is_file() else {}
-    config["clean_up_tokenization_spaces"] = pre in ("starcoder", "gpt-2")
-    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 def gguf_to_hf_dir(gguf_path: str | Path, out_dir: str | Path) -> Path:
