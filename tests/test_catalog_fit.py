@@ -13,7 +13,7 @@ from test_fit import Device
 
 from localrun.cli import main
 from localrun.errors import UserError
-from localrun.models import catalog, fit
+from localrun.models import catalog, catalog_fit, fit
 from localrun.models.gguf_info import inspect_gguf
 
 MODELS = catalog.catalog()
@@ -81,7 +81,7 @@ def test_manifest_fit_equals_the_fit_from_the_header(model: catalog.CatalogModel
     header = inspect_gguf(write_stand_in(tmp_path / "stand-in.gguf", model))
     # the same weights on both sides: the stand-in's few KB, given to the manifest as its tensor bytes
     variant = model.variant().replace(tensor_bytes=header.tensor_data_bytes, size_bytes=None)
-    manifest = fit.catalog_info(model, variant)
+    manifest = catalog_fit.catalog_info(model, variant)
     assert manifest is not None and manifest.tensor_data_bytes == header.tensor_data_bytes
     for n_ctx in (None, 4096, 32768):
         for kv_type in ("f16", "q8_0"):
@@ -140,7 +140,7 @@ def test_fit_before_download_on_the_cli(capsys: pytest.CaptureFixture[str]) -> N
     out = capsys.readouterr().out
     assert "the catalog manifest, before download" in out and "no file size in the manifest" in out
     model = catalog.find_model("qwen3-8b")
-    kv = fit.kv_cache_bytes(fit.catalog_info(model, model.variant("Q4_K_M")), n_ctx=32768)
+    kv = fit.kv_cache_bytes(catalog_fit.catalog_info(model, model.variant("Q4_K_M")), n_ctx=32768)
     assert kv == 36 * 8 * (128 + 128) * 2 * 32768  # layers x KV heads x (K + V dims) x f16 x cells
     assert re.search(r"KV cache \(32768 ctx, f16\)\s+4\.83 GB", out)
     assert main(["models", "fit", "qwen2.5-0.5b-instruct"]) in (0, 1)
@@ -161,19 +161,21 @@ def test_fit_after_download_reads_the_header(capsys: pytest.CaptureFixture[str])
     out = capsys.readouterr().out
     assert "the downloaded file's header" in out
     header = inspect_gguf(stored)
-    manifest = fit.catalog_info(model, variant.replace(tensor_bytes=header.tensor_data_bytes))
+    manifest = catalog_fit.catalog_info(model, variant.replace(tensor_bytes=header.tensor_data_bytes))
     assert fit.estimate(manifest, n_ctx=4096) == fit.estimate(header, n_ctx=4096)
 
 
 def test_an_entry_without_numbers_falls_back_to_the_rough_verdict() -> None:
     model = catalog.find_model("qwen2.5-7b-instruct").replace(hparams=None)
     ram = [Device("cpu", "cpu", 64 << 30, 64 << 30)]
-    assert fit.catalog_info(model) is None
-    verdict = fit.catalog_verdict(model, model.variant(), devices=ram)
+    assert catalog_fit.catalog_info(model) is None
+    verdict = catalog_fit.catalog_verdict(model, model.variant(), devices=ram)
     assert verdict.startswith("likely CPU only (rough") and "no architecture numbers" in verdict
-    exact = fit.catalog_verdict(catalog.find_model("qwen2.5-7b-instruct"), model.variant(), n_ctx=4096, devices=ram)
+    exact = catalog_fit.catalog_verdict(
+        catalog.find_model("qwen2.5-7b-instruct"), model.variant(), n_ctx=4096, devices=ram
+    )
     assert exact.startswith("CPU only at 4096 ctx") and exact.endswith("(from the manifest)")
-    assert fit.catalog_verdict(
+    assert catalog_fit.catalog_verdict(
         model.replace(hparams=catalog.find_model("qwen3-8b").hparams), model.variant(), n_ctx=-1, devices=ram
     ) == ("The context size must be positive, not -1.")
 
@@ -216,7 +218,8 @@ def test_a_size_missing_from_the_manifest_comes_from_the_hub_listing(
         assert main(["models", "fit", "qwen3-8b:Q4_K_M", "--n-ctx", "4096"]) == 0
     out = capsys.readouterr().out
     assert "weights: the file size in the hub's listing, less an estimated header" in out
-    weights = (8 << 20) - fit.header_bytes_estimate(model.hparams)
+    weights = (8 << 20) - catalog_fit.header_bytes_estimate(model.hparams)
     assert (
-        fit.estimate(fit.catalog_info(model, variant.replace(size_bytes=8 << 20)), n_ctx=4096).weights_bytes == weights
+        fit.estimate(catalog_fit.catalog_info(model, variant.replace(size_bytes=8 << 20)), n_ctx=4096).weights_bytes
+        == weights
     )

@@ -85,7 +85,8 @@ def recommended(spec: str | None) -> Any | None:
 def catalog_rows(*, n_ctx: int | None = None, kv_type: str = "f16") -> list[list[Any]]:
     """Every catalog model with its default variant, whether it is on disk, and its fit verdict here."""
     from localrun.hardware import probe
-    from localrun.models.fit import catalog_verdict, fit_report, verdict_line
+    from localrun.models.catalog_fit import catalog_verdict
+    from localrun.models.fit import fit_report, verdict_line
 
     devices = probe()
     rows = []

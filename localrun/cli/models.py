@@ -101,7 +101,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 def _fit_target(spec: str) -> tuple[Any, str]:
     """What `models fit` sizes for a name or path, and where its numbers come from: a GGUF on disk (its
     header), or a catalog entry not downloaded yet (its manifest: a GGUFInfo, or None without numbers)."""
-    from localrun.models import fit
+    from localrun.models import catalog_fit
 
     base, quant = catalog.split_quant(spec)
     if "/" in base or base.lower() not in {m.name for m in catalog.catalog()}:
@@ -119,10 +119,10 @@ def _fit_target(spec: str) -> tuple[Any, str]:
     listed = None if variant.size_bytes or variant.tensor_bytes else _hub_size(variant)
     if listed:
         variant = variant.replace(size_bytes=listed)
-    _, weights_from = fit.catalog_weights(model, variant)
+    _, weights_from = catalog_fit.catalog_weights(model, variant)
     if listed:
         weights_from = weights_from.replace("the file size in the manifest", "the file size in the hub's listing")
-    return fit.catalog_info(model, variant), f"the catalog manifest, before download (weights: {weights_from})"
+    return catalog_fit.catalog_info(model, variant), f"the catalog manifest, before download (weights: {weights_from})"
 
 
 def _hub_size(variant: catalog.Variant) -> int | None:
