@@ -83,7 +83,8 @@ def recommended(spec: str | None) -> Any | None:
 
 
 def catalog_rows(*, n_ctx: int | None = None, kv_type: str = "f16") -> list[list[Any]]:
-    """Every catalog model with its default variant, whether it is on disk, and its fit verdict here."""
+    """Every catalog model with its default variant, whether it is on disk, and its fit verdict here; the
+    models on disk come first."""
     from localrun.hardware import probe
     from localrun.models.catalog_fit import catalog_verdict
     from localrun.models.fit import fit_report, verdict_line
@@ -114,7 +115,8 @@ def catalog_rows(*, n_ctx: int | None = None, kv_type: str = "f16") -> list[list
                 verdict,
             ]
         )
-    return rows
+    # the models on disk first (what can be loaded now), then the catalog in its order
+    return sorted(rows, key=lambda row: row[7] != "yes")
 
 
 def local_table() -> list[list[Any]]:

@@ -164,8 +164,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     n_ctx, reason = options.n_ctx, None
     if n_ctx is None:  # the context `localrun chat` would choose from memory (engine.plan.choose_context)
         from localrun.engine.plan import gguf_context
+        from localrun.models.gguf_info import GGUFInfo, inspect_gguf
 
-        choice = gguf_context(target, options, draft=draft)
+        def header(x: Any) -> Any:
+            return x if x is None or isinstance(x, GGUFInfo) else inspect_gguf(x)
+
+        choice = gguf_context(header(target), options, draft=header(draft))
         n_ctx, reason = choice.n_ctx, choice.reason
     report = fit.fit_report(target, n_ctx=n_ctx, kv_type=options.kv_type, draft=draft)
     est = report.estimate

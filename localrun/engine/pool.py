@@ -197,47 +197,13 @@ class ModelPool:
         return [e.loaded for e in entries if e.loaded is not None]
 
     def rows(self) -> list[tuple[Loaded | None, dict[str, Any]]]:
+        """(what it was loaded as, its row) per model loaded or loading, the last used first."""
+        from localrun.engine.pool_rows import entry_row
+
         now = time.monotonic()
         with self._cond:
             entries = sorted(self._entries.values(), key=lambda e: -e.last_used)
-        rows: list[tuple[Loaded | None, dict[str, Any]]] = []
-        for entry in entries:
-            if entry.loaded is None:
-                row = {"key": entry.key, "name": entry.name, "state": "loading", "planned_bytes": entry.plan.bytes}
-                rows.append((None, row))
-                continue
-            state = entry.client.status()
-            report = entry.loaded.report
-            left = None
-            if not entry.pinned and entry.keep_alive_s != float("inf"):
-                left = 0.0 if entry.busy else max(0.0, entry.keep_alive_s - (now - entry.last_used))
-            rows.append(
-                (
-                    entry.loaded,
-                    {
-                        "key": entry.key,
-                        "name": entry.name,
-                        "spec": entry.load.model,
-                        "state": "busy" if entry.busy else "idle" if state.get("alive") else "stopped",
-                        "pid": state.get("pid"),
-                        "memory_bytes": _rss(state.get("pid")),
-                        "vram_bytes": _vram(state.get("pid")) if report.device == "cuda" else None,
-                        "planned_bytes": entry.plan.bytes,
-                        "planned_how": entry.plan.how,
-                        "device": report.device,
-                        "backend": report.backend,
-                        "context_length": report.n_ctx,
-                        "slots": report.parallel,
-                        "slots_busy": state.get("running", 0),
-                        "queued": state.get("queued", 0),
-                        "pinned": entry.pinned,
-                        "keep_alive_s": None if entry.keep_alive_s == float("inf") else entry.keep_alive_s,
-                        "expires_in_s": None if entry.busy else left,
-                        "crashes": state.get("crashes", 0),
-                    },
-                )
-            )
-        return rows
+        return [(entry.loaded, entry_row(entry, now)) for entry in entries]
 
     def used_bytes(self) -> int:
         with self._cond:
@@ -507,20 +473,3 @@ def _idle_status() -> dict[str, Any]:
         "crashes": 0,
         "last_crash": None,
     }
-
-
-def _vram(pid: int | None) -> int | None:
-    from localrun.hardware import process_vram_bytes
-
-    return process_vram_bytes(pid) if pid else None
-
-
-def _rss(pid: int | None) -> int | None:
-    if not pid:
-        return None
-    import psutil
-
-    try:
-        return int(psutil.Process(pid).memory_info().rss)
-    except psutil.Error:
-        return None
