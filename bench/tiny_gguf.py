@@ -63,6 +63,24 @@ SPECS = {
 }
 
 
+# Real sizes, for benches that time decoding (bench/decode.py --model): a tiny width times nothing useful.
+# Gemma 3 270M's shape (its config.json): 18 layers, 640 wide, 4 heads of 256, 1 KV head, a 512-token window.
+FULL_SIZE = {
+    "gemma3-270m": Spec(
+        "gemma3",
+        262144,
+        "llama",
+        n_layer=18,
+        n_embd=640,
+        n_head=4,
+        n_head_kv=1,
+        head_dim=256,
+        n_ff=2048,
+        extra={"attention.sliding_window": 512},
+    ),
+}
+
+
 def _gpt2_bytes() -> list[str]:
     """GPT-2's byte-to-unicode table: the 256 single-byte tokens every byte-level BPE vocabulary starts with."""
     keep = (
@@ -154,7 +172,8 @@ def write_tiny_gguf(arch: str, path: Path, *, seed: int = 0) -> Path:
     """Write OUT/tiny-ARCH.gguf: random weights, real names and keys, a vocabulary of the real size."""
     import gguf
 
-    spec = SPECS[arch]
+    spec = SPECS.get(arch) or FULL_SIZE[arch]
+    arch = spec.arch
     tokens, types, scores, merges = _vocab(spec, random.Random(seed))
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(f"tiny-{arch}")
@@ -197,7 +216,9 @@ def write_tiny_gguf(arch: str, path: Path, *, seed: int = 0) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--arch", action="append", choices=sorted(SPECS), help="default: all")
+    parser.add_argument(
+        "--arch", action="append", choices=sorted(SPECS) + sorted(FULL_SIZE), help="default: all the tiny ones"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for arch in args.arch or list(SPECS):

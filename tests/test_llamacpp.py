@@ -124,3 +124,27 @@ def test_context_full_is_length(default_gguf) -> None:
         assert s.finish_reason == "length" and s.generated_tokens == backend.report.n_ctx - len(ids)
     finally:
         backend.close()
+
+
+def test_plain_greedy_is_an_argmax_equal_to_llama_cpps_greedy_sampler(llama_backend) -> None:
+    """Greedy with nothing else in the chain skips llama_sampler_sample (it copies every logit into a candidate
+    array first); the token must be the one llama.cpp's own greedy sampler picks, step after step."""
+    from localrun.backends.llama_ctx import SamplerChain
+
+    runner = llama_backend._runner
+    params = SamplingParams(temperature=0.0)
+    fast, slow = SamplerChain(runner, params, seed=0), SamplerChain(runner, params, seed=0)
+    slow._argmax = False  # the chain as llama.cpp runs it
+    assert fast._argmax and not SamplerChain(runner, params.replace(repeat_penalty=1.1), seed=0)._argmax
+    ids = llama_backend.tokenize("The three primary colours are")
+    runner.trim(0)
+    runner.eval(ids)
+    try:
+        for _ in range(24):
+            token = fast.sample(-1)
+            assert token == slow.sample(-1)
+            runner.eval([token])
+    finally:
+        fast.close()
+        slow.close()
+        runner.trim(0)

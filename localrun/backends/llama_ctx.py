@@ -345,6 +345,10 @@ class SamplerChain:
 
                 raise UserError("The grammar could not be parsed: check its GBNF syntax (it needs a root rule).")
             self._add(grammar)
+        # plain greedy (nothing else in the chain) is an argmax over the logits row: llama_sampler_sample would
+        # first copy every logit into a candidate array, a cost that grows with the vocabulary (262k on Gemma 3)
+        self._n_vocab = runner.n_vocab
+        self._argmax = params.temperature <= 0 and llama_cpp.llama_sampler_chain_n(self.chain) == 0
         if params.temperature <= 0:
             self._add(llama_cpp.llama_sampler_init_greedy())
         else:
@@ -361,6 +365,11 @@ class SamplerChain:
 
     def sample(self, i: int = -1) -> int:
         """Pick a token from output row i of the last decode; the chain records it (penalties, grammar)."""
+        if self._argmax:  # the first of the largest logits, as llama.cpp's greedy sampler picks
+            import numpy as np
+
+            row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, i), shape=(self._n_vocab,))
+            return int(np.argmax(row))
         return llama_cpp.llama_sampler_sample(self.chain, self._ctx, i)
 
     def accept(self, token: int) -> None:
