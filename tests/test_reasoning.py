@@ -213,8 +213,13 @@ def test_channels_template(oss_gguf: Path) -> None:
 def test_tiny_random_models(tmp_path: Path, tmp_path_factory, arch: str, template: str) -> None:
     """Random weights write random tokens: the budget alone ends the block, at exactly N tokens, and the answer
     after it holds no marker; think off gives no block on the template that can."""
-    sys.path.insert(0, str(REPO / "bench"))
-    from tiny_gguf import write_tiny_gguf
+    import importlib.util
+
+    # loaded by its path: bench/ on sys.path would shadow packages (bench/ui.py is not the ui package)
+    spec = importlib.util.spec_from_file_location("bench_tiny_gguf", REPO / "bench" / "tiny_gguf.py")
+    tiny_gguf = sys.modules.setdefault("bench_tiny_gguf", importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(tiny_gguf)
+    write_tiny_gguf = tiny_gguf.write_tiny_gguf
 
     raw = cached_build(tmp_path_factory, f"tiny-{arch}.gguf", lambda p: write_tiny_gguf(arch, p))
     path = rewrite_gguf(raw, tmp_path / f"tiny-{arch}-thinking.gguf", strings={"tokenizer.chat_template": template})
