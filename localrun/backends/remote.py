@@ -223,10 +223,10 @@ class RemoteBackend:
                         )
                         text = delta.get("content") or choice.get("text") or ""
                         if thought:
-                            yield TokenStep(self._keep(("" if thinking else "<think>") + thought))
+                            yield TokenStep(self._keep(("" if thinking else self.reasoning_format.open) + thought))
                             thinking = True
                         if text:
-                            yield TokenStep(self._keep(("</think>" if thinking else "") + text))
+                            yield TokenStep(self._keep((self.reasoning_format.close if thinking else "") + text))
                             thinking = False
                         finish = choice.get("finish_reason") or finish
         except httpx.HTTPError as exc:

@@ -411,8 +411,8 @@ def stream_generate(
             thought, restart = "", None
             if thinking is not None:
                 thought, piece, restart = thinking.feed(piece)
-                stats.reasoning_parts.append(opening + thought)
                 thought, opening = opening + thought, ""
+                stats.reasoning_parts.append(thought)
             text, hit = stops.feed(piece)
             stats.text_parts.append(text)
             if hit:

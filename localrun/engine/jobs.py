@@ -10,7 +10,7 @@ the first token, as a UserError.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from localrun.engine.events import GenerationEvent
@@ -63,8 +63,6 @@ def run(backend: Any, request: GenerateRequest, cancel: Any = None) -> Iterator[
     )
     for event in events:
         if event.summary is not None and prompt.dropped:
-            from dataclasses import replace
-
             event = replace(event, summary=replace(event.summary, dropped_messages=prompt.dropped))
         yield event
 
@@ -77,11 +75,6 @@ class Prompt:
     ids: list[int]
     reasoning: ReasoningPlan | None = None
     dropped: int = 0
-
-
-def prompt_ids(backend: Any, request: GenerateRequest) -> list[int]:
-    """The prompt as token ids (build_prompt's)."""
-    return build_prompt(backend, request).ids
 
 
 def build_prompt(backend: Any, request: GenerateRequest) -> Prompt:
@@ -134,7 +127,7 @@ def _thinking_suffix(fmt: Any, text: str, params: Any) -> str:
     if params.think == "off" and not fmt.toggle and fmt.empty_block:
         return text + (fmt.close + "\n\n" if opens_block(fmt, text) else fmt.empty_block)
     if params.grammar and params.think != "off" and not opens_block(fmt, text) and not _closed_at_end(fmt, text):
-        return text + fmt.open + ("\n" if fmt.open == "<think>" else "")
+        return text + fmt.opening()
     return text
 
 

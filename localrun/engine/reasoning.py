@@ -39,6 +39,10 @@ class ReasoningFormat:
     toggle: str | None = None  # the template variable that turns thinking off (enable_thinking)
     effort: bool = False  # the template reads reasoning_effort
 
+    def opening(self) -> str:
+        """The text the engine writes to open a block the template left closed (a grammar waits after it)."""
+        return self.open + ("" if self.answer else "\n")
+
     def closing(self) -> str:
         """The text the engine writes to end a block the model has not ended (the thinking budget)."""
         return self.close + ("\n\n" if not self.answer else self.answer)

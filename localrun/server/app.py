@@ -24,6 +24,22 @@ _DISCONNECT_POLL_S = 0.1
 _END = object()
 _ROUTE_PATHS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
 _LOG = logging.getLogger("localrun.server")
+# What /v1/models tells of a loaded model: these fields of its pool row (localrun.engine.pool_rows), as they are.
+LOADED_MODEL_FIELDS = (
+    "state",
+    "memory_bytes",
+    "vram_bytes",
+    "planned_bytes",
+    "context_length",
+    "context_reason",
+    "slots",
+    "slots_busy",
+    "device",
+    "pinned",
+    "keep_alive_s",
+    "expires_in_s",
+    "pid",
+)
 
 
 class ClientGone(Exception):
@@ -213,21 +229,7 @@ class Api:
             self._seen[model_id] = loaded.request
             listed.add(model_id)
             row = {"id": model_id, "object": "model", "created": 0, "owned_by": "localrun", "loaded": True}
-            row.update(
-                state=entry["state"],
-                memory_bytes=entry["memory_bytes"],
-                vram_bytes=entry["vram_bytes"],
-                planned_bytes=entry["planned_bytes"],
-                context_length=entry["context_length"],
-                context_reason=loaded.report.context_reason,
-                slots=entry["slots"],
-                slots_busy=entry["slots_busy"],
-                device=entry["device"],
-                pinned=entry["pinned"],
-                keep_alive_s=entry["keep_alive_s"],
-                expires_in_s=entry["expires_in_s"],
-                pid=entry["pid"],
-            )
+            row.update({key: entry[key] for key in LOADED_MODEL_FIELDS})
             rows.append(row)
         for row in _local_models():
             if row.name not in listed and row.quant != "corrupt":
