@@ -13,6 +13,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+# What a request to both servers carries besides temperature 0, so that both get the same request: localrun
+# serve fills what a request leaves out from the model's catalog recommendation (for the default model DRY 0.8,
+# repeat penalty 1.1 and a system prompt), and llama-server's chat template adds its own default system prompt.
+# So each request sends a system message and the neutral DRY and repeat penalty (llama-server's defaults; it
+# ignores the field name it does not use).
+SAME_SAMPLING = {"dry_multiplier": 0, "repetition_penalty": 1.0}
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -2,9 +2,11 @@
 
 For each client count C (1, 2, 4, 8 by default) both servers get the same model, the same threads, the same
 KV memory (C slots of --slot-ctx tokens) and the same requests: C clients x R requests, greedy, exactly
---max-tokens tokens each (ignore_eos). All of them are sent at once from C threads, on prompts new to the
-server, then each again alone (the reference); a reply under load must equal the same request alone. The servers take turns, and the
-rounds interleave (llama-server, localrun, localrun, llama-server, ...), so drift on the machine hits both.
+--max-tokens tokens each (ignore_eos), each with the same system message and neutral penalties
+(serve_common.SAME_SAMPLING; otherwise localrun would apply its catalog's recommendation). All of them are
+sent at once from C threads, on prompts new to the server, then each again alone (the reference); a reply under
+load must equal the same request alone. The servers take turns, and the rounds interleave (llama-server,
+localrun, localrun, llama-server, ...), so drift on the machine hits both.
 
 Records per server and C: total tokens/s under load, TTFT p50/p95, latency p50/p95, and the replies that
 differed; then ours / llama-server's for throughput and TTFT p95.
@@ -28,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import default_model, llama_tool, physical_cores, write_result  # noqa: E402
-from serve_common import free_port, serve, stream_chat, wait_healthy  # noqa: E402
+from serve_common import SAME_SAMPLING, SYSTEM, free_port, serve, stream_chat, wait_healthy  # noqa: E402
 
 TOPICS = ["rivers", "bread", "owls", "trains", "tea", "glaciers", "violins", "bees", "deserts", "comets"]
 ASKS = ["Tell me about {}.", "Write a short story about {}.", "Why do people like {}?", "Describe {}."]
@@ -36,7 +38,7 @@ ASKS = ["Tell me about {}.", "Write a short story about {}.", "Why do people lik
 
 def prompts(n: int) -> list[list[dict]]:
     return [
-        [{"role": "user", "content": ASKS[i // len(TOPICS) % len(ASKS)].format(TOPICS[i % len(TOPICS)])}]
+        [SYSTEM, {"role": "user", "content": ASKS[i // len(TOPICS) % len(ASKS)].format(TOPICS[i % len(TOPICS)])}]
         for i in range(n)
     ]
 
@@ -69,10 +71,10 @@ def measure(base: str, jobs: list[list[dict]], clients: int, max_tokens: int) ->
     """The requests alone, then C clients at once; the same replies both ways is the check."""
     import openai
 
-    sampling = {"temperature": 0, "max_tokens": max_tokens, "extra_body": {"ignore_eos": True, "dry_multiplier": 0}}
+    sampling = {"temperature": 0, "max_tokens": max_tokens, "extra_body": {"ignore_eos": True, **SAME_SAMPLING}}
     client = openai.OpenAI(base_url=base, api_key="none", max_retries=0, timeout=3600)
     model = client.models.list().data[0].id
-    warm_up = [{"role": "user", "content": "Say hello."}]  # first-request costs out of the numbers
+    warm_up = [SYSTEM, {"role": "user", "content": "Say hello."}]  # first-request costs out of the numbers
     stream_chat(client, model, warm_up, **sampling)
     results: list[dict | None] = [None] * len(jobs)
     errors: list[str] = []

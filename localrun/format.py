@@ -49,7 +49,12 @@ def loaded_model_cells(row: dict[str, Any], name: str) -> tuple[str, ...]:
         name,
         fmt_bytes(row.get("memory_bytes"))
         + (f" + {fmt_bytes(row['vram_bytes'])} VRAM" if row.get("vram_bytes") else ""),
-        fmt_bytes(row.get("planned_bytes")),
+        fmt_bytes(row.get("planned_bytes"))
+        + (
+            f" (prompt cache {fmt_bytes(row.get('prompt_cache_bytes') or 0)}/{fmt_bytes(row['prompt_cache_limit_bytes'])})"
+            if row.get("prompt_cache_limit_bytes")
+            else ""
+        ),
         f"{row.get('slots_busy', 0)}/{row.get('slots', 1)} busy",
         str(row.get("device", "?")),
         str(row.get("context_length", "?")),

@@ -250,6 +250,13 @@ class LoadOptions(Settings):
         help="llama.cpp: requests decoded together (continuous batching), each with its own --n-ctx of KV cache; 0 = as many as fit in memory, up to 4 (the default of serve, ui and bench --clients; 1 elsewhere).",
         meta=Meta("Parallel requests (slots)", _LLAMA, _LLAMA),
     )
+    prompt_cache_mb: int | None = setting(
+        None,
+        ge=0,
+        le=1 << 20,
+        help="llama.cpp with several slots: host RAM (MB) for the KV state of prompts pushed out of their slots, put back when a request continues them; 0 = off (default: as much as one slot's KV cache, at most 512 MB, within the memory budget).",
+        meta=Meta("Prompt cache (MB)", _LLAMA, _LLAMA),
+    )
     n_gpu_layers: int | None = setting(
         None,
         ge=-1,

@@ -42,7 +42,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def plans(home: Path) -> dict[str, int]:
+def plans(home: Path) -> dict:
     """What the pool plans for each model at this test's context and slots (the same function serve uses)."""
     from localrun.engine.messages import LoadRequest
     from localrun.engine.pool import plan_load
@@ -51,8 +51,8 @@ def plans(home: Path) -> dict[str, int]:
     options = LoadOptions(n_ctx=int(N_CTX), parallel=int(SLOTS))
     q8 = home / "models" / "local" / "smol" / "smol-q8.gguf"
     return {
-        DEFAULT: plan_load(LoadRequest(None, options)).bytes,
-        SECOND: plan_load(LoadRequest(str(q8), options)).bytes,
+        DEFAULT: plan_load(LoadRequest(None, options)),
+        SECOND: plan_load(LoadRequest(str(q8), options)),
     }
 
 
@@ -104,9 +104,12 @@ def test_both_models_load_on_request_answer_and_are_listed_with_their_memory(two
     for model, row in loaded.items():
         rss = psutil.Process(row["pid"]).memory_info().rss  # the process table, read here
         assert abs(row["memory_bytes"] - rss) <= 0.1 * rss
-        # what the budget planned before loading is what the process really holds, within 10 %
-        assert abs(row["planned_bytes"] - rss) <= 0.1 * rss, (model, row["planned_bytes"], rss)
-        assert row["planned_bytes"] == plans[model]
+        # what the budget planned before loading is what the process really holds, within 10 %; the plan
+        # counts the prompt cache at its limit, the process holds what the cache holds now
+        assert 0 < row["prompt_cache_limit_bytes"] < row["planned_bytes"]
+        holds = row["planned_bytes"] - row["prompt_cache_limit_bytes"] + (row["prompt_cache_bytes"] or 0)
+        assert abs(holds - rss) <= 0.1 * rss, (model, row["planned_bytes"], rss)
+        assert row["planned_bytes"] == plans[model].bytes
         assert row["slots"] == int(SLOTS) and row["context_length"] == int(N_CTX) and row["device"] == "cpu"
     assert loaded[SECOND]["planned_bytes"] > loaded[DEFAULT]["planned_bytes"]  # 8-bit weights are larger
 
@@ -119,6 +122,7 @@ def test_localrun_ps_shows_the_loaded_models(two: str) -> None:
     lines = result.stdout.splitlines()
     assert lines[0].split()[:3] == ["NAME", "MEMORY", "PLANNED"]
     assert {line.split()[0] for line in lines[1:3]} == {DEFAULT, SECOND}
+    assert all("(prompt cache " in line for line in lines[1:3])  # what the plan counts for it: used/limit
     assert "of a" in lines[-1] and "memory budget" in lines[-1]
     as_json = json.loads(run_localrun("ps", "--url", two, "--json").stdout)
     assert {r["id"] for r in as_json} == {DEFAULT, SECOND}
@@ -189,8 +193,8 @@ def test_an_idle_model_unloads_after_its_keep_alive_and_its_memory_is_returned(h
 
 
 def test_a_budget_for_one_model_evicts_the_idle_one_and_waits_for_a_busy_one(home: Path, plans: dict) -> None:
-    budget = int(max(plans.values()) * 1.3)
-    assert budget < sum(plans.values())  # one model fits, both do not
+    budget = int(max(p.bytes for p in plans.values()) * 1.3)
+    assert budget < sum(p.bytes for p in plans.values())  # one model fits, both do not
     proc, base = _serve(home, "--memory-budget", str(budget), "--keep-alive", "-1")
     try:
         first = _loaded(base)[DEFAULT]["pid"]
@@ -216,7 +220,8 @@ def test_a_budget_for_one_model_evicts_the_idle_one_and_waits_for_a_busy_one(hom
 
 
 def test_a_model_larger_than_the_whole_budget_is_refused_and_nothing_unloads(home: Path, plans: dict) -> None:
-    budget = (plans[DEFAULT] + plans[SECOND]) // 2  # the default fits, the Q8_0 alone does not
+    # the default fits, the Q8_0 alone does not (the prompt cache takes only what a budget leaves: not counted)
+    budget = sum(plans[m].bytes - plans[m].prompt_cache for m in (DEFAULT, SECOND)) // 2
     proc, base = _serve(home, "--memory-budget", str(budget))
     try:
         before = _loaded(base)[DEFAULT]["pid"]
@@ -312,7 +317,7 @@ def test_a_load_that_waits_too_long_for_a_busy_model_fails_with_the_reason(home:
 
     options = LoadOptions(n_ctx=int(N_CTX), parallel=int(SLOTS))
     q8 = str(home / "models" / "local" / "smol" / "smol-q8.gguf")
-    budget = int(max(plans.values()) * 1.3)
+    budget = int(max(p.bytes for p in plans.values()) * 1.3)
     pool = ModelPool(PoolPolicy(keep_alive_s=float("inf"), budget_bytes=budget, memory_wait_s=1.0))
     try:
         long = GenerateRequest.chat(
@@ -376,7 +381,7 @@ def test_on_a_gpu_each_model_shows_its_vram_and_an_unload_returns_it(home: Path)
 
 
 def test_a_pinned_model_stays_loaded_when_idle_and_is_never_evicted(home: Path, plans: dict) -> None:
-    budget = int(max(plans.values()) * 1.3)  # one model at a time, unless it is pinned
+    budget = int(max(p.bytes for p in plans.values()) * 1.3)  # one model at a time, unless it is pinned
     proc, base = _serve(home, "--keep-alive", "1s", "--pin", DEFAULT, "--memory-budget", str(budget))
     try:
         pinned = _loaded(base)[DEFAULT]

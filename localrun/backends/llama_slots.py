@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from localrun.backends.llama_ctx import LlamaContext, llama_cpp
+from localrun.engine.prompt_cache import common_prefix
 from localrun.engine.speculative import MAX_VERIFY
 
 if TYPE_CHECKING:
@@ -32,12 +33,35 @@ class LlamaSlots(LlamaContext):
 
     def common_prefix(self, slot: int, ids: Sequence[int]) -> int:
         """How many leading tokens of ids the slot's cache holds already."""
-        cached = self.tokens[slot]
-        n = min(len(cached), len(ids))
-        for i in range(n):
-            if cached[i] != ids[i]:
-                return i
-        return n
+        return common_prefix(self.tokens[slot], ids)
+
+    def state_size(self, slot: int) -> int:
+        """The bytes save_state would give for the slot (its cells in every layer's cache)."""
+        return llama_cpp.llama_state_seq_get_size_ext(self.ctx, slot, 0)
+
+    def save_state(self, slot: int, size: int) -> bytearray:
+        """A copy of the slot's KV state (size: state_size's answer), for the host-RAM prompt cache."""
+        import ctypes
+
+        state = bytearray(size)
+        written = llama_cpp.llama_state_seq_get_data_ext(
+            self.ctx, (ctypes.c_uint8 * size).from_buffer(state), size, slot, 0
+        )
+        del state[written:]
+        return state
+
+    def load_state(self, slot: int, tokens: Sequence[int], state: bytearray) -> bool:
+        """Put a saved state (of tokens) into the slot in place of what it holds; False leaves the slot empty."""
+        import ctypes
+
+        llama_cpp.llama_memory_seq_rm(self.mem, slot, -1, -1)
+        self.tokens[slot] = []
+        buffer = (ctypes.c_uint8 * len(state)).from_buffer(state)
+        if llama_cpp.llama_state_seq_set_data_ext(self.ctx, buffer, len(state), slot, 0) != len(state):
+            llama_cpp.llama_memory_seq_rm(self.mem, slot, -1, -1)
+            return False
+        self.tokens[slot] = list(tokens)
+        return True
 
     def trim(self, slot: int, n: int) -> int:
         """Forget the slot's cached tokens from position n on; returns how many stay."""

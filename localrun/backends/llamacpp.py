@@ -74,10 +74,11 @@ class LlamaCppBackend:
             raise UserError(
                 f"This llama-cpp-python build has no {options.device} support: reinstall it with that backend, or use --device cpu."
             )
-        from localrun.engine.plan import draft_info, gguf_context
+        from localrun.engine.plan import draft_info, gguf_bytes, gguf_context
 
         # the pool's plan made this same choice (engine.plan.choose_context), at the budget it passed in options
-        choice = gguf_context(self.info, options, draft=draft_info(options))
+        draft = draft_info(options)
+        choice = gguf_context(self.info, options, draft=draft)
         n_ctx = choice.n_ctx
         n_threads = options.n_threads or physical_cores()
         n_gpu_layers = gpu_layers(path, options, n_ctx)
@@ -92,8 +93,10 @@ class LlamaCppBackend:
             self._model = open_model(str(path), n_gpu_layers=n_gpu_layers)
             if n_slots > 1:
                 from localrun.backends.llama_slots import LlamaSlots
+                from localrun.engine.prompt_cache import PromptCache
                 from localrun.engine.scheduler import Scheduler
 
+                cache = PromptCache(gguf_bytes(self.info, choice, options, draft=draft)[1])
                 slots = LlamaSlots(
                     self._model,
                     n_slots=n_slots,
@@ -102,7 +105,7 @@ class LlamaCppBackend:
                     flash_attn=options.flash_attn,
                     kv_type=kv,
                 )
-                self._slots, self.scheduler = slots, Scheduler(slots)
+                self._slots, self.scheduler = slots, Scheduler(slots, cache=cache)
             else:
                 self._runner = LlamaRunner(
                     self._model, n_ctx=n_ctx, n_threads=n_threads, flash_attn=options.flash_attn, kv_type=kv

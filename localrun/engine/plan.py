@@ -63,8 +63,9 @@ def gib(n: int) -> str:
 class Plan:
     """The memory a model will hold once loaded, and how it was found."""
 
-    bytes: int
+    bytes: int  # the host-RAM prompt cache's limit included
     how: str
+    prompt_cache: int = 0  # of bytes, that limit
 
 
 def plan_load(load: LoadRequest) -> Plan:
@@ -80,15 +81,41 @@ def plan_load(load: LoadRequest) -> Plan:
         if resolved.path is None:
             return Plan(0, "a hub model not on disk yet: its size is known once downloaded")
         return _plan_weights_dir(resolved.path, options)
-    from localrun.models import fit
     from localrun.models.gguf_info import inspect_gguf
 
     info = inspect_gguf(resolved.path)
     draft = draft_info(options)
     choice = gguf_context(info, options, draft=draft)
-    total = fit.worker_bytes(info, n_ctx=choice.n_ctx, slots=choice.slots, kv_type=options.kv_type, draft=draft)
+    total, cache = gguf_bytes(info, choice, options, draft=draft)
     how = f"{choice.slots} × ctx {choice.n_ctx}, {options.kv_type} cache" + (", draft" if draft else "")
-    return Plan(total, how)
+    return Plan(total + cache, how + (f", prompt cache ≤ {gib(cache)}" if cache else ""), cache)
+
+
+PROMPT_CACHE_CAP = 512 * 1024 * 1024  # the default limit of the host-RAM prompt cache (engine.prompt_cache)
+
+
+def gguf_bytes(info: Any, choice: ContextChoice, options: Any, *, draft: Any) -> tuple[int, int]:
+    """(the model process's bytes at the choice: fit.worker_bytes, its prompt cache's limit)."""
+    from localrun.models import fit
+
+    used = fit.worker_bytes(info, n_ctx=choice.n_ctx, slots=choice.slots, kv_type=options.kv_type, draft=draft)
+    return used, prompt_cache_bytes(info, choice, options, used=used)
+
+
+def prompt_cache_bytes(info: Any, choice: ContextChoice, options: Any, *, used: int) -> int:
+    """The host-RAM prompt cache's limit for a load with several slots: --prompt-cache-mb, else as much as one
+    slot's KV cache (one chat at the full context, or many shorter ones) up to PROMPT_CACHE_CAP, and never more
+    than the memory budget leaves beside the used bytes the model takes. The pool counts it in the plan."""
+    if choice.slots <= 1:
+        return 0
+    if options.prompt_cache_mb is not None:
+        return options.prompt_cache_mb * 1024 * 1024
+    from localrun.models import fit
+
+    limit = min(PROMPT_CACHE_CAP, fit.kv_cache_bytes(info, n_ctx=choice.n_ctx, kv_type=options.kv_type))
+    if options.memory_budget_bytes:
+        limit = min(limit, max(0, options.memory_budget_bytes - used))
+    return limit
 
 
 # ---- the context a load chooses -------------------------------------------------------------------------

@@ -27,6 +27,8 @@ def entry_row(entry: Any, now: float) -> dict[str, Any]:
         "vram_bytes": _vram(pid) if report.device == "cuda" else None,
         "planned_bytes": entry.plan.bytes,
         "planned_how": entry.plan.how,
+        "prompt_cache_limit_bytes": entry.plan.prompt_cache,
+        "prompt_cache_bytes": state.get("engine_prompt_cache_bytes"),
         "device": report.device,
         "backend": report.backend,
         "context_length": report.n_ctx,

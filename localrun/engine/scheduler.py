@@ -7,7 +7,9 @@ streams already running for longer than one chunk. A sequence joins at the next 
 ends (end of generation, its token budget, or its consumer closing it: Stop, a stop string, a client gone).
 A new sequence takes the free slot whose cache shares the longest prefix with its prompt, so a chat's next
 turn or a repeated system prompt is not evaluated again (the reused count is its `cached_tokens`); when no
-slot shares half of the prompt, it takes the slot idle longest, and the other slots keep their chats.
+slot shares half of the prompt, it takes the slot idle longest, and the other slots keep their chats. What
+that slot held goes to the host-RAM prompt cache (engine.prompt_cache) first, and a prompt the cache continues
+further than the slot does is copied back in from there.
 
 The consumer side is a generator per request (`Scheduler.stream`), so stream_generate's detokenizing, stop
 strings, loop guard and timing stay one code path for batched and single-sequence backends.
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from localrun.engine.events import TokenStep
+from localrun.engine.prompt_cache import PromptCache
 
 PREFILL_CHUNK = 512  # prompt tokens per step at most: the longest a running stream waits for a newcomer
 
@@ -64,8 +67,9 @@ class _End:
 class Scheduler:
     """Sequences in, one batched decode per step, TokenSteps out to each sequence's generator."""
 
-    def __init__(self, slots: Any, *, prefill_chunk: int = PREFILL_CHUNK) -> None:
+    def __init__(self, slots: Any, *, prefill_chunk: int = PREFILL_CHUNK, cache: PromptCache | None = None) -> None:
         self.slots = slots
+        self.cache = cache if cache is not None and cache.limit_bytes > 0 else None
         self.prefill_chunk = min(prefill_chunk, slots.n_batch)
         self._lock = threading.Condition()
         self._waiting: list[_Seq] = []
@@ -109,6 +113,7 @@ class Scheduler:
     def status(self) -> dict[str, int]:
         with self._lock:
             return {
+                **(self.cache.status() if self.cache is not None else {}),
                 "slots": self.slots.n_slots,
                 "slots_busy": len(self._running),
                 "waiting": len(self._waiting),
@@ -155,11 +160,25 @@ class Scheduler:
                 continue
             best = self._pick_slot(seq.prompt)
             self._free.remove(best)
+            if self.cache is not None:
+                self._swap(best, seq.prompt)
             keep = min(self.slots.common_prefix(best, seq.prompt), len(seq.prompt) - 1)
             seq.slot, seq.done = best, self.slots.trim(best, keep)
             seq.cached = seq.done
             self.cached_tokens += seq.cached
             self._running.append(seq)
+
+    def _swap(self, slot: int, prompt: list[int]) -> None:
+        """Before a prompt takes the slot: keep what the slot would lose in the prompt cache, and put back a
+        cached state that continues the prompt further than the slot does (lock held; copies take ms)."""
+        held, shared = self.slots.tokens[slot], self.slots.common_prefix(slot, prompt)
+        found = self.cache.take(prompt, shared)  # first: saving the slot could push it out
+        if len(held) > shared + 1:  # the prompt would cut it (its last token is evaluated again in any case)
+            size = self.slots.state_size(slot)
+            if self.cache.wants(held, size):
+                self.cache.put(list(held), self.slots.save_state(slot, size))
+        if found is not None:
+            self.slots.load_state(slot, *found)  # a state that does not go back leaves the slot empty
 
     def _pick_slot(self, prompt: list[int]) -> int:
         """The free slot sharing the longest prefix with the prompt when that is at least half of it (a chat's

@@ -30,6 +30,8 @@ LOADED_MODEL_FIELDS = (
     "memory_bytes",
     "vram_bytes",
     "planned_bytes",
+    "prompt_cache_bytes",
+    "prompt_cache_limit_bytes",
     "context_length",
     "context_reason",
     "slots",

@@ -219,4 +219,16 @@ def process_gauges(status: Callable[[], dict]) -> dict[str, tuple[str, float | N
             "Sequences summed over every batched decode step.",
             state.get("engine_decode_sequences"),
         ),
+        "localrun_prompt_cache_bytes": (
+            "Host RAM holding the KV state of prompts pushed out of their slots.",
+            state.get("engine_prompt_cache_bytes"),
+        ),
+        "localrun_prompt_cache_entries": (
+            "Prompts in the host-RAM prompt cache.",
+            state.get("engine_prompt_cache_entries"),
+        ),
+        "localrun_prompt_cache_restored_total": (
+            "Prompt states put back into a slot from the host-RAM prompt cache.",
+            state.get("engine_prompt_cache_restored"),
+        ),
     }
