@@ -197,12 +197,18 @@ class Client:
         raise ValueError(f"a bad request was answered: {sorted(case)}")
 
 
-def model_rss(base: str) -> float | None:
+def model_rss(base: str) -> tuple[float | None, float | None]:
+    """The model process's RSS, and of it the host-RAM prompt cache's bytes (bounded: a cache filling is not a
+    leak, so the samples show it beside the RSS)."""
     import httpx
 
     text = httpx.get(base.removesuffix("/v1") + "/metrics", timeout=30).text
-    found = re.search(r"^localrun_model_process_ram_bytes (\S+)$", text, re.MULTILINE)
-    return float(found.group(1)) if found else None
+
+    def gauge(name: str) -> float | None:
+        found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+        return float(found.group(1)) if found else None
+
+    return gauge("localrun_model_process_ram_bytes"), gauge("localrun_prompt_cache_bytes")
 
 
 def main() -> None:
@@ -227,20 +233,20 @@ def main() -> None:
         threads = [threading.Thread(target=c.run, daemon=True) for c in clients]
         for t in threads:
             t.start()
-        samples: list[tuple[float, float | None]] = []
+        samples: list[tuple[float, float | None, float | None]] = []
         while any(t.is_alive() for t in threads):
-            samples.append((round(time.monotonic() - start, 1), model_rss(base)))
+            samples.append((round(time.monotonic() - start, 1), *model_rss(base)))
             time.sleep(10)
         for t in threads:
             t.join()
-        samples.append((round(time.monotonic() - start, 1), model_rss(base)))
+        samples.append((round(time.monotonic() - start, 1), *model_rss(base)))
         still_answers = openai.OpenAI(base_url=base, api_key="unused", max_retries=0).chat.completions.create(
             model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
         )
     outcomes: Counter[tuple[str, str]] = Counter()
     for c in clients:
         outcomes.update(c.outcomes)
-    after_first_minute = next((rss for t, rss in samples if t >= 60 and rss), None)
+    after_first_minute = next((rss for t, rss, _ in samples if t >= 60 and rss), None)
     at_end = samples[-1][1]
     growth = at_end / after_first_minute if at_end and after_first_minute else None
     wrong = sum(n for (_, outcome), n in outcomes.items() if outcome == "wrong")
@@ -257,7 +263,8 @@ def main() -> None:
         "wrong": wrong,
         "wrong_examples": [w for c in clients for w in c.wrong][:20],
         "answers_after": bool(still_answers.choices[0].message.content is not None),
-        "model_rss_mb": [(t, round(rss / 2**20, 1) if rss else None) for t, rss in samples],
+        "model_rss_mb": [(t, round(rss / 2**20, 1) if rss else None) for t, rss, _ in samples],
+        "prompt_cache_mb": [(t, round(cache / 2**20, 1) if cache is not None else None) for t, _, cache in samples],
         "rss_after_first_minute_mb": round(after_first_minute / 2**20, 1) if after_first_minute else None,
         "rss_at_end_mb": round(at_end / 2**20, 1) if at_end else None,
         "rss_growth": growth,

@@ -113,7 +113,7 @@ class Backend(Protocol):
 class DraftingBackend(Backend, Protocol):
     """A backend with supports_draft: it verifies a drafter's proposals (as a target) and drafts for a target
     of its own kind (as a draft model). Both loops are speculative.verify_steps and draft_tokens, driven
-    through the backend's step-level sequence (speculative.StepSequence)."""
+    through the backend's step-level sequence (speculative.TargetSequence)."""
 
     drafter: Drafter | None  # what the load options asked for (--draft, --lookup), used when a request names none
 

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import copy
 import queue
-import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from localrun.backends.base import LoadReport, ResolvedModel
@@ -24,7 +22,15 @@ from localrun.backends.hf_load import DTYPE_NAMES, load_model, load_tokenizer
 from localrun.backends.hf_spec import HFSequence, KVState, needs_own_processors, sampling_processors, tokenizer_vocab
 from localrun.engine.events import TokenStep
 from localrun.engine.penalties import breaker_ids, uses_dry
-from localrun.engine.speculative import Draft, Drafter, VocabSummary, draft_tokens, verify_steps
+from localrun.engine.speculative import (
+    Draft,
+    Drafter,
+    VocabSummary,
+    draft_tokens,
+    request_seed,
+    verify_rng,
+    verify_steps,
+)
 from localrun.errors import UserError
 from localrun.settings import LoadOptions, SamplingParams
 
@@ -352,7 +358,7 @@ class HFBackend:
         if not self._busy.acquire(timeout=_JOIN_S):
             raise RuntimeError("the model is still busy with another request")
         try:
-            rng = np.random.default_rng(params.seed if params.seed is not None else random.randrange(2**31))
+            rng = verify_rng(request_seed(params))
             seq = self._sequence(params, rng)
             prefill = seq.prefill(prompt_ids)
             return (yield from verify_steps(seq, prompt_ids, params, drafter, rng, prefill=prefill))

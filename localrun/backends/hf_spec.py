@@ -172,7 +172,7 @@ class KVState:
 
 
 class HFSequence:
-    """A KVState for one request, a step at a time (speculative.StepSequence): the rows of its last
+    """A KVState for one request, a step at a time (speculative.TargetSequence and DraftSequence): the rows of its last
     forward pass, scored by the plain path's processors (Scorer)."""
 
     max_verify = MAX_VERIFY

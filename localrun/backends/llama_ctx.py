@@ -170,6 +170,19 @@ class LlamaContext:
         self.close()
 
 
+def put_tokens(batch, at: int, ids: Sequence[int], *, pos0: int, seq: int = 0, logits_from: int = 0) -> int:
+    """Write ids into a llama_batch from row at on: positions pos0.., sequence seq, logits asked for the ids from
+    index logits_from on (len(ids): none). Returns the next free row; the caller sets batch.n_tokens."""
+    for j, token in enumerate(ids):
+        k = at + j
+        batch.token[k] = token
+        batch.pos[k] = pos0 + j
+        batch.n_seq_id[k] = 1
+        batch.seq_id[k][0] = seq
+        batch.logits[k] = 1 if j >= logits_from else 0
+    return at + len(ids)
+
+
 class LlamaRunner(LlamaContext):
     """One sequence: decodes into the context and knows which tokens its KV cache holds. The keyword
     arguments are LlamaContext's (n_threads, flash_attn, kv_type, n_batch, n_ubatch)."""
@@ -241,16 +254,8 @@ class LlamaRunner(LlamaContext):
         """Decode a few tokens with logits for every one of them (a speculative verify batch)."""
         if len(ids) > self.max_verify:
             raise ValueError(f"verify batch of {len(ids)} > {self.max_verify}")
-        b = self._verify
-        pos0 = self.n_cached
-        for i, token in enumerate(ids):
-            b.token[i] = token
-            b.pos[i] = pos0 + i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = 0
-            b.logits[i] = 1
-        b.n_tokens = len(ids)
-        self._decode(b, ids)
+        self._verify.n_tokens = put_tokens(self._verify, 0, ids, pos0=self.n_cached)
+        self._decode(self._verify, ids)
 
     def _decode(self, batch: llama_cpp.llama_batch, ids: Sequence[int]) -> None:
         rc = llama_cpp.llama_decode(self.ctx, batch)
@@ -261,7 +266,7 @@ class LlamaRunner(LlamaContext):
 
 
 class LlamaSequence:
-    """Sequence 0 of a LlamaRunner for one request, a step at a time (speculative.StepSequence). As a
+    """Sequence 0 of a LlamaRunner for one request, a step at a time (speculative.TargetSequence and DraftSequence). As a
     target it samples with the request's SamplerChain; as a draft model it needs none (greedy is the
     plain argmax, a sampled draft's distribution speculative.filtered_probs)."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from localrun.backends.llama_ctx import LlamaContext, llama_cpp
+from localrun.backends.llama_ctx import LlamaContext, llama_cpp, put_tokens
 from localrun.engine.prompt_cache import common_prefix
 from localrun.engine.speculative import MAX_VERIFY
 
@@ -97,14 +97,8 @@ class LlamaSlots(LlamaContext):
         """Write ids into the batch from position n on, after the slot's cache; returns the next position."""
         if n + len(ids) > self.n_batch:
             raise ValueError(f"a step of {n + len(ids)} tokens > n_batch {self.n_batch}")
-        b, pos0 = self._batch, len(self.tokens[slot])
-        for j, token in enumerate(ids):
-            b.token[n + j] = token
-            b.pos[n + j] = pos0 + j
-            b.n_seq_id[n + j] = 1
-            b.seq_id[n + j][0] = slot
-            b.logits[n + j] = 1 if every else 0
-        return n + len(ids)
+        pos0 = len(self.tokens[slot])
+        return put_tokens(self._batch, n, ids, pos0=pos0, seq=slot, logits_from=0 if every else len(ids))
 
     def _run(self, n: int, rows: Sequence[tuple[int, Sequence[int]]]) -> None:
         self._batch.n_tokens = n
@@ -116,7 +110,7 @@ class LlamaSlots(LlamaContext):
 
 
 class SlotSequence:
-    """One slot of a LlamaSlots context a step at a time (speculative.StepSequence), for the scheduler's
+    """One slot of a LlamaSlots context a step at a time (speculative.TargetSequence), for the scheduler's
     speculative rounds: it samples with the request's SamplerChain, which follows the text itself."""
 
     max_verify = MAX_VERIFY
@@ -129,9 +123,6 @@ class SlotSequence:
     @property
     def n_cached(self) -> int:
         return len(self.slots.tokens[self.slot])
-
-    def prefill(self, ids: Sequence[int]) -> int:
-        raise NotImplementedError("the scheduler evaluates prompts in its own chunked steps")
 
     def decode(self, ids: Sequence[int]) -> None:
         self.slots.decode_all(self.slot, ids)
@@ -154,9 +145,6 @@ class SlotSequence:
 
         logits = self.slots.logits(self._position(row))
         return filtered_probs(logits, self.params, history, breakers=self.breakers)
-
-    def greedy(self, row: int, history: Sequence[int], *, confidence: bool) -> tuple[int, float]:
-        raise NotImplementedError("a slot verifies drafts; the draft model drafts on its own context")
 
     def accept(self, tokens: Sequence[int]) -> None:
         for token in tokens:

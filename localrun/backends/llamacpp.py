@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -14,7 +13,16 @@ from localrun.engine.chat_template import render_chat
 from localrun.engine.events import TokenStep
 from localrun.engine.generate import check_prompt_fits
 from localrun.engine.penalties import breaker_ids, uses_dry
-from localrun.engine.speculative import Draft, Drafter, VocabSummary, draft_tokens, sample_ids, verify_steps
+from localrun.engine.speculative import (
+    Draft,
+    Drafter,
+    VocabSummary,
+    draft_tokens,
+    request_seed,
+    sample_ids,
+    verify_rng,
+    verify_steps,
+)
 from localrun.errors import UserError
 from localrun.hardware import llama_cpp_build, physical_cores
 from localrun.settings import LoadOptions, SamplingParams
@@ -172,16 +180,14 @@ class LlamaCppBackend:
         """Our decode loop on the C API: prefill what the KV cache lacks, then per token one decode
         and one draw from llama.cpp's sampler chain. With a drafter, speculative rounds instead."""
         check_prompt_fits(len(prompt_ids), self.report.n_ctx)
-        seed = params.seed if params.seed is not None else random.randrange(2**31)
+        seed = request_seed(params)
         if self.scheduler is not None:  # continuous batching: the scheduler's thread decodes, we hand out
             chain = SamplerChain(self._slots, params, seed=seed, history=prompt_ids)
             spec = None
             if drafter is not None and self._can_draft(params):
-                import numpy as np
-
                 from localrun.engine.scheduler import Speculation
 
-                spec = Speculation(drafter, params, np.random.default_rng(seed), self.dry_breakers(params))
+                spec = Speculation(drafter, params, verify_rng(seed), self.dry_breakers(params))
             return (
                 yield from self.scheduler.stream(
                     prompt_ids, chain, max_new=params.max_tokens, ignore_eos=params.ignore_eos, draft=spec
@@ -193,9 +199,7 @@ class LlamaCppBackend:
         try:
             prefill = seq.prefill(prompt_ids)
             if drafter is not None and self._can_draft(params):
-                import numpy as np
-
-                rng = np.random.default_rng(seed)
+                rng = verify_rng(seed)
                 return (yield from verify_steps(seq, prompt_ids, params, drafter, rng, prefill=prefill))
             budget = runner.n_ctx - len(prompt_ids)
             token = chain.sample(-1)

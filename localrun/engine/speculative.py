@@ -1,5 +1,5 @@
 """Speculative decoding: the one verify loop (verify_steps) and the one drafting loop (draft_tokens) that
-both backends run through their step-level sequences (StepSequence), the acceptance rule, and the check that
+both backends run through their step-level sequences (TargetSequence, DraftSequence), the acceptance rule, and the check that
 a draft shares its target's vocabulary. The drafters and the adaptive draft length are in drafting.py.
 
 A drafter proposes tokens; the target verifies them all in one batch and keeps the longest prefix
@@ -53,10 +53,11 @@ class Drafter(Protocol):
 
 
 class StepSequence(Protocol):
-    """One sequence of a loaded model, driven a step at a time: what verify_steps and draft_tokens call, so
-    the loops are written once for llama.cpp (llama_ctx.LlamaSequence) and transformers (hf_spec.HFSequence).
-    "Row i" is the logits of the i-th id of the last evaluation (-1: its last); history is the text before
-    that row's token. A sequence is made for one request's settings, and its sampler keeps its seed."""
+    """One sequence of a loaded model, driven a step at a time: what the verify loop (TargetSequence) and the
+    draft loop (DraftSequence) both call, so the loops are written once for llama.cpp (llama_ctx.LlamaSequence,
+    llama_slots.SlotSequence) and transformers (hf_spec.HFSequence). "Row i" is the logits of the i-th id of
+    the last evaluation (-1: its last); history is the text before that row's token. A sequence is made for one
+    request's settings."""
 
     n_ctx: int
     max_verify: int  # ids one evaluation may hold: the last token and the drafted ones
@@ -64,10 +65,6 @@ class StepSequence(Protocol):
 
     @property
     def n_cached(self) -> int: ...
-
-    def prefill(self, ids: Sequence[int]) -> int:
-        """Evaluate what the cache lacks of ids (it keeps the longest shared prefix); returns that count."""
-        ...
 
     def decode(self, ids: Sequence[int]) -> None:
         """Evaluate ids after the cached ones, keeping every one's logits row."""
@@ -77,20 +74,34 @@ class StepSequence(Protocol):
 
     def is_eog(self, token: int) -> bool: ...
 
+    def probs(self, row: int, history: Sequence[int]) -> np.ndarray:
+        """The distribution the request's sampler draws from at a row (speculative sampling's p, a sampled
+        draft's q)."""
+        ...
+
+
+class TargetSequence(StepSequence, Protocol):
+    """The sequence a request generates in: verify_steps and verify_round check drafts against it. Its sampler
+    keeps its seed."""
+
     def choose(self, row: int, history: Sequence[int]) -> int:
         """The request's sampler's token at a row: greedy, or its seeded draw."""
         ...
 
-    def probs(self, row: int, history: Sequence[int]) -> np.ndarray:
-        """The distribution that sampler draws from at a row (speculative sampling's p, a sampled draft's q)."""
+    def accept(self, tokens: Sequence[int]) -> None:
+        """Tokens a sampled verify kept, for a sampler that follows the text (llama.cpp's chain)."""
+
+
+class DraftSequence(StepSequence, Protocol):
+    """A draft model's sequence: draft_tokens catches it up with the text and proposes from it."""
+
+    def prefill(self, ids: Sequence[int]) -> int:
+        """Evaluate what the cache lacks of ids (it keeps the longest shared prefix); returns that count."""
         ...
 
     def greedy(self, row: int, history: Sequence[int], *, confidence: bool) -> tuple[int, float]:
         """A greedy draft's token at a row and, if asked, its probability (else 0.0)."""
         ...
-
-    def accept(self, tokens: Sequence[int]) -> None:
-        """Tokens a sampled verify kept, for a sampler that follows the text (llama.cpp's chain)."""
 
 
 # -- sampling distributions the way llama.cpp's chain builds them -----------------------------------
@@ -121,6 +132,20 @@ def filtered_probs(
     out = np.zeros(n)
     out[cand] = p / p.sum()
     return out
+
+
+def request_seed(params: SamplingParams) -> int:
+    """The request's seed, or a fresh one: its sampler chain and its verification draws both start from it."""
+    import random
+
+    return params.seed if params.seed is not None else random.randrange(2**31)
+
+
+def verify_rng(seed: int) -> np.random.Generator:
+    """The generator a request's sampled verification draws from (speculative sampling's accept tests)."""
+    import numpy as np
+
+    return np.random.default_rng(seed)
 
 
 def sample_from(p: np.ndarray, rng: np.random.Generator) -> int:
@@ -160,7 +185,7 @@ def _point_mass(x: int, n: int) -> np.ndarray:
 
 
 def verify_steps(
-    seq: StepSequence,
+    seq: TargetSequence,
     prompt_ids: Sequence[int],
     params: SamplingParams,
     drafter: Drafter,
@@ -213,7 +238,7 @@ def next_draft(
 
 
 def verify_round(
-    seq: StepSequence, history: list[int], token: int, draft: Draft, params: SamplingParams, rng: np.random.Generator
+    seq: TargetSequence, history: list[int], token: int, draft: Draft, params: SamplingParams, rng: np.random.Generator
 ) -> tuple[int, int]:
     """One round: evaluate [token, d1..dk] after the cache, verify, trim the cache past what was kept. history
     ends with token. Returns (drafted tokens accepted, the target's next token, not evaluated yet)."""
@@ -225,7 +250,7 @@ def verify_round(
 
 
 def _verify(
-    seq: StepSequence, history: list[int], draft: Draft, greedy: bool, rng: np.random.Generator
+    seq: TargetSequence, history: list[int], draft: Draft, greedy: bool, rng: np.random.Generator
 ) -> tuple[int, int]:
     """(drafted tokens accepted, the target's next token). Row i is the target after draft.tokens[:i]:
     greedy, its choice must equal the drafted token; sampled, speculative sampling's rule."""
@@ -244,7 +269,7 @@ def _verify(
 
 
 def draft_tokens(
-    seq: StepSequence,
+    seq: DraftSequence,
     ids: Sequence[int],
     n: int,
     params: SamplingParams,

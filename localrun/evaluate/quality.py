@@ -320,14 +320,10 @@ class LlamaCppScorer:
         lib, ctx, batch, n = self._lib, self._ctx, self._batch, len(ids)
         if n > self._n_ctx:
             raise ValueError(f"window of {n} tokens in a context of {self._n_ctx}")
+        from localrun.backends.llama_ctx import put_tokens
+
         lib.llama_memory_clear(ctx.mem, True)
-        for k, token in enumerate(ids):
-            batch.token[k] = int(token)
-            batch.pos[k] = k
-            batch.n_seq_id[k] = 1
-            batch.seq_id[k][0] = 0
-            batch.logits[k] = 1 if k >= first else 0
-        batch.n_tokens = n
+        batch.n_tokens = put_tokens(batch, 0, [int(t) for t in ids], pos0=0, logits_from=first)
         rc = lib.llama_decode(ctx.ctx, batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with status {rc}")
