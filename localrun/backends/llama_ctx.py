@@ -213,10 +213,9 @@ class LlamaRunner(LlamaContext):
     def reuse_prefix(self, ids: Sequence[int]) -> int:
         """Keep the longest cached prefix of ids (at most len(ids) - 1, so the last token is evaluated
         again and gives fresh logits), drop the rest; returns how many tokens are kept."""
-        cached = self.tokens
-        n = min(len(cached), len(ids))
-        common = n if cached[:n] == list(ids[:n]) else next(i for i in range(n) if cached[i] != ids[i])
-        keep = min(common, len(ids) - 1)
+        from localrun.engine.prompt_cache import common_prefix
+
+        keep = min(common_prefix(self.tokens, ids), len(ids) - 1)
         self.trim(keep)
         return self.n_cached
 

@@ -27,7 +27,10 @@ class _Entry:
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens a and b share (a whole match, the usual case, is compared at C speed)."""
     n = min(len(a), len(b))
+    if list(a[:n]) == list(b[:n]):
+        return n
     for i in range(n):
         if a[i] != b[i]:
             return i
@@ -40,9 +43,7 @@ class PromptCache:
     def __init__(self, limit_bytes: int) -> None:
         self.limit_bytes = max(0, limit_bytes)
         self._entries: list[_Entry] = []
-        self.saved = 0  # states put in (the /metrics counters)
-        self.restored = 0  # states taken back into a slot
-        self.restored_tokens = 0
+        self.restored = 0  # states taken back into a slot (the /metrics counter)
 
     @property
     def used_bytes(self) -> int:
@@ -65,7 +66,6 @@ class PromptCache:
         while self._entries and self.used_bytes + len(state) > self.limit_bytes:
             self._entries.pop(0)
         self._entries.append(_Entry(list(tokens), state))
-        self.saved += 1
 
     def take(self, prompt: Sequence[int], have: int) -> tuple[list[int], bytearray] | None:
         """The entry sharing the longest prefix with prompt, when that is longer than the have tokens a slot
@@ -79,7 +79,6 @@ class PromptCache:
             return None
         self._entries.remove(best)
         self.restored += 1
-        self.restored_tokens += best_len
         return best.tokens, best.state
 
     def status(self) -> dict[str, int]:
